@@ -1,0 +1,3 @@
+from cpugen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""A static KV cache: allocated once for (batch, max_len), written in place, never grown."""
+
+import torch
+
+
+class KVCache:
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype):
+        shape = (batch, n_kv_head, max_len, head_dim)  # (B, nkv, S_max, hd)
+        # zeros writes every page now, so the memory a run needs is resident from the start
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def update(self, start: int, k, v):
+        """k, v (B, nkv, T, hd) go to positions start..start+T-1; returns the filled prefix
+        (B, nkv, start+T, hd) as views (no copy)."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def kv_cache_bytes(cfg, batch: int, max_len: int, itemsize: int) -> int:
+    """Bytes of all layers' caches: 2 (k, v) x L x B x nkv x S x hd x itemsize."""
+    return 2 * cfg.n_layer * batch * cfg.n_kv_head * max_len * cfg.head_dim * itemsize

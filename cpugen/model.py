@@ -1,0 +1,207 @@
+"""The decoder-only transformer: GPT-J, OPT and the Llama family from one set of modules.
+
+Shapes: B batch, T tokens in this call, S cache positions attended (start + T), h hidden,
+nh query heads, nkv key/value heads, hd head dim, V vocabulary.
+
+q/k/v are one fused linear (`wqkv`) and a GLU MLP's gate/up one fused linear (`w13`): fewer,
+larger matmuls. Rotary embedding is applied in the half-split layout (pairs (i, i + rd/2));
+GPT-J checkpoints rotate interleaved pairs, so `checkpoint.py` permutes their q/k rows once at
+load, which leaves every score q.k unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpugen.config import ModelConfig
+from cpugen.kv_cache import KVCache
+
+
+def activation(name: str):
+    return {
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu": F.gelu,
+        "relu": F.relu,
+        "silu": F.silu,
+    }[name]
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, computed in fp32 whatever the activation dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = nn.Parameter(torch.empty(cfg.n_embd))
+        self.bias = nn.Parameter(torch.empty(cfg.n_embd)) if cfg.norm == "layernorm" else None
+
+    def forward(self, x):  # (B, T, h)
+        if self.kind == "layernorm":
+            y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+            return y.to(x.dtype)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary:
+    """cos/sin tables for every position, fp32, (max_positions, rd/2). Not a module buffer, so that
+    a model built on the meta device gets real tables."""
+
+    def __init__(self, cfg: ModelConfig):
+        rd = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float64, device="cpu") / rd))
+        inv_freq = _scale_rope(inv_freq, cfg.rope_scaling)
+        t = torch.arange(cfg.max_positions, dtype=torch.float64, device="cpu")
+        freqs = torch.outer(t, inv_freq)  # (P, rd/2)
+        self.cos, self.sin = freqs.cos().float(), freqs.sin().float()
+        self.rd = rd
+
+    def tables(self, pos):  # pos (B, T) -> cos, sin (B, T, 1, rd/2)
+        return self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+
+
+def _scale_rope(inv_freq, scaling: dict | None):
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":  # Llama 3.1: long wavelengths slowed by factor, short kept, smooth between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    raise ValueError(f"rope_scaling type {kind!r}")
+
+
+def apply_rotary(x, cos, sin, rd: int):
+    """x (B, T, H, hd); rotates the first rd dims in fp32 (half-split pairs)."""
+    xr = x[..., :rd].float()
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.rd = cfg.rotary_dim if cfg.position == "rotary" else 0
+        self.wqkv = nn.Linear(cfg.n_embd, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.out_bias)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, rope, mask, start: int):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(B, T, self.nh, self.hd)
+        k = k.view(B, T, self.nkv, self.hd)
+        v = v.view(B, T, self.nkv, self.hd)
+        if self.rd:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin, self.rd), apply_rotary(k, cos, sin, self.rd)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        k, v = self.cache.update(start, k, v)  # (B, nkv, S, hd), S = start + T
+        if self.nkv != self.nh:  # grouped-query attention: each kv head serves nh/nkv query heads
+            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        causal = mask is None and T > 1  # no padding and no cache before this call
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.glu, self.act = cfg.mlp == "glu", activation(cfg.activation)
+        width = 2 * cfg.intermediate_size if self.glu else cfg.intermediate_size
+        self.w_in = nn.Linear(cfg.n_embd, width, bias=cfg.mlp_bias)  # fc_in, or [gate; up]
+        self.w_out = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+
+    def forward(self, x):  # (B, T, h)
+        u = self.w_in(x)  # (B, T, ffn) or (B, T, 2 ffn)
+        if self.glu:
+            gate, up = u.chunk(2, dim=-1)
+            return self.w_out(self.act(gate) * up)
+        return self.w_out(self.act(u))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.ln_1 = Norm(cfg)
+        self.attn = Attention(cfg)
+        self.ln_2 = None if self.parallel else Norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, start: int):
+        if self.parallel:  # GPT-J: one norm feeds attention and MLP
+            h = self.ln_1(x)
+            return x + self.attn(h, rope, mask, start) + self.mlp(h)
+        x = x + self.attn(self.ln_1(x), rope, mask, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = (nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.n_embd)
+                    if cfg.position == "learned" else None)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
+
+    def tie_weights(self):
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    # --- KV cache ----------------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype):
+        """One static cache per layer for (batch, max_len); allocated once, written in place."""
+        self.free_caches()
+        for b in self.blocks:
+            b.attn.cache = KVCache(batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype)
+
+    def free_caches(self):
+        for b in self.blocks:
+            b.attn.cache = None
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, tokens, pos, mask=None, start: int = 0, last_only: bool = True):
+        """tokens, pos (B, T) -> logits (B, V) for the last position, or (B, T, V).
+
+        The T new keys/values go to cache positions start..start+T-1 and the queries attend to
+        cache positions 0..start+T-1. mask (B or 1, 1, T, start+T) bool, True = may attend;
+        None means no padding and start == 0 (plain causal) or T == 1 (attend everything)."""
+        x = self.wte(tokens)  # (B, T, h)
+        if self.wpe is not None:
+            x = x + self.wpe(pos + self.cfg.position_offset)
+        rope = self.rotary.tables(pos) if self.rotary is not None else None
+        for block in self.blocks:
+            x = block(x, rope, mask, start)
+        if last_only:
+            x = x[:, -1]  # (B, h): prefill needs only the last position's logits
+        return self.lm_head(self.ln_f(x))
+
+
+def build(cfg: ModelConfig, dtype: torch.dtype, device: str = "meta") -> Transformer:
+    """The module tree with parameters on `device` (meta by default: nothing is allocated)."""
+    with torch.device(device):
+        model = Transformer(cfg)
+    model.to(dtype)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,112 @@
+"""Materializing a model: random weights (the reference's throughput mode) or a checkpoint.
+
+Random weights are deterministic from the seed and written straight into the final dtype, block by
+block: no whole-model fp32 copy ever exists. Drawing a normal sample for each of ~1.4e9 parameters
+costs ~20 s on 2 cores, so each tensor is filled instead from a seeded pool of normal samples at a
+random offset: a copy at memory speed, every byte written (so memory and bandwidth figures are
+real). The pool length is prime, so no two rows of a matrix start at the same place in it.
+
+Scale: input projections get std 1/sqrt(fan_in), output projections (attention out, MLP out)
+1/sqrt(2 L fan_in), norms 1 and biases 0: each block adds O(1/L) variance to the residual stream,
+so activations stay finite through 96 layers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from cpugen import model as M
+from cpugen.config import ModelConfig
+from cpugen.progress import Progress
+
+POOL = 4_194_301  # prime
+
+
+class _Pool:
+    def __init__(self, seed: int, dtype: torch.dtype):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.samples = torch.randn(POOL, generator=self.gen)  # fp32, N(0, 1)
+        self.dtype = dtype
+        self._scaled: dict[float, torch.Tensor] = {}
+
+    def scaled(self, std: float) -> torch.Tensor:
+        if std not in self._scaled:
+            self._scaled[std] = (self.samples * std).to(self.dtype)
+        return self._scaled[std]
+
+    def fill_(self, t: torch.Tensor, std: float):
+        src = self.scaled(std)
+        flat = t.view(-1)
+        n, i = flat.numel(), 0
+        cursor = int(torch.randint(POOL, (1,), generator=self.gen))
+        while i < n:
+            k = min(n - i, POOL - cursor)
+            flat[i:i + k].copy_(src[cursor:cursor + k])
+            i, cursor = i + k, 0
+
+
+def _init_block(block: M.Block, cfg: ModelConfig, pool: _Pool):
+    out_std = 1.0 / math.sqrt(2 * cfg.n_layer)
+    for name, p in block.named_parameters():
+        if name.endswith("bias") or "ln_" in name:
+            p.fill_(1.0 if ("ln_" in name and name.endswith("weight")) else 0.0)
+        else:
+            fan_in = p.shape[1]
+            std = (out_std if name in ("attn.wo.weight", "mlp.w_out.weight") else 1.0) / math.sqrt(fan_in)
+            pool.fill_(p, std)
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype, seed: int, progress: Progress | None = None):
+    """A model with deterministic random weights, materialized one block at a time."""
+    model = M.build(cfg, dtype)
+    pool = _Pool(seed, dtype)
+    _materialize(model.wte)
+    pool.fill_(model.wte.weight, 1.0)
+    if model.wpe is not None:
+        _materialize(model.wpe)
+        pool.fill_(model.wpe.weight, 1.0)
+    for i, block in enumerate(model.blocks):
+        _materialize(block)
+        _init_block(block, cfg, pool)
+        if progress:
+            progress.update(i + 1, len(model.blocks))
+    _materialize(model.ln_f)
+    model.ln_f.weight.fill_(1.0)
+    if model.ln_f.bias is not None:
+        model.ln_f.bias.zero_()
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    else:
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="cpu"),
+                                                  requires_grad=False)
+        pool.fill_(model.lm_head.weight, 1.0 / math.sqrt(cfg.n_embd))
+    if model.lm_head.bias is not None:
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(cfg.vocab_size, dtype=dtype), requires_grad=False)
+    return model
+
+
+def _materialize(module: torch.nn.Module):
+    """meta -> uninitialized CPU storage, in place (the caller writes every element)."""
+    module.to_empty(device="cpu", recurse=True)
+
+
+def load_model(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.dtype, seed: int,
+               progress: Progress | None = None):
+    if checkpoint is None:
+        return random_model(cfg, dtype, seed, progress)
+    from cpugen.checkpoint import load_checkpoint
+
+    return load_checkpoint(cfg, checkpoint, dtype, progress)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all distinct parameters (a tied lm_head counts once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
