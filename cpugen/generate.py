@@ -66,6 +66,12 @@ class Engine:
         self.next_pos = torch.zeros(batch, dtype=torch.long)  # (B,) position id of each row's next token
         self.padded = False
 
+    def reset(self):
+        """Forget the cached sequences (the cache memory stays allocated for the next batch)."""
+        self.key_valid.zero_()
+        self.next_index, self.padded = 0, False
+        self.next_pos = torch.zeros(self.batch, dtype=torch.long)
+
     def _mask(self, start: int, T: int):
         """(B, 1, T, start+T) bool, or None where plain causal (prefill) / everything (decode) is right."""
         S = start + T

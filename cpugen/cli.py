@@ -1,0 +1,168 @@
+"""`python -m cpugen`: run, generate. Results to stdout, diagnostics and progress to stderr; a
+user error is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cpugen.errors import CpugenError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage block
+        raise CpugenError(f"{message} (see `python -m cpugen {self.prog.split()[-1]} --help`)"
+                          if " " in self.prog else f"{message} (see --help)")
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _common(p: argparse.ArgumentParser, default_model: str | None = "gptj-1b"):
+    p.add_argument("--model", default=default_model, required=default_model is None,
+                   help="preset name, config JSON path or Hugging Face checkpoint directory")
+    p.add_argument("--layers", type=int, help="run only the first N blocks")
+    p.add_argument("--backend", default="auto", help="auto | eager | ipex (default auto)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="cpugen", description="bf16 text generation with large decoder-only models on CPUs")
+    sub = ap.add_subparsers(dest="command", parser_class=_Parser)
+
+    r = sub.add_parser("run", help="time prompt and decode on synthetic tokens (the reference's table)")
+    _common(r)
+    r.add_argument("--prompt-len", type=int, default=1024)
+    r.add_argument("--gen-len", type=int, default=100)
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--json", metavar="PATH|-", help="write the result record as JSON (- for stdout)")
+
+    g = sub.add_parser("generate", help="generate tokens for one or more prompts")
+    _common(g, default_model=None)
+    g.add_argument("--prompt", action="append", default=[], help="a text prompt (needs tokenizer.json)")
+    g.add_argument("--prompt-ids", action="append", default=[], type=_int_list, help="token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop-ids", type=_int_list, default=[], help="extra token ids that end a sequence")
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    g.add_argument("--json", metavar="-", help="print {tokens, text} as JSON")
+    return ap
+
+
+def _resolve_model(args):
+    from cpugen.config import resolve
+
+    cfg, ckpt = resolve(args.model)
+    if args.layers is not None:
+        cfg = cfg.with_layers(args.layers)
+    return cfg, ckpt
+
+
+def cmd_run(args) -> int:
+    from cpugen.record import markdown, summary
+    from cpugen.runner import RunSpec, run
+
+    cfg, ckpt = _resolve_model(args)
+    json_out = args.json
+    rec = run(RunSpec(cfg, ckpt, args.batch_size, args.prompt_len, args.gen_len, args.backend, args.dtype,
+                      args.seed, args.threads, quiet=args.quiet or json_out == "-"))
+    if json_out == "-":
+        print(rec.to_json())
+        return 0
+    print(summary(rec))
+    print()
+    print(markdown([rec]))
+    if json_out:
+        _write(Path(json_out), rec.to_json() + "\n")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from cpugen import backends
+    from cpugen.generate import generate
+    from cpugen.progress import progress
+    from cpugen.runner import DTYPES, set_threads
+    from cpugen.sampling import Sampling
+    from cpugen.tokenizer import load_tokenizer
+    from cpugen.weights import load_model
+
+    cfg, ckpt = _resolve_model(args)
+    if not args.prompt and not args.prompt_ids:
+        raise CpugenError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    tok = load_tokenizer(ckpt) if (args.prompt or ckpt) else None
+    if args.prompt and tok is None:
+        raise CpugenError(f"--prompt needs a tokenizer.json beside the checkpoint ({args.model}); "
+                          "use --prompt-ids instead")
+    prompts = [tok.encode(p) for p in args.prompt] + list(args.prompt_ids)
+    if args.greedy and args.temperature:
+        raise CpugenError("--greedy and --temperature contradict each other: choose one")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > cfg.max_positions:
+        raise CpugenError(f"prompt {longest} + {args.max_new_tokens} new tokens exceeds {cfg.name}'s "
+                          f"{cfg.max_positions} positions: shorten the prompt or lower --max-new-tokens")
+    for p in prompts:
+        for t in p:
+            if not 0 <= t < cfg.vocab_size:
+                raise CpugenError(f"token id {t} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    dtype = DTYPES[args.dtype]
+    backend = backends.resolve(args.backend)
+    set_threads(args.threads)
+    quiet = args.quiet or args.json == "-"
+    model = load_model(cfg, ckpt, dtype, args.seed, progress("loading", quiet))
+    forward = backends.apply(model, backend, dtype)
+    bar = progress("generating", quiet)
+    out = generate(model, prompts, args.max_new_tokens, sampling, dtype, cfg.eos_ids + args.stop_ids,
+                   args.ignore_eos, forward, on_token=bar.update if bar else None)
+    text = [tok.decode(ids) for ids in out] if tok else None
+    if args.json:
+        print(json.dumps({"tokens": out, "text": text}))
+    else:
+        for i, ids in enumerate(out):
+            print(text[i] if text else ",".join(map(str, ids)))
+    return 0
+
+
+def _write(path: Path, text: str):
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise CpugenError(f"cannot write {path}: {e.strerror}") from None
+
+
+COMMANDS = {"run": cmd_run, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser().parse_args(argv or ["run"])
+        if args.command is None:  # options without a command: `cpugen --model X` means run
+            args = parser().parse_args(["run", *argv])
+        return COMMANDS[args.command](args)
+    except CpugenError as e:
+        print(f"cpugen: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("cpugen: error: out of memory: use a smaller --batch-size, shorter prompt/generation or "
+              "fewer --layers", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cpugen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`cpugen run`: the reference's throughput experiment on one model, batch and setting.
+
+Synthetic random prompt tokens (like the reference), a short warm-up over the same cache, then the
+prompt pass timed as a whole and every decode step timed on its own.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cpugen import backends, flops
+from cpugen.config import ModelConfig
+from cpugen.env import environment
+from cpugen.errors import CpugenError
+from cpugen.generate import Engine, Prompts, compute_context
+from cpugen.kv_cache import kv_cache_bytes
+from cpugen.progress import progress
+from cpugen.record import GiB, RunRecord
+from cpugen.weights import load_model, weight_bytes
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class RunSpec:
+    cfg: ModelConfig
+    checkpoint: Path | None
+    batch_size: int
+    prompt_len: int
+    gen_len: int
+    backend: str = "auto"
+    dtype: str = "bfloat16"
+    seed: int = 0
+    threads: int | None = None
+    quiet: bool = False
+    warmup: bool = True
+
+    def validate(self):
+        if self.batch_size < 1:
+            raise CpugenError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.prompt_len < 1:
+            raise CpugenError(f"--prompt-len must be at least 1, not {self.prompt_len}")
+        if self.gen_len < 1:
+            raise CpugenError(f"--gen-len must be at least 1, not {self.gen_len}")
+        total = self.prompt_len + self.gen_len
+        if total > self.cfg.max_positions:
+            raise CpugenError(f"prompt {self.prompt_len} + generation {self.gen_len} = {total} tokens exceeds "
+                              f"{self.cfg.name}'s {self.cfg.max_positions} positions: shorten either")
+
+
+def peak_rss_bytes() -> int:
+    """The OS's high-water mark of this process's resident memory (ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def set_threads(n: int | None) -> int:
+    from cpugen.env import usable_cores
+
+    cores = usable_cores()
+    n = n or cores
+    if n < 1:
+        raise CpugenError(f"--threads must be at least 1, not {n}")
+    if n > cores:
+        print(f"cpugen: warning: {n} threads on {cores} usable cores will oversubscribe them", file=sys.stderr)
+    torch.set_num_threads(n)
+    return n
+
+
+def run(spec: RunSpec) -> RunRecord:
+    spec.validate()
+    cfg = spec.cfg
+    dtype = DTYPES[spec.dtype]
+    backend = backends.resolve(spec.backend)
+    threads = set_threads(spec.threads)
+    B, P, G = spec.batch_size, spec.prompt_len, spec.gen_len
+    itemsize = torch.finfo(dtype).bits // 8
+    need_w = flops.n_params(cfg) * itemsize
+    need_kv = kv_cache_bytes(cfg, B, P + G, itemsize)
+    log = (lambda *a: None) if spec.quiet else (lambda *a: print("cpugen:", *a, file=sys.stderr))
+    log(f"{cfg.name}: {cfg.n_layer} layers, {flops.n_params(cfg) / 1e9:.2f}e9 parameters; this run needs "
+        f"{need_w / GiB:.2f} GiB of weights + {need_kv / GiB:.2f} GiB of KV cache "
+        f"(batch {B} x {P + G} tokens), backend {backend}, {threads} threads")
+
+    model = load_model(cfg, spec.checkpoint, dtype, spec.seed,
+                       progress("weights" if spec.checkpoint is None else "loading", spec.quiet))
+    forward = backends.apply(model, backend, dtype)
+    engine = Engine(model, B, P + G, dtype, forward)
+    gen = torch.Generator().manual_seed(spec.seed)
+    prompts = Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen), torch.ones(B, P, dtype=torch.bool))
+
+    with compute_context(dtype):
+        if spec.warmup:  # first calls pay for allocator growth, kernel selection and prepacking
+            w = min(P, 16)
+            logits = engine.prefill(Prompts(prompts.tokens[:, :w], prompts.valid[:, :w]))
+            for _ in range(min(2, G - 1)):
+                logits = engine.decode_one_token(logits.argmax(-1))
+            engine.reset()
+        bar = progress("prefill+decode", spec.quiet)
+        t0 = time.perf_counter()
+        logits = engine.prefill(prompts)
+        tok = logits.argmax(-1)
+        prompt_time = time.perf_counter() - t0
+        steps = []
+        for i in range(G - 1):
+            t0 = time.perf_counter()
+            tok = engine.decode_one_token(tok).argmax(-1)
+            steps.append(time.perf_counter() - t0)
+            if bar:
+                bar.update(i + 1, G - 1, "decode steps")
+    if not torch.isfinite(logits.float()).all():
+        raise CpugenError("the model produced non-finite logits: the weights or the dtype are unusable")
+    model.free_caches()
+
+    step = statistics.fmean(steps) if steps else float("nan")
+    p_flop = flops.prompt_flops(cfg, P)
+    t_flop = flops.mean_token_flops(cfg, P, G)
+    throughput = B / step if steps else float("nan")
+    env = environment(threads)
+    return RunRecord(
+        model=cfg.name, backend=backend, dtype=spec.dtype, batch_size=B, prompt_len=P, gen_len=G,
+        n_layer=cfg.n_layer, n_params=flops.n_params(cfg), weight_bytes=weight_bytes(model),
+        kv_cache_bytes=need_kv, prompt_time_s=prompt_time, prompt_flops=B * p_flop / prompt_time,
+        prompt_flop_per_seq=p_flop, decode_time_per_token_s=step,
+        decode_time_median_s=statistics.median(steps) if steps else float("nan"),
+        decode_time_min_s=min(steps, default=float("nan")), decode_time_max_s=max(steps, default=float("nan")),
+        decode_steps=len(steps), token_throughput=throughput, token_flops=throughput * t_flop,
+        token_flop_per_seq=t_flop,
+        decode_weight_gbps=flops.streamed_params(cfg) * itemsize / step / 1e9 if steps else float("nan"),
+        peak_rss_bytes=peak_rss_bytes(), threads=threads, torch_version=torch.__version__, cpu=env["cpu"],
+        seed=spec.seed, env=env,
+    )
