@@ -6,7 +6,6 @@ prompt pass timed as a whole and every decode step timed on its own.
 
 from __future__ import annotations
 
-import resource
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from cpugen.env import environment
 from cpugen.errors import CpugenError
 from cpugen.generate import Engine, Prompts, compute_context
 from cpugen.kv_cache import kv_cache_bytes
+from cpugen.memory import peak_rss_bytes
 from cpugen.progress import progress
 from cpugen.record import GiB, RunRecord
 from cpugen.weights import load_model, weight_bytes
@@ -53,11 +53,6 @@ class RunSpec:
         if total > self.cfg.max_positions:
             raise CpugenError(f"prompt {self.prompt_len} + generation {self.gen_len} = {total} tokens exceeds "
                               f"{self.cfg.name}'s {self.cfg.max_positions} positions: shorten either")
-
-
-def peak_rss_bytes() -> int:
-    """The OS's high-water mark of this process's resident memory (ru_maxrss, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def set_threads(n: int | None) -> int:

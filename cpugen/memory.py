@@ -1,0 +1,31 @@
+"""What the operating system says about this process's memory."""
+
+from __future__ import annotations
+
+import resource
+
+
+def peak_rss_bytes() -> int:
+    """The high-water mark of this process's resident memory.
+
+    Linux's VmHWM belongs to the address space, so it starts afresh at exec; ru_maxrss (the
+    fallback elsewhere) keeps the parent's peak across fork+exec, which would credit a child
+    started from a large process with its parent's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
