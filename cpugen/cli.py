@@ -35,6 +35,22 @@ def _common(p: argparse.ArgumentParser, default_model: str | None = "gptj-1b"):
     p.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
 
 
+def _batch(s: str):
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {s!r}") from None
+
+
+def _memory(p: argparse.ArgumentParser):
+    p.add_argument("--memory-budget", metavar="SIZE", help="memory this process may use, e.g. 20GiB "
+                   "(default: available memory and the cgroup limit)")
+    p.add_argument("--host-memory", metavar="SIZE", help="plan for a host of this size, e.g. 512GiB")
+    p.add_argument("--max-batch-size", type=int, help="never plan a batch above this")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="cpugen", description="bf16 text generation with large decoder-only models on CPUs")
     sub = ap.add_subparsers(dest="command", parser_class=_Parser)
@@ -43,8 +59,17 @@ def parser() -> argparse.ArgumentParser:
     _common(r)
     r.add_argument("--prompt-len", type=int, default=1024)
     r.add_argument("--gen-len", type=int, default=100)
-    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--batch-size", type=_batch, default=1, help="N, or auto: the largest batch that fits")
+    _memory(r)
     r.add_argument("--json", metavar="PATH|-", help="write the result record as JSON (- for stdout)")
+
+    pl = sub.add_parser("plan", help="what a run needs, term by term, and the largest batch that fits")
+    _common(pl, default_model=None)
+    pl.add_argument("--prompt-len", type=int, default=1024)
+    pl.add_argument("--gen-len", type=int, default=100)
+    pl.add_argument("--batch-size", type=int, help="plan this batch instead of the largest")
+    _memory(pl)
+    pl.add_argument("--json", metavar="-", help="print the plan as JSON")
 
     g = sub.add_parser("generate", help="generate tokens for one or more prompts")
     _common(g, default_model=None)
@@ -77,7 +102,9 @@ def cmd_run(args) -> int:
     cfg, ckpt = _resolve_model(args)
     json_out = args.json
     rec = run(RunSpec(cfg, ckpt, args.batch_size, args.prompt_len, args.gen_len, args.backend, args.dtype,
-                      args.seed, args.threads, quiet=args.quiet or json_out == "-"))
+                      args.seed, args.threads, quiet=args.quiet or json_out == "-",
+                      memory_budget=args.memory_budget, host_memory=args.host_memory,
+                      max_batch_size=args.max_batch_size))
     if json_out == "-":
         print(rec.to_json())
         return 0
@@ -86,6 +113,29 @@ def cmd_run(args) -> int:
     print(markdown([rec]))
     if json_out:
         _write(Path(json_out), rec.to_json() + "\n")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from cpugen import backends, planner
+    from cpugen.runner import DTYPES
+
+    cfg, _ = _resolve_model(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CpugenError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.prompt_len + args.gen_len > cfg.max_positions:
+        raise CpugenError(f"prompt {args.prompt_len} + generation {args.gen_len} exceeds {cfg.name}'s "
+                          f"{cfg.max_positions} positions: shorten either")
+    itemsize = DTYPES[args.dtype].itemsize
+    backend = backends.resolve(args.backend)
+    p = planner.plan(cfg, args.prompt_len, args.gen_len, itemsize, backend, args.memory_budget,
+                     args.host_memory, args.max_batch_size, args.batch_size)
+    if args.json:
+        print(json.dumps(p.to_dict()))
+    else:
+        print(planner.report(p))
+        if p.batch_size == 0:
+            print("cpugen: " + planner.explain_no_fit(p, cfg, itemsize), file=sys.stderr)
     return 0
 
 
@@ -142,7 +192,7 @@ def _write(path: Path, text: str):
         raise CpugenError(f"cannot write {path}: {e.strerror}") from None
 
 
-COMMANDS = {"run": cmd_run, "generate": cmd_generate}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

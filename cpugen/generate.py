@@ -51,14 +51,15 @@ class Engine:
     """Holds the cache state of one batch: call prefill once, then decode_one_token."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, dtype: torch.dtype,
-                 forward=None, prefill_chunk: int | None = None):
+                 forward=None, prefill_chunk: int | None = None, prefill_micro_batch: int | None = None):
         cfg = model.cfg
         if max_len > cfg.max_positions:
             raise CpugenError(f"prompt + generation is {max_len} tokens but {cfg.name} has "
                               f"{cfg.max_positions} positions: shorten the prompt or generate fewer tokens")
         self.model, self.cfg, self.batch, self.max_len = model, cfg, batch, max_len
         self.forward = forward or model  # a backend may wrap the module's forward
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # bounded prefill scratch: chunks of the prompt ...
+        self.prefill_micro_batch = prefill_micro_batch  # ... and groups of sequences at a time
         self.dtype = dtype
         model.setup_caches(batch, max_len, dtype)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool)  # (B, S_max)
@@ -72,8 +73,8 @@ class Engine:
         self.next_index, self.padded = 0, False
         self.next_pos = torch.zeros(self.batch, dtype=torch.long)
 
-    def _mask(self, start: int, T: int):
-        """(B, 1, T, start+T) bool, or None where plain causal (prefill) / everything (decode) is right."""
+    def _mask(self, start: int, T: int, rows: slice = slice(None)):
+        """(b, 1, T, start+T) bool, or None where plain causal (prefill) / everything (decode) is right."""
         S = start + T
         window = self.cfg.sliding_window
         windowed = window is not None and S > window
@@ -81,7 +82,7 @@ class Engine:
             return None
         q = torch.arange(start, S)[:, None]  # (T, 1) cache index of each query
         k = torch.arange(S)[None, :]  # (1, S)
-        allowed = (k <= q) & self.key_valid[:, None, None, :S]  # (B, 1, T, S)
+        allowed = (k <= q) & self.key_valid[rows, None, None, :S]  # (b, 1, T, S)
         if windowed:
             allowed &= k > q - window
         return allowed | (k == q)  # a padding query attends to itself: no empty row, no NaN
@@ -98,10 +99,16 @@ class Engine:
         self.key_valid[:, :T] = prompts.valid
         pos = (prompts.valid.cumsum(1) - 1).clamp(min=0)  # (B, T) each row counts its own tokens
         chunk = self.prefill_chunk or T
-        logits = None
-        for s in range(0, T, chunk):
-            e = min(T, s + chunk)
-            logits = self.forward(prompts.tokens[:, s:e], pos[:, s:e], self._mask(s, e - s), s, e == T)
+        micro = self.prefill_micro_batch or B
+        parts = []
+        for r in range(0, B, micro):
+            rows = slice(r, min(B, r + micro))
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                logits = self.forward(prompts.tokens[rows, s:e], pos[rows, s:e], self._mask(s, e - s, rows), s,
+                                      e == T, rows)
+            parts.append(logits)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.next_index = T
         self.next_pos = prompts.valid.sum(1)
         return logits

@@ -14,13 +14,13 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def update(self, start: int, k, v):
-        """k, v (B, nkv, T, hd) go to positions start..start+T-1; returns the filled prefix
-        (B, nkv, start+T, hd) as views (no copy)."""
+    def update(self, start: int, k, v, rows: slice = slice(None)):
+        """k, v (b, nkv, T, hd) go to positions start..start+T-1 of the sequences `rows`; returns
+        their filled prefix (b, nkv, start+T, hd) as views (no copy)."""
         end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.k[rows, :, start:end] = k
+        self.v[rows, :, start:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 def kv_cache_bytes(cfg, batch: int, max_len: int, itemsize: int) -> int:

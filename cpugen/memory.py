@@ -29,3 +29,16 @@ def rss_bytes() -> int:
         import psutil
 
         return psutil.Process().memory_info().rss
+
+
+def rss_file_bytes() -> int:
+    """Resident pages that map files (shared libraries, mapped checkpoints): clean pages the kernel
+    can drop and read back, so they count in RSS but not against an out-of-memory limit."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -104,7 +104,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.out_bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, rope, mask, start: int):
+    def forward(self, x, rope, mask, start: int, rows: slice):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q = q.view(B, T, self.nh, self.hd)
@@ -114,12 +114,12 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin, self.rd), apply_rotary(k, cos, sin, self.rd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        k, v = self.cache.update(start, k, v)  # (B, nkv, S, hd), S = start + T
-        if self.nkv != self.nh:  # grouped-query attention: each kv head serves nh/nkv query heads
-            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
-            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        k, v = self.cache.update(start, k, v, rows)  # (B, nkv, S, hd), S = start + T
         causal = mask is None and T > 1  # no padding and no cache before this call
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
+        # CPU SDPA reads the strided cache views in place; enable_gqa lets each kv head serve
+        # nh/nkv query heads without materializing repeated keys/values
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -148,11 +148,11 @@ class Block(nn.Module):
         self.ln_2 = None if self.parallel else Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, start: int):
+    def forward(self, x, rope, mask, start: int, rows: slice):
         if self.parallel:  # GPT-J: one norm feeds attention and MLP
             h = self.ln_1(x)
-            return x + self.attn(h, rope, mask, start) + self.mlp(h)
-        x = x + self.attn(self.ln_1(x), rope, mask, start)
+            return x + self.attn(h, rope, mask, start, rows) + self.mlp(h)
+        x = x + self.attn(self.ln_1(x), rope, mask, start, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -184,18 +184,19 @@ class Transformer(nn.Module):
             b.attn.cache = None
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, tokens, pos, mask=None, start: int = 0, last_only: bool = True):
+    def forward(self, tokens, pos, mask=None, start: int = 0, last_only: bool = True, rows: slice = slice(None)):
         """tokens, pos (B, T) -> logits (B, V) for the last position, or (B, T, V).
 
-        The T new keys/values go to cache positions start..start+T-1 and the queries attend to
-        cache positions 0..start+T-1. mask (B or 1, 1, T, start+T) bool, True = may attend;
-        None means no padding and start == 0 (plain causal) or T == 1 (attend everything)."""
+        The T new keys/values go to cache positions start..start+T-1 of the cache's sequences
+        `rows` (a prefill micro-batch; all by default) and the queries attend to cache positions
+        0..start+T-1. mask (B or 1, 1, T, start+T) bool, True = may attend; None means no padding
+        and start == 0 (plain causal) or T == 1 (attend everything)."""
         x = self.wte(tokens)  # (B, T, h)
         if self.wpe is not None:
             x = x + self.wpe(pos + self.cfg.position_offset)
         rope = self.rotary.tables(pos) if self.rotary is not None else None
         for block in self.blocks:
-            x = block(x, rope, mask, start)
+            x = block(x, rope, mask, start, rows)
         if last_only:
             x = x[:, -1]  # (B, h): prefill needs only the last position's logits
         return self.lm_head(self.ln_f(x))

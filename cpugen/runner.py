@@ -32,7 +32,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 class RunSpec:
     cfg: ModelConfig
     checkpoint: Path | None
-    batch_size: int
+    batch_size: int | str  # or "auto": the planner's largest batch
     prompt_len: int
     gen_len: int
     backend: str = "auto"
@@ -41,9 +41,15 @@ class RunSpec:
     threads: int | None = None
     quiet: bool = False
     warmup: bool = True
+    memory_budget: str | None = None
+    host_memory: str | None = None
+    max_batch_size: int | None = None
+    decode_steps: int | None = None  # run only this many of the gen_len - 1 decode steps (the cache
+    #                                  is still sized for prompt + gen_len): the batch probe's workload
+    check_fit: bool = True  # refuse a batch the planner says will not fit
 
     def validate(self):
-        if self.batch_size < 1:
+        if self.batch_size != "auto" and self.batch_size < 1:
             raise CpugenError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.prompt_len < 1:
             raise CpugenError(f"--prompt-len must be at least 1, not {self.prompt_len}")
@@ -53,6 +59,27 @@ class RunSpec:
         if total > self.cfg.max_positions:
             raise CpugenError(f"prompt {self.prompt_len} + generation {self.gen_len} = {total} tokens exceeds "
                               f"{self.cfg.name}'s {self.cfg.max_positions} positions: shorten either")
+
+
+def plan_batch(spec: RunSpec, itemsize: int, backend: str):
+    """The plan for this run, checked before anything large is allocated: the largest batch for
+    `--batch-size auto`, else the given batch, which must fit."""
+    from cpugen import planner
+
+    auto = spec.batch_size == "auto"
+    p = planner.plan(spec.cfg, spec.prompt_len, spec.gen_len, itemsize, backend, spec.memory_budget,
+                     spec.host_memory, spec.max_batch_size, None if auto else spec.batch_size)
+    if auto and p.batch_size == 0:
+        raise CpugenError(planner.explain_no_fit(p, spec.cfg, itemsize))
+    if not auto and spec.check_fit and planner.needed(p) > p.budget_bytes:
+        best = planner.plan(spec.cfg, spec.prompt_len, spec.gen_len, itemsize, backend, spec.memory_budget,
+                            spec.host_memory, overhead=p.overhead_bytes, file_backed=p.file_backed_bytes)
+        if best.batch_size == 0:
+            raise CpugenError(planner.explain_no_fit(best, spec.cfg, itemsize))
+        raise CpugenError(f"batch {spec.batch_size} needs {planner.fmt(planner.needed(p))} "
+                          f"with headroom but the budget is {planner.fmt(p.budget_bytes)} ({p.budget_source}): "
+                          f"use --batch-size {best.batch_size} or less (or --batch-size auto)")
+    return p
 
 
 def set_threads(n: int | None) -> int:
@@ -74,19 +101,22 @@ def run(spec: RunSpec) -> RunRecord:
     dtype = DTYPES[spec.dtype]
     backend = backends.resolve(spec.backend)
     threads = set_threads(spec.threads)
-    B, P, G = spec.batch_size, spec.prompt_len, spec.gen_len
+    P, G = spec.prompt_len, spec.gen_len
     itemsize = torch.finfo(dtype).bits // 8
-    need_w = flops.n_params(cfg) * itemsize
-    need_kv = kv_cache_bytes(cfg, B, P + G, itemsize)
     log = (lambda *a: None) if spec.quiet else (lambda *a: print("cpugen:", *a, file=sys.stderr))
-    log(f"{cfg.name}: {cfg.n_layer} layers, {flops.n_params(cfg) / 1e9:.2f}e9 parameters; this run needs "
-        f"{need_w / GiB:.2f} GiB of weights + {need_kv / GiB:.2f} GiB of KV cache "
-        f"(batch {B} x {P + G} tokens), backend {backend}, {threads} threads")
+    p = plan_batch(spec, itemsize, backend)
+    B = p.batch_size
+    need_kv = p.kv_cache_bytes
+    log(f"{cfg.name}: {cfg.n_layer} layers, {flops.n_params(cfg) / 1e9:.2f}e9 parameters; batch {B} needs "
+        f"{p.weight_bytes / GiB:.2f} GiB of weights + {need_kv / GiB:.2f} GiB of KV cache ({P + G} tokens a "
+        f"sequence) + {p.activation_bytes / GiB:.2f} GiB of activations: predicted peak "
+        f"{p.predicted_peak_bytes / GiB:.2f} GiB of a {p.budget_bytes / GiB:.2f} GiB budget; backend {backend}, "
+        f"{threads} threads")
 
     model = load_model(cfg, spec.checkpoint, dtype, spec.seed,
                        progress("weights" if spec.checkpoint is None else "loading", spec.quiet))
     forward = backends.apply(model, backend, dtype)
-    engine = Engine(model, B, P + G, dtype, forward)
+    engine = Engine(model, B, P + G, dtype, forward, p.prefill_chunk, p.prefill_micro_batch)
     gen = torch.Generator().manual_seed(spec.seed)
     prompts = Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen), torch.ones(B, P, dtype=torch.bool))
 
@@ -103,12 +133,13 @@ def run(spec: RunSpec) -> RunRecord:
         tok = logits.argmax(-1)
         prompt_time = time.perf_counter() - t0
         steps = []
-        for i in range(G - 1):
+        n_steps = G - 1 if spec.decode_steps is None else min(spec.decode_steps, G - 1)
+        for i in range(n_steps):
             t0 = time.perf_counter()
             tok = engine.decode_one_token(tok).argmax(-1)
             steps.append(time.perf_counter() - t0)
             if bar:
-                bar.update(i + 1, G - 1, "decode steps")
+                bar.update(i + 1, n_steps, "decode steps")
     if not torch.isfinite(logits.float()).all():
         raise CpugenError("the model produced non-finite logits: the weights or the dtype are unusable")
     model.free_caches()
@@ -130,4 +161,7 @@ def run(spec: RunSpec) -> RunRecord:
         decode_weight_gbps=flops.streamed_params(cfg) * itemsize / step / 1e9 if steps else float("nan"),
         peak_rss_bytes=peak_rss_bytes(), threads=threads, torch_version=torch.__version__, cpu=env["cpu"],
         seed=spec.seed, env=env,
+        extra={"predicted_peak_bytes": p.predicted_peak_bytes, "budget_bytes": p.budget_bytes,
+               "activation_bytes": p.activation_bytes, "overhead_bytes": p.overhead_bytes,
+               "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch},
     )

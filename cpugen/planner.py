@@ -1,0 +1,297 @@
+"""The memory-aware batch planner: what a run needs, term by term, and the largest batch that fits.
+
+predicted peak = runtime baseline + weights + KV cache + activation/workspace peak   (resident memory)
+budget         = what this process may use: min(system available, cgroup limit - usage) plus what
+                 it already holds, or --memory-budget, or --host-memory less an OS reserve
+batch          = the largest B with predicted peak(B) - mapped file pages + headroom <= budget
+
+Mapped file pages (the shared libraries' code, measured) count in resident memory but not against
+an out-of-memory limit: the kernel drops and re-reads them rather than fail an allocation.
+
+Activations stay bounded: prefill runs the prompt in chunks of at most `prefill_chunk` tokens and
+the batch in micro-batches of `prefill_micro_batch` sequences, chosen so that prefill scratch stays
+under a cap (a small share of the budget), so memory goes to sequences, not scratch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from cpugen.config import ModelConfig
+from cpugen.errors import CpugenError
+from cpugen.flops import n_params
+from cpugen.kv_cache import kv_cache_bytes
+from cpugen.memory import rss_bytes, rss_file_bytes
+
+GiB = 1024**3
+MiB = 1024**2
+UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MiB, "mb": 1000**2, "mib": MiB,
+         "g": GiB, "gb": 1000**3, "gib": GiB, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+# Measured on the 2-core development machine (torch 2.13, 2 threads): what the process holds beyond
+# torch's import and the tensors it allocates: oneDNN/OpenMP thread pools, primitive caches, the
+# allocator's retained blocks. Calibrated with scripts/probe_batch.py (see docs/planner.md).
+RUNTIME_WORKSPACE = 96 * MiB
+HEADROOM_FIXED = 32 * MiB  # margin between the predicted peak and the budget
+HEADROOM_SHARE = 0.02  # ... plus this share of weights + KV cache (allocator fragmentation)
+OS_RESERVE_SHARE = 0.03  # --host-memory: kept back for the kernel and other processes
+BACKEND_WEIGHT_COPIES = {"eager": 1.0, "ipex": 1.0}  # ipex.optimize(inplace=True) repacks in place
+
+
+def parse_bytes(s: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", s)
+    if not m or m.group(2).lower() not in UNITS:
+        raise CpugenError(f"cannot read memory size {s!r}: use e.g. 20GiB, 512GB or 1500MiB")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# --- the budget --------------------------------------------------------------------------------------
+def _read_int(p: Path) -> int | None:
+    try:
+        text = p.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        return None
+    return None if v >= 2**62 else v  # v1 writes ~2^63 for "no limit"
+
+
+def cgroup_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process's memory cgroup still allows (limit - usage, the tightest level), or None.
+
+    cgroup v2: <root>/<path>/memory.max and memory.current; v1: <root>/memory/<path>/
+    memory.limit_in_bytes and memory.usage_in_bytes. Each level from the process's group up to the
+    mount root is read (a container sees its own group as the root)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    v1_path = v2_path = None
+    for line in lines:
+        hid, ctrls, path = line.split(":", 2)
+        if hid == "0" and ctrls == "":
+            v2_path = path
+        elif "memory" in ctrls.split(","):
+            v1_path = path
+    rooms = []
+    for base, path, limit_f, usage_f in ((root / "memory", v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes"),
+                                         (root, v2_path, "memory.max", "memory.current")):
+        if not (base / limit_f).exists() and path is None:
+            continue
+        parts = [p for p in (path or "/").split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            d = base.joinpath(*parts[:depth])
+            limit, usage = _read_int(d / limit_f), _read_int(d / usage_f)
+            if limit is not None and usage is not None:
+                rooms.append(max(limit - usage, 0))
+    return min(rooms) if rooms else None
+
+
+@dataclass
+class Budget:
+    bytes: int
+    source: str  # how it was found, for the report
+
+
+def budget(memory_budget: str | None = None, host_memory: str | None = None) -> Budget:
+    if memory_budget and host_memory:
+        raise CpugenError("give --memory-budget or --host-memory, not both")
+    if memory_budget:
+        return Budget(parse_bytes(memory_budget), "--memory-budget")
+    if host_memory:
+        host = parse_bytes(host_memory)
+        return Budget(int(host * (1 - OS_RESERVE_SHARE)),
+                      f"--host-memory {fmt(host)} less {OS_RESERVE_SHARE:.0%} for the OS")
+    avail = psutil.virtual_memory().available
+    room = cgroup_room()
+    held = rss_bytes()
+    if room is not None and room < avail:
+        return Budget(held + room, f"cgroup limit: {fmt(room)} free + {fmt(held)} held by this process")
+    return Budget(held + avail, f"available memory: {fmt(avail)} + {fmt(held)} held by this process")
+
+
+# --- the memory model -------------------------------------------------------------------------------
+def token_activation_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """Scratch per token in flight through one block (the block's largest live set)."""
+    h, q, kv, ffn = cfg.n_embd, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+    residual = 3 * h * itemsize  # x, the block's output, GPT-J's attention branch beside the MLP
+    norm = h * (4 + itemsize)  # fp32 normalization, cast back
+    attn = (q + 2 * kv) * itemsize + 2 * q * 4 + q * itemsize  # qkv, fp32 rotary of q/k, attention out
+    mlp = (3 if cfg.mlp == "glu" else 2) * ffn * itemsize  # w_in out (2 ffn for glu), activation
+    return residual + norm + max(attn, mlp)
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, seqs: int, itemsize: int) -> int:
+    """Activation peak of one forward over `seqs` sequences of `tokens` new tokens each."""
+    logits = seqs * cfg.vocab_size * (itemsize + 4 + 4)  # lm_head output, fp32 copy for sampling, probs
+    return seqs * tokens * token_activation_bytes(cfg, itemsize) + logits
+
+
+@dataclass
+class Plan:
+    model: str
+    n_layer: int
+    backend: str
+    prompt_len: int
+    gen_len: int
+    batch_size: int  # 0 when nothing fits
+    budget_bytes: int
+    budget_source: str
+    weight_bytes: int
+    kv_cache_bytes_per_seq: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    prefill_activation_bytes: int
+    decode_activation_bytes: int
+    prefill_chunk: int
+    prefill_micro_batch: int
+    overhead_bytes: int  # runtime baseline: interpreter, torch, thread pools (measured)
+    file_backed_bytes: int  # of which mapped library pages, reclaimable (measured)
+    headroom_bytes: int
+    predicted_peak_bytes: int
+    max_batch_size: int | None = None
+    limited_by: str = "memory"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def runtime_overhead() -> int:
+    """This process's resident memory now (interpreter, torch, cpugen) plus the runtime workspace."""
+    return rss_bytes() + RUNTIME_WORKSPACE
+
+
+PREFILL_TOKENS = 2048  # tokens per prefill forward: enough to keep the matmuls compute-bound
+
+
+def _prefill_shape(cfg: ModelConfig, batch: int, prompt_len: int, itemsize: int, cap: int) -> tuple[int, int]:
+    """(chunk, micro_batch): prefill pieces of about PREFILL_TOKENS tokens whose scratch stays under cap."""
+    per_token = token_activation_bytes(cfg, itemsize)
+    tokens = max(64, min(PREFILL_TOKENS, cap // max(per_token, 1)))
+    chunk = min(prompt_len, tokens)
+    micro = max(1, min(batch, tokens // chunk))
+    return chunk, micro
+
+
+def memory_at(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, itemsize: int, backend: str,
+              overhead: int, file_backed: int, act_cap: int) -> dict:
+    weights = int(n_params(cfg) * itemsize * BACKEND_WEIGHT_COPIES.get(backend, 1.0))
+    kv_seq = kv_cache_bytes(cfg, 1, prompt_len + gen_len, itemsize)
+    chunk, micro = _prefill_shape(cfg, batch, prompt_len, itemsize, act_cap)
+    pre = activation_bytes(cfg, chunk, micro, itemsize)
+    dec = activation_bytes(cfg, 1, batch, itemsize)
+    act = max(pre, dec)
+    kv = kv_seq * batch
+    headroom = HEADROOM_FIXED + int(HEADROOM_SHARE * (weights + kv))
+    return dict(weight_bytes=weights, kv_cache_bytes_per_seq=kv_seq, kv_cache_bytes=kv, activation_bytes=act,
+                prefill_activation_bytes=pre, decode_activation_bytes=dec, prefill_chunk=chunk,
+                prefill_micro_batch=micro, overhead_bytes=overhead, file_backed_bytes=file_backed,
+                headroom_bytes=headroom,
+                predicted_peak_bytes=overhead + weights + kv + act)
+
+
+def needed(m) -> int:
+    """What must fit in the budget: the predicted peak less reclaimable file pages, plus headroom."""
+    get = m.get if isinstance(m, dict) else lambda k: getattr(m, k)
+    return get("predicted_peak_bytes") - get("file_backed_bytes") + get("headroom_bytes")
+
+
+def plan(cfg: ModelConfig, prompt_len: int, gen_len: int, itemsize: int = 2, backend: str = "eager",
+         memory_budget: str | None = None, host_memory: str | None = None, max_batch_size: int | None = None,
+         batch_size: int | None = None, overhead: int | None = None, file_backed: int | None = None) -> Plan:
+    """The largest batch that fits (or, with batch_size, the plan for that batch)."""
+    if prompt_len < 1 or gen_len < 1:
+        raise CpugenError("--prompt-len and --gen-len must be at least 1")
+    b = budget(memory_budget, host_memory)
+    overhead = runtime_overhead() if overhead is None else overhead
+    file_backed = rss_file_bytes() if file_backed is None else file_backed
+    act_cap = max(128 * MiB, b.bytes // 100)  # prefill scratch: about 1% of the budget
+
+    def fits(n: int) -> bool:
+        m = memory_at(cfg, n, prompt_len, gen_len, itemsize, backend, overhead, file_backed, act_cap)
+        return needed(m) <= b.bytes
+
+    limited_by = "memory"
+    if batch_size is not None:
+        best = batch_size
+    elif not fits(1):
+        best = 0
+    else:  # exponential then binary search: peak grows monotonically with the batch
+        lo, hi = 1, 2
+        while fits(hi) and (max_batch_size is None or hi < max_batch_size):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        best = lo
+        if max_batch_size is not None and best >= max_batch_size:
+            best, limited_by = max_batch_size, "--max-batch-size"
+    m = memory_at(cfg, max(best, 1), prompt_len, gen_len, itemsize, backend, overhead, file_backed, act_cap)
+    return Plan(model=cfg.name, n_layer=cfg.n_layer, backend=backend, prompt_len=prompt_len, gen_len=gen_len,
+                batch_size=best, budget_bytes=b.bytes, budget_source=b.source, max_batch_size=max_batch_size,
+                limited_by=limited_by, **m)
+
+
+def explain_no_fit(p: Plan, cfg: ModelConfig, itemsize: int) -> str:
+    """One line: how much is missing and what would make batch 1 fit."""
+    need = needed(p)
+    missing = need - p.budget_bytes
+    again = dict(itemsize=itemsize, backend=p.backend, memory_budget=f"{p.budget_bytes}B",
+                 batch_size=1, overhead=p.overhead_bytes, file_backed=p.file_backed_bytes)
+
+    def fits(**kw) -> bool:
+        q = plan(**{"cfg": cfg, "prompt_len": p.prompt_len, "gen_len": p.gen_len, **again, **kw})
+        return needed(q) <= q.budget_bytes
+
+    hints = []
+    layers = max((n for n in range(1, cfg.n_layer) if fits(cfg=cfg.with_layers(n))), default=0)
+    if layers:
+        hints.append(f"--layers {layers} or fewer")
+    if fits(prompt_len=1, gen_len=1):
+        hints.append("a shorter prompt or generation")
+    hints.append(f"--memory-budget {fmt(need)} (a host of {fmt(need / (1 - OS_RESERVE_SHARE))})")
+    return (f"{p.model} at batch 1 needs {fmt(need)} ({fmt(p.weight_bytes)} weights, "
+            f"{fmt(p.kv_cache_bytes_per_seq)} KV cache, {fmt(need - p.weight_bytes - p.kv_cache_bytes_per_seq)} "
+            f"runtime, activations and margin) but the budget is {fmt(p.budget_bytes)} ({p.budget_source}): "
+            f"{fmt(missing)} short; use " + ", or ".join(hints))
+
+
+def _non_block_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    h, V = cfg.n_embd, cfg.vocab_size
+    n = V * h + (0 if cfg.tie_embeddings else V * h)
+    if cfg.position == "learned":
+        n += (cfg.max_positions + cfg.position_offset) * h
+    return n * itemsize
+
+
+def report(p: Plan) -> str:
+    rows = [
+        ("weights", p.weight_bytes, f"{p.model}, {p.n_layer} layers, as the {p.backend} backend holds them"),
+        ("KV cache", p.kv_cache_bytes, f"{p.batch_size} x {fmt(p.kv_cache_bytes_per_seq)} per sequence "
+                                       f"({p.prompt_len}+{p.gen_len} tokens)"),
+        ("activations", p.activation_bytes, f"peak of prefill {fmt(p.prefill_activation_bytes)} (chunks of "
+                                            f"{p.prefill_chunk} tokens x {p.prefill_micro_batch} sequences) "
+                                            f"and decode {fmt(p.decode_activation_bytes)}"),
+        ("runtime", p.overhead_bytes, "interpreter, torch, thread pools (measured)"),
+        ("predicted peak", p.predicted_peak_bytes, "resident memory"),
+        ("file-backed", p.file_backed_bytes, "of which mapped library pages the kernel can reclaim"),
+        ("headroom", p.headroom_bytes, "margin kept free"),
+        ("budget", p.budget_bytes, p.budget_source),
+    ]
+    lines = [f"{name:>15}  {fmt(v):>12}  {note}" for name, v, note in rows]
+    verdict = (f"largest batch: {p.batch_size}" + (" (capped by --max-batch-size)" if p.limited_by != "memory" else "")
+               if p.batch_size else "largest batch: none (batch 1 does not fit)")
+    return "\n".join(lines + [verdict])
+
