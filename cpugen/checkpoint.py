@@ -11,6 +11,7 @@ ones are errors naming the tensor; nothing is silently left uninitialized.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import re
 import warnings
@@ -46,7 +47,36 @@ def config_from_hf(path: Path) -> ModelConfig:
     return config_from_hf_dict(d, str(f), name=path.name)
 
 
+# config.json keys the mappers read as sizes / floats: checked up front, so a malformed value is an
+# error naming the key, not a TypeError (or a model with a string epsilon) further down
+_HF_INTS = ("vocab_size", "n_embd", "n_head", "n_layer", "n_inner", "n_positions", "rotary_dim", "hidden_size",
+            "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim", "intermediate_size",
+            "ffn_dim", "max_position_embeddings", "word_embed_proj_dim", "sliding_window")
+_HF_OPTIONAL_INTS = ("n_inner", "rotary_dim", "num_key_value_heads", "head_dim", "sliding_window",
+                     "word_embed_proj_dim")
+_HF_FLOATS = {"layer_norm_epsilon": 0, "rms_norm_eps": 0, "rope_theta": 1e-30}  # key: smallest valid value
+
+
+def _check_values(d: dict, where: str):
+    for k in _HF_INTS:
+        if k not in d or (d[k] is None and k in _HF_OPTIONAL_INTS):
+            continue
+        v = d[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CpugenError(f"{where}: {k} must be a positive integer, not {v!r}")
+    for k, least in _HF_FLOATS.items():
+        v = d.get(k)
+        if k in d and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= least):
+            raise CpugenError(f"{where}: {k} must be a {'positive' if least else 'non-negative'} number, not {v!r}")
+    archs = d.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CpugenError(f"{where}: architectures must be a list of names, not {archs!r}")
+
+
 def config_from_hf_dict(d: dict, where: str, name: str | None = None) -> ModelConfig:
+    if not isinstance(d, dict):
+        raise CpugenError(f"{where}: a Hugging Face config must be a JSON object, not {type(d).__name__}")
+    _check_values(d, where)
     archs = d.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
@@ -62,6 +92,12 @@ def config_from_hf_dict(d: dict, where: str, name: str | None = None) -> ModelCo
         return _MAPPERS[family](d, name=name, source=f"{arch} {where}")
     except KeyError as e:
         raise CpugenError(f"{where}: missing key {e.args[0]!r} for {arch}") from None
+    except CpugenError as e:
+        if where in str(e):
+            raise
+        raise CpugenError(f"{where}: {e}") from None  # ModelConfig's own checks: say which file
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # e.g. a dict where a number goes
+        raise CpugenError(f"{where}: malformed {arch} config ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
 def _gptj(d, **kw) -> ModelConfig:
@@ -230,17 +266,18 @@ def _safetensors_tensors(path: Path):
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CpugenError(f"{path}: corrupt safetensors header") from None
+        if not isinstance(header, dict):
+            raise CpugenError(f"{path}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         base = 8 + n
         for name, info in header.items():
+            _check_entry(path, name, info)
             end = base + info["data_offsets"][1]
             if end > size:
                 raise CpugenError(f"{path}: truncated: tensor {name} needs bytes up to {end}, file has {size}")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if info["dtype"] not in _ST_DTYPES:
-                raise CpugenError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
             start, stop = (base + o for o in info["data_offsets"])
             dtype = _ST_DTYPES[info["dtype"]]
             with warnings.catch_warnings():
@@ -254,6 +291,22 @@ def _safetensors_tensors(path: Path):
             mm.close()
         except BufferError:  # a caller still holds a view; the map closes when it is collected
             pass
+
+
+def _check_entry(path: Path, name: str, info):
+    """One header entry: a known dtype, a shape, and data_offsets spanning exactly shape x itemsize."""
+    dtype_name = info.get("dtype") if isinstance(info, dict) else None
+    if isinstance(dtype_name, str) and dtype_name not in _ST_DTYPES:
+        raise CpugenError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
+    try:
+        shape, (start, stop) = info["shape"], info["data_offsets"]
+        ok = (all(isinstance(x, int) and x >= 0 for x in [*shape, start, stop])
+              and stop - start == math.prod(shape) * _ST_DTYPES[dtype_name].itemsize)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CpugenError(f"{path}: corrupt safetensors header: entry for tensor {name} ({json.dumps(info)[:200]}) "
+                          "does not describe its bytes (dtype, shape and data_offsets disagree)")
 
 
 def _drop_pages(mm: mmap.mmap, start: int, stop: int):
@@ -316,12 +369,15 @@ def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: 
     # rows of each parameter not yet written
     todo = {hf: v for hf, v in targets.items()}
     skipped_layers = re.compile(r".*\.(h|layers)\.(\d+)\.")
+    # blocks cfg.n_layer..n_stored-1 are the ones --layers left out; a block beyond what the
+    # checkpoint's own config.json declares is a mismatch, reported as unexpected
+    n_stored = _stored_layers(cfg, path)
     n_total = len(targets)
     for name, t, release in _tensors(path):
         name = _canonical(name, cfg.family)
         if name not in targets:
             m = skipped_layers.match(name)
-            if IGNORED.match(name) or (m and int(m.group(2)) >= cfg.n_layer):
+            if IGNORED.match(name) or (m and cfg.n_layer <= int(m.group(2)) < n_stored):
                 release()
                 continue  # a buffer, or a block beyond --layers
             if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -350,6 +406,14 @@ def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: 
         raise CpugenError(f"{path}: checkpoint is missing tensor {names[0]} (shape "
                           f"{(rows,) + tuple(params[pname].shape[1:])}){more}")
     return model
+
+
+def _stored_layers(cfg: ModelConfig, path: Path) -> int:
+    """Blocks in the checkpoint per its config.json (cfg may be cut down by --layers)."""
+    try:
+        return max(cfg.n_layer, config_from_hf(path).n_layer)
+    except CpugenError:
+        return cfg.n_layer
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor):
