@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     _memory(pl)
     pl.add_argument("--json", metavar="-", help="print the plan as JSON")
 
+    rf = sub.add_parser("roofline", help="measure this machine's read bandwidth and bf16 matmul peak")
+    rf.add_argument("--threads", type=int, help="threads to measure with (default: the usable cores)")
+    rf.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    rf.add_argument("--json", metavar="-", help="print the result as JSON")
+
     g = sub.add_parser("generate", help="generate tokens for one or more prompts")
     _common(g, default_model=None)
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (needs tokenizer.json)")
@@ -139,6 +144,23 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_roofline(args) -> int:
+    from cpugen import roofline
+    from cpugen.runner import set_threads
+
+    threads = set_threads(args.threads)
+    r = roofline.get(threads, refresh=args.refresh)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+    else:
+        print(f"{r.cpu}, {r.threads} threads, torch {r.torch_version}")
+        print(f"memory read bandwidth: {r.read_gbps:.1f} GB/s (min {r.read_spread[0]:.1f}, max {r.read_spread[1]:.1f})")
+        print(f"bf16 matmul peak:      {r.bf16_tflops:.3f} TFLOP/s (min {r.tflops_spread[0]:.3f}, "
+              f"max {r.tflops_spread[1]:.3f})")
+        print(f"cached in {roofline.CACHE}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from cpugen import backends
     from cpugen.generate import generate
@@ -192,7 +214,7 @@ def _write(path: Path, text: str):
         raise CpugenError(f"cannot write {path}: {e.strerror}") from None
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "generate": cmd_generate}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "roofline": cmd_roofline, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from cpugen.generate import Engine, Prompts, compute_context
 from cpugen.kv_cache import kv_cache_bytes
 from cpugen.memory import peak_rss_bytes
 from cpugen.progress import progress
-from cpugen.record import GiB, RunRecord
+from cpugen.record import GiB, RunRecord, count
 from cpugen.weights import load_model, weight_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -41,6 +41,7 @@ class RunSpec:
     threads: int | None = None
     quiet: bool = False
     warmup: bool = True
+    roofline: bool = True  # compare with this machine's measured limits (cached per machine)
     memory_budget: str | None = None
     host_memory: str | None = None
     max_batch_size: int | None = None
@@ -82,6 +83,26 @@ def plan_batch(spec: RunSpec, itemsize: int, backend: str):
     return p
 
 
+def decode_roofline_s(cfg: ModelConfig, roof, batch: int, prompt_len: int, gen_len: int, itemsize: int) -> float:
+    """Mean over the run's decode steps of the roofline time: the weights streamed once per step
+    plus the KV cache read at that step's context, against bandwidth; the step's FLOPs against peak."""
+    weights = flops.streamed_params(cfg) * itemsize
+    times = []
+    for c in range(prompt_len + 1, prompt_len + gen_len):  # keys attended by each decode step
+        kv_read = kv_cache_bytes(cfg, batch, c, itemsize)
+        times.append(roof.step_time(weights + kv_read, batch * flops.token_flops(cfg, c)))
+    return statistics.fmean(times)
+
+
+def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops) -> dict:
+    from cpugen import roofline
+
+    roof = roofline.get(threads)
+    ideal = decode_roofline_s(cfg, roof, B, P, G, itemsize)
+    return dict(roofline_read_gbps=roof.read_gbps, roofline_bf16_tflops=roof.bf16_tflops, decode_roofline_s=ideal,
+                decode_efficiency=ideal / step, prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
+
+
 def set_threads(n: int | None) -> int:
     from cpugen.env import usable_cores
 
@@ -107,7 +128,7 @@ def run(spec: RunSpec) -> RunRecord:
     p = plan_batch(spec, itemsize, backend)
     B = p.batch_size
     need_kv = p.kv_cache_bytes
-    log(f"{cfg.name}: {cfg.n_layer} layers, {flops.n_params(cfg) / 1e9:.2f}e9 parameters; batch {B} needs "
+    log(f"{cfg.name}: {cfg.n_layer} layers, {count(flops.n_params(cfg))} parameters; batch {B} needs "
         f"{p.weight_bytes / GiB:.2f} GiB of weights + {need_kv / GiB:.2f} GiB of KV cache ({P + G} tokens a "
         f"sequence) + {p.activation_bytes / GiB:.2f} GiB of activations: predicted peak "
         f"{p.predicted_peak_bytes / GiB:.2f} GiB of a {p.budget_bytes / GiB:.2f} GiB budget; backend {backend}, "
@@ -149,6 +170,7 @@ def run(spec: RunSpec) -> RunRecord:
     t_flop = flops.mean_token_flops(cfg, P, G)
     throughput = B / step if steps else float("nan")
     env = environment(threads)
+    roof = _roofline(cfg, B, P, G, itemsize, threads, step, B * p_flop / prompt_time) if spec.roofline and steps else {}
     return RunRecord(
         model=cfg.name, backend=backend, dtype=spec.dtype, batch_size=B, prompt_len=P, gen_len=G,
         n_layer=cfg.n_layer, n_params=flops.n_params(cfg), weight_bytes=weight_bytes(model),
@@ -160,7 +182,7 @@ def run(spec: RunSpec) -> RunRecord:
         token_flop_per_seq=t_flop,
         decode_weight_gbps=flops.streamed_params(cfg) * itemsize / step / 1e9 if steps else float("nan"),
         peak_rss_bytes=peak_rss_bytes(), threads=threads, torch_version=torch.__version__, cpu=env["cpu"],
-        seed=spec.seed, env=env,
+        seed=spec.seed, env=env, **roof,
         extra={"predicted_peak_bytes": p.predicted_peak_bytes, "budget_bytes": p.budget_bytes,
                "activation_bytes": p.activation_bytes, "overhead_bytes": p.overhead_bytes,
                "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch},

@@ -1,0 +1,124 @@
+"""This machine's limits with the threads in use: memory read bandwidth and bf16 matmul peak.
+
+Decode at small batch is bound by streaming the weights (and, at long context and large batch,
+the KV cache) from memory; prefill and large-batch decode by bf16 matrix throughput. A step's
+roofline time is max(bytes moved / bandwidth, FLOPs / peak); efficiency = roofline / measured.
+
+Measured with plain torch: bandwidth as the best of a few reductions over a buffer far larger than
+the caches, peak as a large bf16 matmul; each the median of repeats. Cached per machine, thread
+count and torch version in ~/.cache/cpugen/roofline.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cpugen.env import cpu_info
+
+CACHE = Path(os.environ.get("CPUGEN_CACHE", Path.home() / ".cache" / "cpugen")) / "roofline.json"
+
+
+@dataclass
+class Roofline:
+    read_gbps: float  # memory read bandwidth, 1e9 B/s
+    bf16_tflops: float  # bf16 matmul peak, 1e12 FLOP/s
+    threads: int
+    cpu: str
+    torch_version: str
+    read_spread: tuple[float, float] = (0.0, 0.0)  # min, max over repeats
+    tflops_spread: tuple[float, float] = (0.0, 0.0)
+    measured_at: float = 0.0
+
+    def step_time(self, bytes_moved: float, flop: float) -> float:
+        return max(bytes_moved / (self.read_gbps * 1e9), flop / (self.bf16_tflops * 1e12))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    fn()  # warm
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure_bandwidth(repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, float, float]:
+    """Median, min, max GB/s of reading `nbytes` (far beyond any cache) with the best reduction."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    results = []
+    for op in (lambda: x.sum(), lambda: x.amax(), lambda: x.view(torch.bfloat16).amax()):
+        ts = _timed(op, repeats)
+        results.append([nbytes / t / 1e9 for t in ts])
+    best = max(results, key=statistics.median)
+    del x
+    return statistics.median(best), min(best), max(best)
+
+
+def measure_matmul(repeats: int = 7, n: int = 4096) -> tuple[float, float, float]:
+    """Median, min, max TFLOP/s of an n x n x n bf16 matmul."""
+    a = torch.randn(n, n).to(torch.bfloat16)
+    b = torch.randn(n, n).to(torch.bfloat16)
+    ts = _timed(lambda: torch.mm(a, b), repeats)
+    f = [2 * n**3 / t / 1e12 for t in ts]
+    return statistics.median(f), min(f), max(f)
+
+
+def _key(threads: int) -> str:
+    return f"{cpu_info()['cpu']}|{threads}|{torch.__version__}"
+
+
+def measure(threads: int | None = None, repeats: int = 7) -> Roofline:
+    threads = threads or torch.get_num_threads()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bw, bw_lo, bw_hi = measure_bandwidth(repeats)
+        tf, tf_lo, tf_hi = measure_matmul(repeats)
+    finally:
+        torch.set_num_threads(prev)
+    return Roofline(bw, tf, threads, cpu_info()["cpu"], torch.__version__, (bw_lo, bw_hi), (tf_lo, tf_hi), time.time())
+
+
+def load_cached(threads: int) -> Roofline | None:
+    try:
+        d = json.loads(CACHE.read_text()).get(_key(threads))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not d:
+        return None
+    d["read_spread"], d["tflops_spread"] = tuple(d["read_spread"]), tuple(d["tflops_spread"])
+    return Roofline(**d)
+
+
+def save(r: Roofline):
+    try:
+        data = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    data[_key(r.threads)] = r.to_dict()
+    try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(CACHE)
+    except OSError:
+        pass  # a read-only home: measure again next time
+
+
+def get(threads: int, refresh: bool = False) -> Roofline:
+    r = None if refresh else load_cached(threads)
+    if r is None:
+        r = measure(threads)
+        save(r)
+    return r
