@@ -56,7 +56,7 @@ def test_json_to_a_file_and_layers(tmp_path):
     (["run", "--model", "tiny-gptj", "--prompt-len", "8", "--gen-len", "2", "--layers", "3"], ["--layers", "1..2"]),
     (["run", "--model", "tiny-gptj", "--prompt-len", "8", "--gen-len", "2", "--backend", "tpu"], ["unknown backend 'tpu'"]),
     (["run", "--model", "./no/such/dir"], ["no such file or directory"]),
-    (["run", "--model", "tiny-gptj", "--batch-size", "two"], ["invalid int value"]),
+    (["run", "--model", "tiny-gptj", "--batch-size", "two"], ["expected a number or auto"]),
     (["run", "--nonsense"], ["unrecognized arguments"]),
     (["generate", "--model", "tiny-gptj", "--prompt-ids", "1,2,999"], ["token id 999", "0..255"]),
     (["generate", "--model", "tiny-gptj", "--prompt-ids", "1,x"], ["comma-separated integers"]),
