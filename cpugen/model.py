@@ -30,6 +30,21 @@ def activation(name: str):
     }[name]
 
 
+class Linear(nn.Linear):
+    """nn.Linear that hands skinny bf16 inputs (decode: at most `kernel_rows` tokens) to a native
+    kernel when a backend installs one; everything else goes through F.linear (oneDNN)."""
+
+    kernel = None  # (x (M, K), weight (N, K), bias) -> (M, N), set per instance by a backend
+    kernel_rows = 16
+
+    def forward(self, x):
+        k = self.kernel
+        if k is not None and x.dtype == torch.bfloat16 and x.numel() <= self.kernel_rows * x.shape[-1]:
+            y = k(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # (M, N)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, self.weight, self.bias)
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm, computed in fp32 whatever the activation dtype."""
 
@@ -100,8 +115,8 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.rd = cfg.rotary_dim if cfg.position == "rotary" else 0
-        self.wqkv = nn.Linear(cfg.n_embd, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.out_bias)
+        self.wqkv = Linear(cfg.n_embd, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(cfg.q_dim, cfg.n_embd, bias=cfg.out_bias)
         self.cache: KVCache | None = None
 
     def forward(self, x, rope, mask, start: int, rows: slice):
@@ -128,8 +143,8 @@ class MLP(nn.Module):
         super().__init__()
         self.glu, self.act = cfg.mlp == "glu", activation(cfg.activation)
         width = 2 * cfg.intermediate_size if self.glu else cfg.intermediate_size
-        self.w_in = nn.Linear(cfg.n_embd, width, bias=cfg.mlp_bias)  # fc_in, or [gate; up]
-        self.w_out = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+        self.w_in = Linear(cfg.n_embd, width, bias=cfg.mlp_bias)  # fc_in, or [gate; up]
+        self.w_out = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
 
     def forward(self, x):  # (B, T, h)
         u = self.w_in(x)  # (B, T, ffn) or (B, T, 2 ffn)
@@ -165,7 +180,7 @@ class Transformer(nn.Module):
                     if cfg.position == "learned" else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = Norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
 
     def tie_weights(self):

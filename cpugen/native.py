@@ -1,0 +1,56 @@
+"""cpugen's native CPU kernels (C++ in kernels/), built on first use and cached.
+
+Built through torch.utils.cpp_extension into ~/.cache/cpugen/ext/<torch version>/; a later
+process loads the cached build in well under a second. Where the build is impossible (no compiler,
+no ninja) or the CPU lacks the instructions, `gemv()` is None and callers use the torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("CPUGEN_CACHE", Path.home() / ".cache" / "cpugen")) / "ext"
+
+
+def source_dir() -> Path:
+    """kernels/ ships inside the wheel as `cpugen.kernels`; in a checkout it is beside the package."""
+    try:
+        return Path(str(resources.files("cpugen.kernels")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "kernels"
+
+
+@lru_cache(maxsize=None)
+def extension(name: str = "gemv_bf16"):
+    """The compiled module for kernels/<name>.cpp, or None (with the reason in `why_not`)."""
+    from cpugen.env import cpu_info
+
+    if not cpu_info()["avx512"]:
+        _why[name] = "the CPU has no AVX-512"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        build = CACHE / torch.__version__.replace("+", "_") / name
+        build.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source_dir() / f"{name}.cpp")],
+                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                  build_directory=str(build), verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
+        _why[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        print(f"cpugen: native kernel {name} unavailable ({_why[name]}); using the torch reference",
+              file=sys.stderr)
+        return None
+
+
+_why: dict[str, str] = {}
+
+
+def why_not(name: str = "gemv_bf16") -> str | None:
+    return _why.get(name)

@@ -1,0 +1,148 @@
+// Skinny bf16 matmul for decode: y (M, N) = x (M, K) @ W (N, K)^T [+ bias], M small (1..16).
+//
+// At decode the whole weight matrix is read once per step for a handful of rows of x, so the op
+// is bound by memory bandwidth. The kernel streams W row by row exactly once, keeps x (M x K bf16,
+// at most a few hundred KB) in cache, and accumulates in fp32:
+//   - AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 lanes;
+//   - AVX-512F: bf16 -> fp32 by a 16-bit shift, then fused multiply-add;
+// chosen at run time from what the CPU reports. Rows of W are split across threads
+// (at::parallel_for), 4 rows at a time so that several streams of W are in flight.
+// Reference: kernels/reference.py; check: kernels/check_gemv.py; benchmark: kernels/bench_gemv.py.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kMaxM = 16;
+constexpr int64_t kRows = 4;  // rows of W per inner step
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// ---- AVX512-BF16 -------------------------------------------------------------------------------
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void rows_avx512bf16(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t n0,
+                     int64_t n1, int64_t N) {
+  const int64_t K32 = K / 32 * 32;
+  const __mmask32 tail = K - K32 ? static_cast<__mmask32>((1ull << (K - K32)) - 1) : 0;
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const int64_t rows = std::min(kRows, n1 - n);
+    __m512 acc[kRows][kMaxM];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K32; k += 32) {
+      __m512i wv[kRows];
+      for (int64_t r = 0; r < rows; ++r)
+        wv[r] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + (n + r) * K + k));
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k));
+        for (int64_t r = 0; r < rows; ++r)
+          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+      }
+    }
+    if (tail) {
+      __m512i wv[kRows];
+      for (int64_t r = 0; r < rows; ++r) wv[r] = _mm512_maskz_loadu_epi16(tail, w + (n + r) * K + K32);
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(tail, x + m * K + K32);
+        for (int64_t r = 0; r < rows; ++r)
+          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < M; ++m) out[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+  }
+}
+
+// ---- AVX-512F ----------------------------------------------------------------------------------
+__attribute__((target("avx512f,avx512bw")))
+inline __m512 load_bf16x16(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+__attribute__((target("avx512f,avx512bw")))
+void rows_avx512(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                 int64_t N) {
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const int64_t rows = std::min(kRows, n1 - n);
+    __m512 acc[kRows][kMaxM];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K16; k += 16) {
+      __m512 wv[kRows];
+      for (int64_t r = 0; r < rows; ++r) wv[r] = load_bf16x16(w + (n + r) * K + k);
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512 xv = load_bf16x16(x + m * K + k);
+        for (int64_t r = 0; r < rows; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        float s = _mm512_reduce_add_ps(acc[r][m]);
+        for (int64_t k = K16; k < K; ++k) s += bf16_to_float(w[(n + r) * K + k]) * bf16_to_float(x[m * K + k]);
+        out[m * N + n + r] = s;
+      }
+  }
+}
+
+enum class Isa { kAvx512Bf16, kAvx512, kNone };
+
+Isa detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) return Isa::kAvx512Bf16;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::kAvx512;
+  return Isa::kNone;
+}
+
+const Isa kIsa = detect();
+
+}  // namespace
+
+std::string isa() {
+  switch (kIsa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
+    case Isa::kAvx512: return "avx512";
+    default: return "none";
+  }
+}
+
+// x (M, K) bf16 contiguous, w (N, K) bf16 contiguous, bias (N,) bf16 or empty -> (M, N) bf16
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(kIsa != Isa::kNone, "cpugen gemv: this CPU has no AVX-512");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "cpugen gemv: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "cpugen gemv: shapes (M, K) and (N, K)");
+  TORCH_CHECK(x.size(0) <= kMaxM, "cpugen gemv: at most ", kMaxM, " rows of x");
+  const auto xc = x.contiguous();
+  const auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  auto acc = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+  float* op = acc.data_ptr<float>();
+  // grain: at least 64 rows (a few hundred KB of W) per task
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kRows, n1 = std::min(N, b1 * kRows);
+    if (kIsa == Isa::kAvx512Bf16)
+      rows_avx512bf16(xp, wp, op, M, K, n0, n1, N);
+    else
+      rows_avx512(xp, wp, op, M, K, n0, n1, N);
+  });
+  if (bias.has_value() && bias->defined()) acc.add_(bias->to(at::kFloat));
+  return acc.to(at::kBFloat16);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "y = x @ w.T (+ bias) for small M, bf16 in/out, fp32 accumulation");
+  m.def("isa", &isa, "the instruction set the kernel dispatched to");
+}
