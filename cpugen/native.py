@@ -54,3 +54,19 @@ _why: dict[str, str] = {}
 
 def why_not(name: str = "gemv_bf16") -> str | None:
     return _why.get(name)
+
+
+def install(model: torch.nn.Module) -> bool:
+    """Routes the model's skinny bf16 matmuls (decode) through the native gemv; False when it is
+    unavailable or switched off with CPUGEN_NATIVE=0, leaving the torch path in place."""
+    from cpugen.model import Linear
+
+    if os.environ.get("CPUGEN_NATIVE", "1") == "0":
+        return False
+    ext = extension()
+    if ext is None:
+        return False
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.kernel = ext.gemv
+    return True
