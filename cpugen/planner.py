@@ -230,8 +230,10 @@ def plan(cfg: ModelConfig, prompt_len: int, gen_len: int, itemsize: int = 2, bac
         best = 0
     else:  # exponential then binary search: peak grows monotonically with the batch
         lo, hi = 1, 2
-        while fits(hi) and (max_batch_size is None or hi < max_batch_size):
+        while (max_batch_size is None or hi <= max_batch_size) and fits(hi):
             lo, hi = hi, hi * 2
+        if max_batch_size is not None:  # hi: the first batch that does not fit or is above the cap
+            hi = min(hi, max_batch_size + 1)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)

@@ -54,6 +54,9 @@ def test_host_memory_and_budget_options():
     assert p.budget_bytes == int(64 * GiB * (1 - planner.OS_RESERVE_SHARE))
     q = planner.plan(from_name("gptj-1b"), 128, 32, memory_budget="5GiB", max_batch_size=3)
     assert q.budget_bytes == 5 * GiB and q.batch_size == 3 and q.limited_by == "--max-batch-size"
+    for cap in (1, 2, 4, 8, 16):  # a cap at a power of two that fits is reached, not cap - 1
+        r = planner.plan(from_name("gptj-1b"), 128, 32, memory_budget="20GiB", max_batch_size=cap)
+        assert r.batch_size == cap and r.limited_by == "--max-batch-size"
     with pytest.raises(CpugenError, match="not both"):
         planner.budget("1GiB", "2GiB")
     assert planner.parse_bytes("1.5GiB") == int(1.5 * GiB) and planner.parse_bytes("512GB") == 512 * 10**9
