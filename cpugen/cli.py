@@ -1,4 +1,4 @@
-"""`python -m cpugen`: run, generate. Results to stdout, diagnostics and progress to stderr; a
+"""`python -m cpugen`: run, bench, plan, roofline, generate. Results to stdout, diagnostics and progress to stderr; a
 user error is one line on stderr and exit status 2."""
 
 from __future__ import annotations
@@ -70,6 +70,27 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=int, help="plan this batch instead of the largest")
     _memory(pl)
     pl.add_argument("--json", metavar="-", help="print the plan as JSON")
+
+    b = sub.add_parser("bench", help="batch sweep: a row per batch size and setting, the model loaded once")
+    b.add_argument("--sweep", metavar="FILE|NAME", help="a sweep definition: a JSON path or a name in "
+                   "configs/bench (options given beside it override its values)")
+    b.add_argument("--model", help="preset name, config JSON path or Hugging Face checkpoint directory "
+                   "(default gptj-1b)")
+    b.add_argument("--prompt-len", type=_int_list, help="prompt lengths, e.g. 1024,512 (default 1024)")
+    b.add_argument("--gen-len", type=_int_list, help="generation lengths, paired with --prompt-len (default 100)")
+    b.add_argument("--batch-sizes", help="e.g. 1,4,8,16,auto (default 1,4,8,16,auto)")
+    b.add_argument("--repeat", type=int, help="timed prefill+decode runs per batch; figures are their median "
+                   "(default 1)")
+    b.add_argument("--warmup", type=int, help="warm-up passes per batch before timing (default 1)")
+    b.add_argument("--layers", type=int, help="run only the first N blocks")
+    b.add_argument("--backend", help="auto | eager | ipex (default auto)")
+    b.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
+    b.add_argument("--dtype", choices=("bfloat16", "float32"))
+    b.add_argument("--seed", type=int)
+    _memory(b)
+    b.add_argument("--format", default="md", choices=("md", "csv", "jsonl"), help="the view of the records")
+    b.add_argument("--out", metavar="FILE", help="write the results here instead of stdout")
+    b.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
 
     rf = sub.add_parser("roofline", help="measure this machine's read bandwidth and bf16 matmul peak")
     rf.add_argument("--threads", type=int, help="threads to measure with (default: the usable cores)")
@@ -144,6 +165,36 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from cpugen import bench
+    from cpugen.record import csv_text, jsonl, sweep_markdown
+
+    shape = {"--prompt-len": args.prompt_len, "--gen-len": args.gen_len, "--batch-sizes": args.batch_sizes}
+    if args.sweep:
+        given = [k for k, v in shape.items() if v is not None]
+        if given:
+            raise CpugenError(f"{', '.join(given)} and --sweep contradict each other: the sweep defines its settings")
+        sweep = bench.load_sweep(args.sweep)
+    else:
+        batches = bench.parse_batch_sizes(args.batch_sizes or "1,4,8,16,auto")
+        settings = bench.settings_from(args.prompt_len or [1024], args.gen_len or [100], batches)
+        sweep = bench.Sweep(name="bench", model=args.model or "gptj-1b", settings=settings, source="bench options")
+    for k in ("model", "layers", "backend", "threads", "dtype", "seed", "repeat", "warmup", "memory_budget",
+              "host_memory", "max_batch_size"):
+        if getattr(args, k) is not None:
+            setattr(sweep, k, getattr(args, k))
+    sweep = bench.from_dict({k: v for k, v in vars(sweep).items() if k != "source"} |
+                            {"settings": [vars(s) for s in sweep.settings]}, sweep.source)  # one validation path
+    quiet = args.quiet or (args.format != "md" and not args.out)
+    records = bench.run_sweep(sweep, quiet=quiet)
+    text = {"md": sweep_markdown, "csv": csv_text, "jsonl": jsonl}[args.format](records)
+    if args.out:
+        _write(Path(args.out), text if text.endswith("\n") else text + "\n")
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+    return 0
+
+
 def cmd_roofline(args) -> int:
     from cpugen import roofline
     from cpugen.runner import set_threads
@@ -214,7 +265,7 @@ def _write(path: Path, text: str):
         raise CpugenError(f"cannot write {path}: {e.strerror}") from None
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "roofline": cmd_roofline, "generate": cmd_generate}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench, "roofline": cmd_roofline, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,3 +42,14 @@ def rss_file_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def reset_peak_rss() -> bool:
+    """Starts peak_rss_bytes() afresh from the current resident memory (Linux: clear_refs 5), so that
+    each batch of a sweep reports its own peak; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -1,8 +1,15 @@
-"""One record for a run's results; the table, JSON and CSV are views of it."""
+"""One record for a run's results; the markdown table, JSON, JSONL and CSV are views of it.
+
+A sweep's row is the same record: `status` says whether it ran ("ok") or why not (e.g. "does not
+fit (needs X GiB, budget Y GiB)", whose measured figures are then None); with several repeats the
+figures are medians over repeats, with min and max beside them and the per-repeat values in extra.
+"""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 
@@ -46,6 +53,15 @@ class RunRecord:
     torch_version: str
     cpu: str
     seed: int = 0
+    status: str = "ok"  # or why the batch did not run: "does not fit (needs X GiB, budget Y GiB)"
+    sweep: str | None = None  # the sweep and setting this row belongs to (cpugen bench, scripts/nightly)
+    setting: str | None = None
+    date: str | None = None  # when it was measured, ISO 8601 UTC
+    repeats: int = 1  # timed prefill+decode runs behind each figure (the median of them)
+    prompt_flops_min: float | None = None  # spread over repeats
+    prompt_flops_max: float | None = None
+    token_throughput_min: float | None = None
+    token_throughput_max: float | None = None
     # against this machine's limits (cpugen/roofline.py), with the threads in use
     roofline_read_gbps: float | None = None
     roofline_bf16_tflops: float | None = None
@@ -63,6 +79,24 @@ class RunRecord:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        """Inverse of to_dict: fields by name, the environment's keys into env, the rest into extra."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"env", "extra"}
+        env = {k: d[k] for k in ENV_KEYS if k in d}
+        extra = {k: v for k, v in d.items() if k not in names and k not in ENV_KEYS}
+        return cls(**{k: v for k, v in d.items() if k in names}, env=env, extra=extra)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# What cpugen.env.environment() records (some also record fields): to_dict flattens them beside the
+# fields, from_dict puts them back.
+ENV_KEYS = ("cpu", "avx512", "avx512_bf16", "amx_bf16", "cores", "threads", "memory_bytes", "torch_version",
+            "ipex_version", "python_version", "commit")
 
 
 # The reference page's columns, then what cpugen adds.
@@ -84,11 +118,43 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def markdown(records: list[RunRecord]) -> str:
-    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("-" * (len(c) + 2) for c, _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(f(r) for _, f in COLUMNS) + " |" for r in records]
-    return "\n".join([head, rule, *rows])
+# A sweep's table adds the spread over repeats.
+SWEEP_COLUMNS = COLUMNS + [
+    ("Token throughput min / max", lambda r: f"{r.token_throughput_min:.2f} / {r.token_throughput_max:.2f}"),
+    ("Prompt FLOPS min / max", lambda r: f"{r.prompt_flops_min / 1e12:.3f} / {r.prompt_flops_max / 1e12:.3f}"),
+    ("Repeats", lambda r: f"{r.repeats}"),
+]
+
+
+def markdown(records: list[RunRecord], columns=COLUMNS) -> str:
+    """The reference page's table; a batch that did not run says why in place of its figures."""
+    head = "| " + " | ".join(c for c, _ in columns) + " |"
+    rule = "|" + "|".join("-" * (len(c) + 2) for c, _ in columns) + "|"
+
+    def row(r):
+        cells = [r.status] + ["-"] * (len(columns) - 2) if not r.ok else [f(r) for _, f in columns[1:]]
+        auto = " (auto)" if r.extra.get("batch_request") == "auto" else ""  # the planner's pick
+        return [f"{r.batch_size}{auto}"] + cells
+
+    return "\n".join([head, rule, *("| " + " | ".join(row(r)) + " |" for r in records)])
+
+
+def jsonl(records: list[RunRecord]) -> str:
+    """One JSON object a line (the history file's format)."""
+    return "".join(r.to_json() + "\n" for r in records)
+
+
+def csv_text(records: list[RunRecord]) -> str:
+    """Every key of every record a column (in first-seen order); None is empty, lists are JSON."""
+    rows = [r.to_dict() for r in records]
+    keys = list(dict.fromkeys(k for d in rows for k in d))
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(keys)
+    for d in rows:
+        w.writerow(["" if d.get(k) is None else json.dumps(d[k]) if isinstance(d[k], (list, dict)) else d[k]
+                    for k in keys])
+    return out.getvalue()
 
 
 def summary(r: RunRecord) -> str:
@@ -105,3 +171,33 @@ def summary(r: RunRecord) -> str:
     ] + ([f"- Limits of this machine at {r.threads} threads: {r.roofline_read_gbps:.1f} GB/s read, "
           f"{r.roofline_bf16_tflops:.3f} TFLOP/s bf16 matmul (python -m cpugen roofline)"]
          if r.roofline_read_gbps else []))
+
+
+def environment_line(r: RunRecord) -> str:
+    """Where a record was measured, in one line."""
+    env = r.to_dict()
+    flags = ", ".join(f"{k} {'yes' if env.get(k) else 'no'}" for k in ("avx512_bf16", "amx_bf16"))
+    mem = f"{env['memory_bytes'] / GiB:.0f} GiB" if env.get("memory_bytes") else "? GiB"
+    return (f"CPU: {r.cpu} ({flags}), {env.get('cores', '?')} cores, {r.threads} threads, {mem} memory; "
+            f"torch {r.torch_version}, IPEX {env.get('ipex_version') or 'none'}, backend {r.backend}; "
+            f"commit {env.get('commit') or 'unknown'}; {r.date or ''}")
+
+
+def sweep_markdown(records: list[RunRecord]) -> str:
+    """A sweep as the reference page shows it: per setting, the setting above its table."""
+    out = []
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.sweep, r.setting, r.prompt_len, r.gen_len), []).append(r)
+    for (sweep, setting, P, G), rows in groups.items():
+        r = rows[0]
+        title = " / ".join(x for x in (sweep, setting) if x) or f"{P}+{G}"
+        out += [f"### {title}", "",
+                f"- Model: {r.model}, {r.n_layer} layers, {count(r.n_params)} parameters in {r.dtype} "
+                f"({r.weight_bytes / GiB:.2f} GiB of weights), backend {r.backend}",
+                f"- Input sequence length: {P}; generate sequence length: {G}",
+                f"- FLOPs for a token: {r.token_flop_per_seq / 1e12:.4g} TFLOPs; "
+                f"for a sequence's prompt: {r.prompt_flop_per_seq / 1e12:.4g} TFLOPs",
+                f"- Figures are medians over {max(x.repeats for x in rows)} repeats; " + environment_line(r),
+                "", markdown(rows, SWEEP_COLUMNS), ""]
+    return "\n".join(out)

@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -116,74 +117,137 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+@dataclass
+class Loaded:
+    """A model ready to measure: loaded once, then run at any number of batch sizes and settings."""
+    cfg: ModelConfig
+    model: torch.nn.Module
+    forward: object  # what the backend gives to call
+    backend: str  # resolved: eager | ipex
+    dtype: torch.dtype
+    threads: int
+
+    @property
+    def itemsize(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+
+@dataclass
+class Timing:
+    """One repeat of the measured work: the prompt pass, then every decode step on its own."""
+    prompt_time_s: float
+    steps: list[float]
+
+
+def load(spec: RunSpec, backend: str, threads: int) -> Loaded:
+    """Weights (random or a checkpoint) in the run's dtype, prepared for the backend."""
+    dtype = DTYPES[spec.dtype]
+    model = load_model(spec.cfg, spec.checkpoint, dtype, spec.seed,
+                       progress("weights" if spec.checkpoint is None else "loading", spec.quiet))
+    return Loaded(spec.cfg, model, backends.apply(model, backend, dtype), backend, dtype, threads)
+
+
+def measure(spec: RunSpec, m: Loaded, p, repeats: int = 1, warmup: int = 1) -> list[Timing]:
+    """`warmup` short warm-up passes, then `repeats` timed prompt passes and decode runs of batch
+    p.batch_size at the spec's setting, all over one KV cache allocated once (and freed at the end)."""
+    cfg, B, P, G = m.cfg, p.batch_size, spec.prompt_len, spec.gen_len
+    engine = Engine(m.model, B, P + G, m.dtype, m.forward, p.prefill_chunk, p.prefill_micro_batch)
+    gen = torch.Generator().manual_seed(spec.seed)
+    prompts = Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen), torch.ones(B, P, dtype=torch.bool))
+    n_steps = G - 1 if spec.decode_steps is None else min(spec.decode_steps, G - 1)
+    timings = []
+    try:
+        with compute_context(m.dtype):
+            for _ in range(warmup):  # first calls pay for allocator growth, kernel selection and prepacking
+                w = min(P, 16)
+                logits = engine.prefill(Prompts(prompts.tokens[:, :w], prompts.valid[:, :w]))
+                for _ in range(min(2, G - 1)):
+                    logits = engine.decode_one_token(logits.argmax(-1))
+                engine.reset()
+            bar = progress("prefill+decode", spec.quiet)
+            for r in range(repeats):
+                if r:
+                    engine.reset()
+                t0 = time.perf_counter()
+                logits = engine.prefill(prompts)
+                tok = logits.argmax(-1)
+                prompt_time = time.perf_counter() - t0
+                steps = []
+                for i in range(n_steps):
+                    t0 = time.perf_counter()
+                    logits = engine.decode_one_token(tok)
+                    tok = logits.argmax(-1)
+                    steps.append(time.perf_counter() - t0)
+                    if bar:
+                        bar.update(r * n_steps + i + 1, repeats * n_steps, "decode steps")
+                if not torch.isfinite(logits.float()).all():
+                    raise CpugenError("the model produced non-finite logits: the weights or the dtype are unusable")
+                timings.append(Timing(prompt_time, steps))
+    finally:
+        m.model.free_caches()
+    return timings
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(spec: RunSpec, m: Loaded, p, timings: list[Timing]) -> RunRecord:
+    """The record of one batch size: with several repeats, each figure is the median over repeats
+    (min and max beside it); decode step statistics pool every step of every repeat."""
+    cfg, B, P, G = m.cfg, p.batch_size, spec.prompt_len, spec.gen_len
+    prompt_times = [t.prompt_time_s for t in timings]
+    step_means = [statistics.fmean(t.steps) for t in timings if t.steps]
+    all_steps = [s for t in timings for s in t.steps]
+    prompt_time = statistics.median(prompt_times)
+    step = statistics.median(step_means) if step_means else float("nan")
+    nan = float("nan")
+    p_flop = flops.prompt_flops(cfg, P)
+    t_flop = flops.mean_token_flops(cfg, P, G)
+    throughput = B / step if step_means else nan
+    env = environment(m.threads)
+    roof = (_roofline(cfg, B, P, G, m.itemsize, m.threads, step, B * p_flop / prompt_time)
+            if spec.roofline and step_means else {})
+    return RunRecord(
+        model=cfg.name, backend=m.backend, dtype=spec.dtype, batch_size=B, prompt_len=P, gen_len=G,
+        n_layer=cfg.n_layer, n_params=flops.n_params(cfg), weight_bytes=weight_bytes(m.model),
+        kv_cache_bytes=p.kv_cache_bytes, prompt_time_s=prompt_time, prompt_flops=B * p_flop / prompt_time,
+        prompt_flop_per_seq=p_flop, decode_time_per_token_s=step,
+        decode_time_median_s=statistics.median(all_steps) if all_steps else nan,
+        decode_time_min_s=min(all_steps, default=nan), decode_time_max_s=max(all_steps, default=nan),
+        decode_steps=len(timings[0].steps), token_throughput=throughput, token_flops=throughput * t_flop,
+        token_flop_per_seq=t_flop,
+        decode_weight_gbps=flops.streamed_params(cfg) * m.itemsize / step / 1e9 if step_means else nan,
+        peak_rss_bytes=peak_rss_bytes(), threads=m.threads, torch_version=torch.__version__, cpu=env["cpu"],
+        seed=spec.seed, date=_now(), repeats=len(timings),
+        prompt_flops_min=B * p_flop / max(prompt_times), prompt_flops_max=B * p_flop / min(prompt_times),
+        token_throughput_min=B / max(step_means) if step_means else nan,
+        token_throughput_max=B / min(step_means) if step_means else nan,
+        env=env, **roof,
+        extra={"predicted_peak_bytes": p.predicted_peak_bytes, "budget_bytes": p.budget_bytes,
+               "activation_bytes": p.activation_bytes, "overhead_bytes": p.overhead_bytes,
+               "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch,
+               "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means},
+    )
+
+
 def run(spec: RunSpec) -> RunRecord:
     spec.validate()
     cfg = spec.cfg
-    dtype = DTYPES[spec.dtype]
     backend = backends.resolve(spec.backend)
     threads = set_threads(spec.threads)
     P, G = spec.prompt_len, spec.gen_len
-    itemsize = torch.finfo(dtype).bits // 8
+    itemsize = torch.finfo(DTYPES[spec.dtype]).bits // 8
     log = (lambda *a: None) if spec.quiet else (lambda *a: print("cpugen:", *a, file=sys.stderr))
     p = plan_batch(spec, itemsize, backend)
-    B = p.batch_size
-    need_kv = p.kv_cache_bytes
-    log(f"{cfg.name}: {cfg.n_layer} layers, {count(flops.n_params(cfg))} parameters; batch {B} needs "
-        f"{p.weight_bytes / GiB:.2f} GiB of weights + {need_kv / GiB:.2f} GiB of KV cache ({P + G} tokens a "
-        f"sequence) + {p.activation_bytes / GiB:.2f} GiB of activations: predicted peak "
-        f"{p.predicted_peak_bytes / GiB:.2f} GiB of a {p.budget_bytes / GiB:.2f} GiB budget; backend {backend}, "
-        f"{threads} threads")
+    log(f"{cfg.name}: {cfg.n_layer} layers, {count(flops.n_params(cfg))} parameters; " + needs(p, backend, threads))
+    m = load(spec, backend, threads)
+    return make_record(spec, m, p, measure(spec, m, p, repeats=1, warmup=int(spec.warmup)))
 
-    model = load_model(cfg, spec.checkpoint, dtype, spec.seed,
-                       progress("weights" if spec.checkpoint is None else "loading", spec.quiet))
-    forward = backends.apply(model, backend, dtype)
-    engine = Engine(model, B, P + G, dtype, forward, p.prefill_chunk, p.prefill_micro_batch)
-    gen = torch.Generator().manual_seed(spec.seed)
-    prompts = Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen), torch.ones(B, P, dtype=torch.bool))
 
-    with compute_context(dtype):
-        if spec.warmup:  # first calls pay for allocator growth, kernel selection and prepacking
-            w = min(P, 16)
-            logits = engine.prefill(Prompts(prompts.tokens[:, :w], prompts.valid[:, :w]))
-            for _ in range(min(2, G - 1)):
-                logits = engine.decode_one_token(logits.argmax(-1))
-            engine.reset()
-        bar = progress("prefill+decode", spec.quiet)
-        t0 = time.perf_counter()
-        logits = engine.prefill(prompts)
-        tok = logits.argmax(-1)
-        prompt_time = time.perf_counter() - t0
-        steps = []
-        n_steps = G - 1 if spec.decode_steps is None else min(spec.decode_steps, G - 1)
-        for i in range(n_steps):
-            t0 = time.perf_counter()
-            tok = engine.decode_one_token(tok).argmax(-1)
-            steps.append(time.perf_counter() - t0)
-            if bar:
-                bar.update(i + 1, n_steps, "decode steps")
-    if not torch.isfinite(logits.float()).all():
-        raise CpugenError("the model produced non-finite logits: the weights or the dtype are unusable")
-    model.free_caches()
-
-    step = statistics.fmean(steps) if steps else float("nan")
-    p_flop = flops.prompt_flops(cfg, P)
-    t_flop = flops.mean_token_flops(cfg, P, G)
-    throughput = B / step if steps else float("nan")
-    env = environment(threads)
-    roof = _roofline(cfg, B, P, G, itemsize, threads, step, B * p_flop / prompt_time) if spec.roofline and steps else {}
-    return RunRecord(
-        model=cfg.name, backend=backend, dtype=spec.dtype, batch_size=B, prompt_len=P, gen_len=G,
-        n_layer=cfg.n_layer, n_params=flops.n_params(cfg), weight_bytes=weight_bytes(model),
-        kv_cache_bytes=need_kv, prompt_time_s=prompt_time, prompt_flops=B * p_flop / prompt_time,
-        prompt_flop_per_seq=p_flop, decode_time_per_token_s=step,
-        decode_time_median_s=statistics.median(steps) if steps else float("nan"),
-        decode_time_min_s=min(steps, default=float("nan")), decode_time_max_s=max(steps, default=float("nan")),
-        decode_steps=len(steps), token_throughput=throughput, token_flops=throughput * t_flop,
-        token_flop_per_seq=t_flop,
-        decode_weight_gbps=flops.streamed_params(cfg) * itemsize / step / 1e9 if steps else float("nan"),
-        peak_rss_bytes=peak_rss_bytes(), threads=threads, torch_version=torch.__version__, cpu=env["cpu"],
-        seed=spec.seed, env=env, **roof,
-        extra={"predicted_peak_bytes": p.predicted_peak_bytes, "budget_bytes": p.budget_bytes,
-               "activation_bytes": p.activation_bytes, "overhead_bytes": p.overhead_bytes,
-               "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch},
-    )
+def needs(p, backend: str, threads: int) -> str:
+    """What a batch needs, said before anything large is allocated."""
+    return (f"batch {p.batch_size} needs {p.weight_bytes / GiB:.2f} GiB of weights + {p.kv_cache_bytes / GiB:.2f} "
+            f"GiB of KV cache ({p.prompt_len + p.gen_len} tokens a sequence) + {p.activation_bytes / GiB:.2f} GiB "
+            f"of activations: predicted peak {p.predicted_peak_bytes / GiB:.2f} GiB of a {p.budget_bytes / GiB:.2f} "
+            f"GiB budget; backend {backend}, {threads} threads")

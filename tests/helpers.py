@@ -24,3 +24,23 @@ def assert_one_line_error(p, *fragments):
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     return lines[0]
+
+
+def fake_roofline(cache_dir: Path) -> dict:
+    """A roofline cache (cpugen/roofline.py) for this machine at every thread count, so runs compare
+    with fixed limits instead of measuring them (a 1 GiB read and a large matmul). Returns the env
+    that points a child process at it; in-process, monkeypatch cpugen.roofline.CACHE."""
+    import json
+
+    import torch
+
+    from cpugen import roofline
+    from cpugen.env import cpu_info, usable_cores
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data = {roofline._key(t): dict(read_gbps=20.0, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
+                                   torch_version=torch.__version__, read_spread=[19.0, 21.0],
+                                   tflops_spread=[0.19, 0.21], measured_at=0.0)
+            for t in range(1, usable_cores() + 1)}
+    (cache_dir / "roofline.json").write_text(json.dumps(data))
+    return {"CPUGEN_CACHE": str(cache_dir)}

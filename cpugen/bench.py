@@ -1,0 +1,272 @@
+"""Batch sweeps: one model, loaded once, timed at every batch size of every prompt/generation setting.
+
+A sweep is data (configs/bench/*.json, or built from `cpugen bench`'s options):
+
+    {"name": "small-host", "model": "gptj-1b", "layers": null, "backend": "auto", "repeat": 3, "warmup": 1,
+     "settings": [{"name": "setting1", "prompt_len": 1024, "gen_len": 100, "batch_sizes": [1, 4, "auto"]}]}
+
+Every row is planned before the model is loaded (`auto` is the planner's largest batch); a batch the
+planner says cannot fit becomes a row "does not fit (needs X GiB, budget Y GiB)" and is not run.
+Each batch that runs gets `warmup` warm-up passes, then `repeat` timed prefill+decode runs over one
+KV cache; its record holds the median over repeats, with min and max. Peak RSS starts afresh before
+each batch (where the kernel allows), so each row's peak is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from cpugen import backends, flops, planner
+from cpugen.config import _preset_dir, resolve
+from cpugen.env import environment
+from cpugen.errors import CpugenError
+from cpugen.memory import reset_peak_rss, rss_file_bytes
+from cpugen.record import RunRecord, count
+from cpugen.runner import DTYPES, RunSpec, _now, load, make_record, measure, needs, set_threads
+
+
+@dataclass
+class Setting:
+    name: str
+    prompt_len: int
+    gen_len: int
+    batch_sizes: list  # positive ints and "auto"
+
+
+@dataclass
+class Sweep:
+    name: str
+    model: str
+    settings: list[Setting]
+    description: str = ""
+    layers: int | None = None
+    backend: str = "auto"
+    dtype: str = "bfloat16"
+    threads: int | None = None
+    seed: int = 0
+    repeat: int = 1
+    warmup: int = 1
+    memory_budget: str | None = None
+    host_memory: str | None = None
+    max_batch_size: int | None = None  # caps "auto"
+    source: str = field(default="", compare=False)  # where it was read from, for messages
+
+
+# --- sweep definitions ----------------------------------------------------------------------------------
+def sweep_dir():
+    return _preset_dir() / "bench"
+
+
+def sweep_names() -> list[str]:
+    try:
+        return sorted(p.name[:-5] for p in sweep_dir().iterdir() if p.name.endswith(".json"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def load_sweep(spec: str) -> Sweep:
+    """A sweep by path (a JSON file) or by name (configs/bench/<name>.json)."""
+    p = Path(spec)
+    if p.suffix == ".json" or "/" in spec or p.exists():
+        if not p.is_file():
+            raise CpugenError(f"sweep {spec}: no such file")
+        text, source = _read(p), str(p)
+    else:
+        f = sweep_dir() / f"{spec}.json"
+        if not f.is_file():
+            raise CpugenError(f"unknown sweep {spec!r}: use a JSON path or one of {', '.join(sweep_names())}")
+        text, source = f.read_text(), f"sweep {spec}"
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CpugenError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    return from_dict(d, source)
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text()
+    except OSError as e:
+        raise CpugenError(f"cannot read sweep {p}: {e.strerror}") from None
+
+
+_OPTIONAL = {"description": str, "layers": int, "backend": str, "dtype": str, "threads": int, "seed": int,
+             "repeat": int, "warmup": int, "memory_budget": str, "host_memory": str, "max_batch_size": int}
+
+
+def from_dict(d, source: str = "sweep") -> Sweep:
+    def bad(what: str):
+        raise CpugenError(f"{source}: {what}")
+
+    if not isinstance(d, dict):
+        bad("must be a JSON object")
+    known = {f.name for f in fields(Sweep)} - {"source"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        bad(f"unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for k in ("name", "model", "settings"):
+        if k not in d:
+            bad(f"missing {k!r}")
+    if not isinstance(d["name"], str) or not isinstance(d["model"], str):
+        bad("name and model must be strings")
+    for k, t in _OPTIONAL.items():
+        v = d.get(k)
+        if v is not None and (not isinstance(v, t) or isinstance(v, bool)):
+            bad(f"{k} must be a{'n integer' if t is int else ' string'}, not {v!r}")
+    for k in ("layers", "threads", "repeat", "max_batch_size"):
+        if d.get(k) is not None and d[k] < 1:
+            bad(f"{k} must be at least 1, not {d[k]}")
+    if d.get("warmup") is not None and d["warmup"] < 0:
+        bad(f"warmup must be 0 or more, not {d['warmup']}")
+    if d.get("dtype") is not None and d["dtype"] not in DTYPES:
+        bad(f"dtype must be one of {', '.join(DTYPES)}, not {d['dtype']!r}")
+    if not isinstance(d["settings"], list) or not d["settings"]:
+        bad("settings must be a non-empty list")
+    settings = []
+    for i, s in enumerate(d["settings"]):
+        where = f"settings[{i}]"
+        if not isinstance(s, dict):
+            bad(f"{where} must be an object")
+        extra = sorted(set(s) - {"name", "prompt_len", "gen_len", "batch_sizes"})
+        if extra:
+            bad(f"{where}: unknown keys {', '.join(extra)}")
+        for k in ("prompt_len", "gen_len"):
+            if not isinstance(s.get(k), int) or isinstance(s.get(k), bool) or s[k] < 1:
+                bad(f"{where}.{k} must be a positive integer, not {s.get(k)!r}")
+        bs = s.get("batch_sizes")
+        if not isinstance(bs, list) or not bs or not all(
+                b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1) for b in bs):
+            bad(f"{where}.batch_sizes must be a non-empty list of positive integers or \"auto\", not {bs!r}")
+        settings.append(Setting(s.get("name") or f"{s['prompt_len']}+{s['gen_len']}", s["prompt_len"],
+                                s["gen_len"], list(bs)))
+    return Sweep(**{k: v for k, v in d.items() if k != "settings" and v is not None}, settings=settings,
+                 source=source)
+
+
+def parse_batch_sizes(s: str) -> list:
+    out = []
+    for x in s.split(","):
+        x = x.strip()
+        if not x:
+            continue
+        if x == "auto":
+            out.append(x)
+            continue
+        try:
+            n = int(x)
+        except ValueError:
+            raise CpugenError(f"--batch-sizes: expected numbers or auto separated by commas, got {x!r}") from None
+        if n < 1:
+            raise CpugenError(f"--batch-sizes: a batch size must be at least 1, not {n}")
+        out.append(n)
+    if not out:
+        raise CpugenError("--batch-sizes is empty: give e.g. 1,4,8,16,auto")
+    return out
+
+
+def settings_from(prompt_lens: list[int], gen_lens: list[int], batch_sizes: list) -> list[Setting]:
+    """--prompt-len 1024,512 --gen-len 100,50: one setting per pair (a single value pairs with every other)."""
+    n = max(len(prompt_lens), len(gen_lens))
+    if len(prompt_lens) not in (1, n) or len(gen_lens) not in (1, n):
+        raise CpugenError(f"--prompt-len has {len(prompt_lens)} values and --gen-len {len(gen_lens)}: give as many "
+                          "of each (one setting per pair), or one of either")
+    ps = prompt_lens * n if len(prompt_lens) == 1 else prompt_lens
+    gs = gen_lens * n if len(gen_lens) == 1 else gen_lens
+    return [Setting(f"{p}+{g}", p, g, list(batch_sizes)) for p, g in zip(ps, gs)]
+
+
+# --- running a sweep ------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    setting: Setting
+    request: int | str  # the batch size as asked for, or "auto"
+    plan: planner.Plan
+    status: str = "ok"
+
+
+def does_not_fit(p: planner.Plan) -> str:
+    return f"does not fit (needs {planner.fmt(planner.needed(p))}, budget {planner.fmt(p.budget_bytes)})"
+
+
+def plan_rows(sweep: Sweep, cfg, itemsize: int, backend: str) -> list[Row]:
+    """Every row planned before anything large is allocated, against one measurement of the runtime."""
+    overhead, file_backed = planner.runtime_overhead(), rss_file_bytes()
+    rows = []
+    for s in sweep.settings:
+        for b in s.batch_sizes:
+            auto = b == "auto"
+            p = planner.plan(cfg, s.prompt_len, s.gen_len, itemsize, backend, sweep.memory_budget,
+                             sweep.host_memory, sweep.max_batch_size if auto else None, None if auto else b,
+                             overhead=overhead, file_backed=file_backed)
+            if auto and p.batch_size == 0:  # not even batch 1: show what batch 1 needs
+                p = planner.plan(cfg, s.prompt_len, s.gen_len, itemsize, backend, sweep.memory_budget,
+                                 sweep.host_memory, batch_size=1, overhead=overhead, file_backed=file_backed)
+            rows.append(Row(s, b, p, "ok" if planner.needed(p) <= p.budget_bytes else does_not_fit(p)))
+    return rows
+
+
+def _not_run(sweep: Sweep, row: Row, cfg, backend: str, threads: int) -> RunRecord:
+    s, p = row.setting, row.plan
+    env = environment(threads)
+    measured = dict.fromkeys(("prompt_time_s", "prompt_flops", "decode_time_per_token_s", "decode_time_median_s",
+                              "decode_time_min_s", "decode_time_max_s", "token_throughput", "token_flops",
+                              "decode_weight_gbps", "peak_rss_bytes"))
+    return RunRecord(
+        model=cfg.name, backend=backend, dtype=sweep.dtype, batch_size=p.batch_size, prompt_len=s.prompt_len,
+        gen_len=s.gen_len, n_layer=cfg.n_layer, n_params=flops.n_params(cfg), weight_bytes=p.weight_bytes,
+        kv_cache_bytes=p.kv_cache_bytes, prompt_flop_per_seq=flops.prompt_flops(cfg, s.prompt_len),
+        token_flop_per_seq=flops.mean_token_flops(cfg, s.prompt_len, s.gen_len), decode_steps=0, threads=threads,
+        torch_version=torch.__version__, cpu=env["cpu"], seed=sweep.seed, status=row.status, sweep=sweep.name,
+        setting=s.name, date=_now(), repeats=0, env=env, **measured,
+        extra=_extra(row))
+
+
+def _extra(row: Row) -> dict:
+    p = row.plan
+    return {"batch_request": row.request, "predicted_peak_bytes": p.predicted_peak_bytes,
+            "needed_bytes": planner.needed(p), "budget_bytes": p.budget_bytes, "budget_source": p.budget_source}
+
+
+def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None) -> list[RunRecord]:
+    """Runs every row of the sweep; `on_record(record)` as each finishes (the nightly job appends it
+    to the history at once, so a crash later loses nothing measured before)."""
+    cfg, ckpt = resolve(sweep.model)
+    if sweep.layers is not None:
+        cfg = cfg.with_layers(sweep.layers)
+    for s in sweep.settings:
+        RunSpec(cfg, ckpt, 1, s.prompt_len, s.gen_len).validate()
+    backend = backends.resolve(sweep.backend)
+    threads = set_threads(sweep.threads)
+    itemsize = DTYPES[sweep.dtype].itemsize
+    log = (lambda *a: None) if quiet else (lambda *a: print("cpugen:", *a, file=sys.stderr))
+    rows = plan_rows(sweep, cfg, itemsize, backend)
+    runnable = [r for r in rows if r.status == "ok"]
+    log(f"sweep {sweep.name}: {cfg.name}, {cfg.n_layer} layers, {count(flops.n_params(cfg))} parameters, "
+        f"{len(rows)} rows ({len(rows) - len(runnable)} do not fit), {sweep.repeat} repeats each, backend "
+        f"{backend}, {threads} threads")
+    loaded = load(RunSpec(cfg, ckpt, 1, 1, 1, backend, sweep.dtype, sweep.seed, threads, quiet), backend,
+                  threads) if runnable else None
+    records = []
+    for i, row in enumerate(rows):
+        s, p = row.setting, row.plan
+        where = f"[{i + 1}/{len(rows)}] {s.name}"
+        if row.status != "ok":
+            log(f"{where}: batch {row.request}: {row.status}")
+            rec = _not_run(sweep, row, cfg, backend, threads)
+        else:
+            log(f"{where}: " + needs(p, backend, threads))
+            spec = RunSpec(cfg, ckpt, p.batch_size, s.prompt_len, s.gen_len, backend, sweep.dtype, sweep.seed,
+                           threads, quiet=quiet)
+            reset = reset_peak_rss()
+            rec = make_record(spec, loaded, p, measure(spec, loaded, p, sweep.repeat, sweep.warmup))
+            rec.sweep, rec.setting = sweep.name, s.name
+            rec.extra.update(_extra(row), peak_rss_since="batch start" if reset else "process start")
+        records.append(rec)
+        if on_record:
+            on_record(rec)
+    return records
