@@ -1,0 +1,219 @@
+"""scripts/nightly end to end on the tiny model, its exit codes, its report and its charts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, fake_roofline
+from test_cli import RUN_KEYS
+
+NIGHTLY = ROOT / "scripts" / "nightly"
+ENV_KEYS = {"commit", "date", "cpu", "avx512_bf16", "amx_bf16", "cores", "threads", "memory_bytes", "torch_version",
+            "ipex_version", "backend", "model", "n_params", "status", "sweep", "setting"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def nightly(*args, env=None, timeout=180):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([str(NIGHTLY), *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=e,
+                          timeout=timeout)
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The shipped smoke sweep, twice, into one history: the second run compares with the first."""
+    d = tmp_path_factory.mktemp("nightly")
+    env = fake_roofline(d / "cache")
+    hist = d / "hist" / "history.jsonl"
+    first = nightly("--sweep", "smoke", "--history", hist, "--report-dir", d / "r1", env=env)
+    after_first = lines(hist)
+    # noisy tiny timings may or may not pass 10%; a threshold of 99.9% makes the verdict certain
+    second = nightly("--sweep", ROOT / "configs" / "bench" / "smoke.json", "--history", hist, "--report-dir", d / "r2",
+                     "--threshold", "0.999", "--window", "3", env=env)
+    return d, env, first, after_first, second, lines(hist)
+
+
+def test_smoke_run_writes_history_report_and_charts(smoke):
+    d, _, first, records, _, _ = smoke
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.startswith("no regression beyond 10%")
+    assert "0 figures compared with history" in first.stdout
+    smoke_rows = sum(len(s["batch_sizes"]) for s in json.loads((ROOT / "configs/bench/smoke.json").read_text())["settings"])
+    assert len(records) == smoke_rows
+    for r in records:
+        assert (RUN_KEYS | ENV_KEYS) <= r.keys(), (RUN_KEYS | ENV_KEYS) - r.keys()
+        assert r["status"] == "ok" and r["sweep"] == "smoke" and r["model"] == "tiny-gptj"
+    report = (d / "r1" / "report.md").read_text()
+    assert "**no regression beyond 10%**" in report and "### smoke / setting1-tiny" in report
+    assert "new configuration" not in report or "no history" in report
+    for name in ("throughput-vs-batch-smoke.png", "history-token_throughput.png", "history-prompt_flops.png",
+                 "history-peak_rss_bytes.png"):
+        assert (d / "r1" / name).read_bytes().startswith(PNG) and f"]({name})" in report
+
+
+def test_second_run_compares_with_the_first(smoke):
+    d, _, _, first_records, second, records = smoke
+    assert second.returncode in (0, 1), second.stdout + second.stderr  # 1 only if a tiny timing fell by 99.9%
+    n = len(first_records)
+    assert len(records) == 2 * n and records[:n] == first_records  # appended, earlier lines untouched
+    assert f"{3 * n} figures compared with history, 0 without history" in second.stdout
+    report = (d / "r2" / "report.md").read_text()
+    assert "of the last 1 runs" in report and f"({n} earlier records)" in report
+    series = json.loads((d / "r2" / "history-token_throughput.series.json").read_text())
+    assert len(series) == n and all(len(points) == 2 for points in series.values())  # two nights per config
+
+
+def _tiny_sweep(d):
+    sweep = d / "tiny.json"
+    sweep.write_text(json.dumps({"name": "tiny", "model": "tiny-gptj", "backend": "eager", "settings": [
+        {"prompt_len": 8, "gen_len": 3, "batch_sizes": [2]}]}))
+    return sweep
+
+
+def _history_like(d, env, **figures):
+    """A history of three nights for the tiny sweep's one configuration, with the given figures."""
+    probe = d / "probe.jsonl"
+    p = nightly("--sweep", _tiny_sweep(d), "--history", probe, "--report-dir", d / "probe", env=env)
+    assert p.returncode == 0, p.stderr
+    (r,) = lines(probe)
+    hist = d / "history.jsonl"
+    hist.write_text("".join(json.dumps({**r, **figures, "date": f"2026-01-0{i + 1}T00:00:00+00:00"}) + "\n"
+                            for i in range(3)))
+    return hist
+
+
+def test_an_injected_regression_fails_with_a_readable_report(smoke):
+    d, env, *_ = smoke
+    d = d / "regress"
+    d.mkdir()
+    # three earlier nights far faster: tonight's throughput and prompt FLOPS "dropped" by ~100%
+    # (and far hungrier, so that tiny-model noise in peak RSS cannot add a third regression)
+    hist = _history_like(d, env, token_throughput=1e9, prompt_flops=1e20, peak_rss_bytes=10**15)
+    p = nightly("--sweep", _tiny_sweep(d), "--history", hist, "--report-dir", d / "r", env=env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    out = p.stdout.splitlines()
+    assert out[0] == "REGRESSION: 2 figure(s) beyond 10%"
+    assert any(x.startswith("REGRESSION") and "token_throughput" in x and "last 3 runs" in x for x in out)
+    assert any(x.startswith("REGRESSION") and "prompt_flops" in x for x in out)
+    assert "**REGRESSION: 2 figure(s) beyond 10%**" in (d / "r" / "report.md").read_text()
+    assert len(lines(hist)) == 4  # tonight's record is kept all the same
+
+
+def test_a_better_night_passes(smoke):
+    d, env, *_ = smoke
+    d = d / "better"
+    d.mkdir()
+    hist = _history_like(d, env, token_throughput=1e-3, prompt_flops=1.0, peak_rss_bytes=10**15)
+    p = nightly("--sweep", _tiny_sweep(d), "--history", hist, "--report-dir", d / "r", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "3 figures compared with history, 0 without history (new configurations), 0 regressed" in p.stdout
+
+
+def test_usage_errors_exit_2_in_one_line(tmp_path):
+    p = nightly("--history", tmp_path / "h", "--report-dir", tmp_path / "r")
+    assert p.returncode == 2 and p.stderr.startswith("cpugen: error: ") and "--sweep" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stdout == ""
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--sweep", "smoke", "--history", "H", "--report-dir", "R", "--threshold", "1.5"], "--threshold"),
+    (["--sweep", "smoke", "--history", "H", "--report-dir", "R", "--window", "0"], "--window"),
+    (["--sweep", "nope", "--history", "H", "--report-dir", "R"], "unknown sweep 'nope'"),
+    (["--sweep", "smoke", "--report-dir", "R"], "--history"),
+    (["--sweep", "smoke", "--history", "H", "--report-dir", "R", "--threshold", "x"], "invalid float"),
+])
+def test_bad_arguments(args, fragment, tmp_path, capsys):
+    from cpugen import nightly as job
+
+    args = [str(tmp_path / a) if a in ("H", "R") else a for a in args]
+    assert job.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cpugen: error: ") and fragment in err[0]
+    assert not (tmp_path / "H").exists()  # nothing ran, nothing written
+
+
+def test_a_run_error_exits_2_and_still_reports(tmp_path, capsys):
+    from cpugen import nightly as job
+
+    sweep = tmp_path / "bad-model.json"
+    sweep.write_text(json.dumps({"name": "bad", "model": "no-such-model", "settings": [
+        {"prompt_len": 8, "gen_len": 3, "batch_sizes": [1]}]}))
+    assert job.main(["--sweep", str(sweep), "--history", str(tmp_path / "h"), "--report-dir", str(tmp_path / "r")]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("RUN ERROR: unknown model 'no-such-model'") and "unknown model" in err
+    assert "RUN ERROR" in (tmp_path / "r" / "report.md").read_text()
+
+
+# --- charts ----------------------------------------------------------------------------------------------
+def _records():
+    base = dict(cpu="Test CPU", model="gptj-1b", n_layer=1, backend="eager", dtype="bfloat16", threads=2,
+                status="ok", sweep="s", prompt_flops=1e11, peak_rss_bytes=3 * 1024**3)
+    new = [{**base, "setting": "long", "prompt_len": 64, "gen_len": 8, "batch_size": b, "token_throughput": t,
+            "date": "2026-01-03T00:00:00+00:00"} for b, t in ((1, 10.0), (4, 30.0), (8, 45.0))]
+    new += [{**base, "setting": "short", "prompt_len": 16, "gen_len": 4, "batch_size": b, "token_throughput": t,
+             "date": "2026-01-03T00:00:00+00:00"} for b, t in ((1, 12.0), (4, 40.0))]
+    new.append({**base, "setting": "short", "prompt_len": 16, "gen_len": 4, "batch_size": 64, "token_throughput": None,
+                "status": "does not fit (needs 30.00 GiB, budget 20.00 GiB)", "date": "2026-01-03T00:00:00+00:00"})
+    old = [{**r, "date": f"2026-01-0{day}T00:00:00+00:00", "token_throughput": r["token_throughput"] * f}
+           for day, f in ((1, 0.9), (2, 1.1)) for r in new if r["status"] == "ok"]
+    return new, old
+
+
+def test_charts_are_pngs_holding_the_expected_series(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    from cpugen import charts
+
+    new, old = _records()
+    drawn, why = charts.write_all(tmp_path, new, old + new)
+    assert why is None
+    names = sorted(c.path.name for c in drawn)
+    assert names == ["history-peak_rss_bytes.png", "history-prompt_flops.png", "history-token_throughput.png",
+                     "throughput-vs-batch-s.png"]
+    for c in drawn:
+        data = c.path.read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+        assert json.loads(c.path.with_suffix(".series.json").read_text()) == json.loads(json.dumps(c.series))
+    by_name = {c.path.name: c for c in drawn}
+    # throughput against batch: a line per setting, the batches that ran in order (not the OOM row)
+    assert by_name["throughput-vs-batch-s.png"].series == {"long": [(1, 10.0), (4, 30.0), (8, 45.0)],
+                                                           "short": [(1, 12.0), (4, 40.0)]}
+    # over time: a line per configuration of tonight's run, three nights each, oldest first
+    t = by_name["history-token_throughput.png"].series
+    assert len(t) == 5
+    label = next(k for k in t if "long" in k and "batch 4," in k)
+    assert t[label] == [("2026-01-01T00:00:00+00:00", pytest.approx(27.0)),
+                        ("2026-01-02T00:00:00+00:00", pytest.approx(33.0)), ("2026-01-03T00:00:00+00:00", 30.0)]
+    assert all(points[0][1] == 3.0 for points in by_name["history-peak_rss_bytes.png"].series.values())  # GiB
+    # the drawn image holds the first series' colour (matplotlib's C0, #1f77b4) where the line is
+    img = matplotlib.image.imread(str(by_name["throughput-vs-batch-s.png"].path))[..., :3]
+    c0 = ((img[..., 0] - 0x1F / 255) ** 2 + (img[..., 1] - 0x77 / 255) ** 2 + (img[..., 2] - 0xB4 / 255) ** 2) < 1e-3
+    assert c0.sum() > 200
+
+
+def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch):
+    from cpugen import charts
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    new, old = _records()
+    drawn, why = charts.write_all(tmp_path, new, old + new)
+    assert drawn == [] and "matplotlib is not installed" in why
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_script_is_executable_and_documented():
+    assert os.access(NIGHTLY, os.X_OK) and NIGHTLY.read_text().startswith("#!/usr/bin/env python3")
+    p = subprocess.run([sys.executable, str(NIGHTLY), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 0
+    for opt in ("--sweep", "--history", "--report-dir", "--threshold", "--window"):
+        assert opt in p.stdout
+    readme = (ROOT / "README.md").read_text()
+    assert "## Sweeps and the nightly job" in readme and "crontab" in readme
