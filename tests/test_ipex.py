@@ -121,12 +121,12 @@ def write_reference(path: str):
     """Run in a fresh process (see the `reference` fixture): the eager backend, IPEX never imported."""
     ref = {}
     for name in CONFIGS:
-        model = _model(name, torch.bfloat16)
+        model = backends.apply(_model(name, torch.bfloat16), "eager", torch.bfloat16)
         greedy = _greedy(model, torch.bfloat16)
         forced = torch.tensor(greedy).T[:-1]  # (N_NEW - 1, 2)
         steps = _step_logits(model, torch.bfloat16, forced)
         assert torch.equal(steps.argmax(-1).T, torch.tensor(greedy))  # generate() == the Engine loop
-        fp32 = _model(name, torch.float32)
+        fp32 = backends.apply(_model(name, torch.float32), "eager", torch.float32)
         ref[name] = {"prompt": _prompt_logits(model, torch.bfloat16), "steps": steps, "greedy": greedy,
                      "prompt_fp32": _prompt_logits(fp32, torch.float32),
                      "steps_fp32": _step_logits(fp32, torch.float32, forced)}
