@@ -46,11 +46,10 @@ def git_commit() -> str | None:
 
 
 def ipex_version() -> str | None:
-    try:
-        import intel_extension_for_pytorch as ipex  # noqa: F401
-    except Exception:  # noqa: BLE001 - absent or broken: either way not usable
-        return None
-    return ipex.__version__
+    from cpugen.backends import _import_ipex  # quiet: IPEX's import prints on stdout/stderr
+
+    ipex, _ = _import_ipex()  # absent or broken: either way not usable
+    return None if ipex is None else ipex.__version__
 
 
 def environment(threads: int) -> dict:
