@@ -35,7 +35,7 @@ class Linear(nn.Linear):
     kernel when a backend installs one; everything else goes through F.linear (oneDNN)."""
 
     kernel = None  # (x (M, K), weight (N, K), bias) -> (M, N), set per instance by a backend
-    kernel_rows = 16
+    kernel_rows = 4  # measured: the gemv leads F.linear and oneDNN up to 4 rows (kernels/bench_gemv.py)
 
     def forward(self, x):
         k = self.kernel

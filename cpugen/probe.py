@@ -205,6 +205,9 @@ def probe(cfg, model_spec: str, prompt_len: int, gen_len: int, limit_bytes: int,
     plan = planner.plan(cfg, prompt_len, gen_len, itemsize, backend, memory_budget=budget)
     args = dict(model=model_spec, layers=cfg.n_layer, prompt_len=prompt_len, gen_len=gen_len, backend=backend,
                 dtype=dtype, budget=budget, decode_steps=decode_steps, threads=threads)
+    from cpugen import native
+
+    native.extension()  # build (or load) the native kernels here, not in a child under the limit
     limit = make_limit(limit_bytes, prefer)
     tries: list[Try] = []
 

@@ -20,6 +20,7 @@ namespace {
 
 constexpr int64_t kMaxM = 16;
 constexpr int64_t kRows = 4;  // rows of W per inner step
+constexpr int64_t kMB = 4;  // rows of x per pass over them
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -36,30 +37,36 @@ void rows_avx512bf16(const uint16_t* x, const uint16_t* w, float* out, int64_t M
   const __mmask32 tail = K - K32 ? static_cast<__mmask32>((1ull << (K - K32)) - 1) : 0;
   for (int64_t n = n0; n < n1; n += kRows) {
     const int64_t rows = std::min(kRows, n1 - n);
-    __m512 acc[kRows][kMaxM];
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K32; k += 32) {
-      __m512i wv[kRows];
+    // kRows x kMB accumulators stay in registers; for M > kMB the same rows of W are read again
+    // from cache (4 rows x K bf16 fit in L2), not from memory
+    for (int64_t m0 = 0; m0 < M; m0 += kMB) {
+      const int64_t mb = std::min(kMB, M - m0);
+      const uint16_t* xm = x + m0 * K;
+      __m512 acc[kRows][kMB];
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t m = 0; m < kMB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K32; k += 32) {
+        __m512i wv[kRows];
+        for (int64_t r = 0; r < rows; ++r)
+          wv[r] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + (n + r) * K + k));
+        for (int64_t m = 0; m < mb; ++m) {
+          const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(xm + m * K + k));
+          for (int64_t r = 0; r < rows; ++r)
+            acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+        }
+      }
+      if (tail) {
+        __m512i wv[kRows];
+        for (int64_t r = 0; r < rows; ++r) wv[r] = _mm512_maskz_loadu_epi16(tail, w + (n + r) * K + K32);
+        for (int64_t m = 0; m < mb; ++m) {
+          const __m512i xv = _mm512_maskz_loadu_epi16(tail, xm + m * K + K32);
+          for (int64_t r = 0; r < rows; ++r)
+            acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+        }
+      }
       for (int64_t r = 0; r < rows; ++r)
-        wv[r] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + (n + r) * K + k));
-      for (int64_t m = 0; m < M; ++m) {
-        const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k));
-        for (int64_t r = 0; r < rows; ++r)
-          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
-      }
+        for (int64_t m = 0; m < mb; ++m) out[(m0 + m) * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
     }
-    if (tail) {
-      __m512i wv[kRows];
-      for (int64_t r = 0; r < rows; ++r) wv[r] = _mm512_maskz_loadu_epi16(tail, w + (n + r) * K + K32);
-      for (int64_t m = 0; m < M; ++m) {
-        const __m512i xv = _mm512_maskz_loadu_epi16(tail, x + m * K + K32);
-        for (int64_t r = 0; r < rows; ++r)
-          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t m = 0; m < M; ++m) out[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
   }
 }
 
@@ -76,23 +83,27 @@ void rows_avx512(const uint16_t* x, const uint16_t* w, float* out, int64_t M, in
   const int64_t K16 = K / 16 * 16;
   for (int64_t n = n0; n < n1; n += kRows) {
     const int64_t rows = std::min(kRows, n1 - n);
-    __m512 acc[kRows][kMaxM];
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) {
-      __m512 wv[kRows];
-      for (int64_t r = 0; r < rows; ++r) wv[r] = load_bf16x16(w + (n + r) * K + k);
-      for (int64_t m = 0; m < M; ++m) {
-        const __m512 xv = load_bf16x16(x + m * K + k);
-        for (int64_t r = 0; r < rows; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    for (int64_t m0 = 0; m0 < M; m0 += kMB) {
+      const int64_t mb = std::min(kMB, M - m0);
+      const uint16_t* xm = x + m0 * K;
+      __m512 acc[kRows][kMB];
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t m = 0; m < kMB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K16; k += 16) {
+        __m512 wv[kRows];
+        for (int64_t r = 0; r < rows; ++r) wv[r] = load_bf16x16(w + (n + r) * K + k);
+        for (int64_t m = 0; m < mb; ++m) {
+          const __m512 xv = load_bf16x16(xm + m * K + k);
+          for (int64_t r = 0; r < rows; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
       }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t m = 0; m < mb; ++m) {
+          float s = _mm512_reduce_add_ps(acc[r][m]);
+          for (int64_t k = K16; k < K; ++k) s += bf16_to_float(w[(n + r) * K + k]) * bf16_to_float(xm[m * K + k]);
+          out[(m0 + m) * N + n + r] = s;
+        }
     }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t m = 0; m < M; ++m) {
-        float s = _mm512_reduce_add_ps(acc[r][m]);
-        for (int64_t k = K16; k < K; ++k) s += bf16_to_float(w[(n + r) * K + k]) * bf16_to_float(x[m * K + k]);
-        out[m * N + n + r] = s;
-      }
   }
 }
 
