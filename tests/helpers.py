@@ -29,7 +29,9 @@ def assert_one_line_error(p, *fragments):
 def fake_roofline(cache_dir: Path) -> dict:
     """A roofline cache (cpugen/roofline.py) for this machine at every thread count, so runs compare
     with fixed limits instead of measuring them (a 1 GiB read and a large matmul). Returns the env
-    that points a child process at it; in-process, monkeypatch cpugen.roofline.CACHE."""
+    for a child process: CPUGEN_CACHE pointing at it, and CPUGEN_NATIVE=0, since CPUGEN_CACHE also
+    holds the native kernels' build (cpugen/native.py), which a fresh cache would compile afresh in
+    every child. In-process, monkeypatch cpugen.roofline.CACHE."""
     import json
 
     import torch
@@ -43,4 +45,4 @@ def fake_roofline(cache_dir: Path) -> dict:
                                    tflops_spread=[0.19, 0.21], measured_at=0.0)
             for t in range(1, usable_cores() + 1)}
     (cache_dir / "roofline.json").write_text(json.dumps(data))
-    return {"CPUGEN_CACHE": str(cache_dir)}
+    return {"CPUGEN_CACHE": str(cache_dir), "CPUGEN_NATIVE": "0"}

@@ -69,7 +69,8 @@ def test_a_batch_that_cannot_fit_is_a_row_not_a_crash(swept):
 def test_the_model_loads_once_per_sweep(monkeypatch, tmp_path):
     from cpugen import bench, roofline
 
-    fake_roofline(tmp_path)
+    for k, v in fake_roofline(tmp_path).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setattr(roofline, "CACHE", tmp_path / "roofline.json")
     loads = []
     real = bench.load
@@ -215,7 +216,8 @@ class _Tty:
 def test_progress_on_a_terminal_and_silence_with_quiet(quiet, monkeypatch, tmp_path):
     from cpugen import bench, roofline
 
-    fake_roofline(tmp_path)
+    for k, v in fake_roofline(tmp_path).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setattr(roofline, "CACHE", tmp_path / "roofline.json")
     tty = _Tty()
     monkeypatch.setattr("sys.stderr", tty)
