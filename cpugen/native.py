@@ -39,6 +39,7 @@ def extension(name: str = "gemv_bf16"):
 
         build = CACHE / torch.__version__.replace("+", "_") / name
         build.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(build / "lock")
         return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source_dir() / f"{name}.cpp")],
                                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   build_directory=str(build), verbose=False)
@@ -50,6 +51,20 @@ def extension(name: str = "gemv_bf16"):
 
 
 _why: dict[str, str] = {}
+STALE_LOCK_S = 600  # a build takes under a minute; an older lock was left by a process killed mid-build
+
+
+def _clear_stale_lock(lock: Path):
+    """cpp_extension serializes builds with a lock file and waits forever while it exists; one left
+    by a killed build would hang every later process."""
+    import time
+
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            print(f"cpugen: removed a stale build lock {lock}", file=sys.stderr)
+    except FileNotFoundError:
+        pass
 
 
 def why_not(name: str = "gemv_bf16") -> str | None:

@@ -192,6 +192,23 @@ def run_try(args: dict, batch: int, limit: Limit, timeout: float = 1800) -> tupl
     raise RuntimeError(f"batch {batch} failed for a reason other than memory: {last[:300]}")
 
 
+BASELINE = """
+import json
+import cpugen.runner
+from cpugen import planner
+from cpugen.memory import rss_file_bytes
+print(json.dumps([planner.runtime_overhead(), rss_file_bytes()]))
+"""
+
+
+def child_baseline() -> tuple[int, int]:
+    """(runtime overhead, file-backed bytes) as a fresh process measures them: a probe running in a
+    large process (a test session) must not charge its own memory to its children."""
+    out = subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True)
+    overhead, file_backed = json.loads(out.stdout.strip().splitlines()[-1])
+    return overhead, file_backed
+
+
 def probe(cfg, model_spec: str, prompt_len: int, gen_len: int, limit_bytes: int, backend: str = "eager",
           dtype: str = "bfloat16", decode_steps: int = 3, threads: int | None = None, prefer: str = "auto",
           max_batch: int | None = None, on_try=None) -> dict:
@@ -202,7 +219,9 @@ def probe(cfg, model_spec: str, prompt_len: int, gen_len: int, limit_bytes: int,
 
     itemsize = torch.finfo(getattr(torch, dtype)).bits // 8
     budget = f"{limit_bytes}B"
-    plan = planner.plan(cfg, prompt_len, gen_len, itemsize, backend, memory_budget=budget)
+    overhead, file_backed = child_baseline()  # the children's runtime, not this process's
+    plan = planner.plan(cfg, prompt_len, gen_len, itemsize, backend, memory_budget=budget, overhead=overhead,
+                        file_backed=file_backed)
     args = dict(model=model_spec, layers=cfg.n_layer, prompt_len=prompt_len, gen_len=gen_len, backend=backend,
                 dtype=dtype, budget=budget, decode_steps=decode_steps, threads=threads)
     from cpugen import native

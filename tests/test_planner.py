@@ -133,11 +133,11 @@ def test_no_fit_errors_before_allocating_and_says_what_would_fit():
 
 def test_planner_against_the_operating_system():
     """A small model with a long context (the KV cache dominates), each batch a real run in a child
-    process under a 2 GiB hard limit (a cgroup here): the planned batch fits with its measured peak
+    process under a 3 GiB hard limit (a cgroup here): the planned batch fits with its measured peak
     under the budget, predictions are within 10% of measured peaks, and the planner's batch is at
     least 90% of the largest batch that really fits."""
     cfg = from_name("gptj-1b").with_layers(2)
-    limit = 2 * GiB
+    limit = 3 * GiB
     rep = probe(cfg, "gptj-1b", 64, 1984, limit, decode_steps=2)
     fits = [t for t in rep["tries"] if t["fits"]]
     assert rep["planner_batch"] >= 8 and rep["probe_batch"] > 0

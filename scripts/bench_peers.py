@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""cpugen beside its peers on the same random-weight model and workload, measured in one run.
+
+    python scripts/bench_peers.py [--model gptj-1b] [--prompt-len 128] [--gen-len 32]
+                                  [--batch-sizes 1,4,16,32] [--rounds 5] [--engines cpugen,hf,hf-ipex]
+                                  [--ipex-python ~/.cache/cpugen/ipex-venv/bin/python] [--out FILE.md]
+
+Engines, each a long-lived worker process holding its model, all loading one bf16 checkpoint
+written once from the preset with random weights (so every engine computes with the same numbers):
+- cpugen: this repository, backend auto (the eager path with cpugen's native decode kernel);
+- hf: Hugging Face transformers, eager bf16, `generate` greedy with min_new_tokens = max_new_tokens;
+- hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment.
+Rounds are interleaved (A, B, C, A, B, C, ...) so a change of the machine's regime hits every engine
+alike; each figure is the median over rounds with min-max beside it. The machine's limits are read
+before and after; a run whose two readings disagree by more than 15% is flagged.
+
+HF engines are timed inside one `generate` call by a logits processor that notes the time as each
+token's logits arrive: the prompt time is the first arrival, the decode step the mean gap after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORKER = r"""
+import json, os, sys, time
+sys.path.insert(0, os.environ["CPUGEN_ROOT"])
+engine, ckpt, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import torch
+torch.set_num_threads(threads)
+
+def say(**kw):
+    sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
+
+if engine == "cpugen":
+    from cpugen import backends
+    from cpugen.config import resolve
+    from cpugen.generate import Engine, Prompts, compute_context
+    from cpugen.weights import load_model
+    cfg, ck = resolve(ckpt)
+    model = load_model(cfg, ck, torch.bfloat16, 0)
+    backend = backends.resolve("auto")
+    fwd = backends.apply(model, backend, torch.bfloat16)
+    name = f"cpugen ({backend})"
+    def work(B, P, G, tokens):
+        e = Engine(model, B, P + G, torch.bfloat16, fwd)
+        with compute_context(torch.bfloat16):
+            t0 = time.perf_counter(); tok = e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))).argmax(-1)
+            tp = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(G - 1):
+                tok = e.decode_one_token(tok).argmax(-1)
+            td = time.perf_counter() - t0
+        model.free_caches()
+        return tp, td / (G - 1)
+else:
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.bfloat16).eval()
+    name = f"hf eager (transformers {transformers.__version__})"
+    if engine == "hf-ipex":
+        import intel_extension_for_pytorch as ipex
+        model = ipex.llm.optimize(model, dtype=torch.bfloat16, inplace=True, deployment_mode=True)
+        name = f"hf + ipex {ipex.__version__} (transformers {transformers.__version__})"
+    class Clock(transformers.LogitsProcessor):  # called once per generated token, right after its forward
+        def __call__(self, input_ids, scores):
+            self.t.append(time.perf_counter())
+            return scores
+    clock = Clock()
+    def work(B, P, G, tokens):
+        clock.t = []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=engine == "hf-ipex"):
+            t0 = time.perf_counter()
+            out = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=G, min_new_tokens=G,
+                                 do_sample=False, pad_token_id=0,
+                                 logits_processor=transformers.LogitsProcessorList([clock]))
+        assert out.shape[1] == P + G and len(clock.t) == G, (out.shape, len(clock.t))
+        return clock.t[0] - t0, (clock.t[-1] - clock.t[0]) / (G - 1)
+import resource
+say(ready=name, torch=torch.__version__)
+for line in sys.stdin:
+    req = json.loads(line)
+    B, P, G = req["batch"], req["prompt_len"], req["gen_len"]
+    g = torch.Generator().manual_seed(req.get("seed", 0))
+    tokens = torch.randint(req["vocab"], (B, P), generator=g)
+    if req.get("warmup"):
+        work(B, min(P, 16), 3, tokens[:, :min(P, 16)])
+        say(warm=True); continue
+    tp, step = work(B, P, G, tokens)
+    hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+    say(prompt_time_s=tp, step_s=step, peak_rss_bytes=hwm)
+"""
+
+
+class Worker:
+    def __init__(self, engine: str, python: str, ckpt: Path, threads: int):
+        env = {**os.environ, "CPUGEN_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+               "PYTHONWARNINGS": "ignore"}
+        self.engine = engine
+        self.proc = subprocess.Popen([python, "-c", WORKER, engine, str(ckpt), str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        self.name = self._read()["ready"]
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.engine} worker exited (status {self.proc.wait()})")
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def checkpoint_for(preset: str, layers: int | None) -> Path:
+    """The preset with random weights as an HF bf16 checkpoint, written once and cached."""
+    from cpugen.config import from_name
+
+    cfg = from_name(preset).with_layers(layers)
+    d = Path.home() / ".cache" / "cpugen" / "bench" / f"{preset}-L{cfg.n_layer}-random"
+    if (d / "config.json").exists():
+        return d
+    import torch
+    import transformers
+
+    if cfg.family != "gptj":
+        raise SystemExit("bench_peers writes random checkpoints for GPT-J presets only")
+    hf_cfg = transformers.GPTJConfig(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.n_embd,
+                                     n_layer=cfg.n_layer, n_head=cfg.n_head, rotary_dim=cfg.rotary_dim,
+                                     n_inner=cfg.intermediate_size, bos_token_id=cfg.bos_token_id,
+                                     eos_token_id=cfg.eos_token_id, tie_word_embeddings=False)
+    hf_cfg.architectures = ["GPTJForCausalLM"]
+    print(f"writing a random-weight {preset} checkpoint to {d} (once)", file=sys.stderr)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = transformers.GPTJForCausalLM(hf_cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "ln" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, (1.0 if "wte" in name else p.shape[1] ** -0.5) * (0.2 if "out" in name else 1.0))
+    model.save_pretrained(d)
+    return d
+
+
+def limits(threads: int) -> tuple[float, float]:
+    from cpugen import roofline
+
+    r = roofline.measure(threads, repeats=5)
+    return r.read_gbps, r.bf16_tflops
+
+
+def fmt(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    v = [x * scale for x in vals]
+    return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gptj-1b")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--batch-sizes", default="1,4,16,32")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--engines", default="cpugen,hf,hf-ipex")
+    ap.add_argument("--ipex-python", default=str(Path.home() / ".cache/cpugen/ipex-venv/bin/python"))
+    ap.add_argument("--out", help="also write the markdown report here")
+    a = ap.parse_args()
+
+    from cpugen import flops
+    from cpugen.config import from_name
+
+    cfg = from_name(a.model).with_layers(a.layers)
+    ckpt = checkpoint_for(a.model, a.layers)
+    engines = a.engines.split(",")
+    if "hf-ipex" in engines and not Path(a.ipex_python).exists():
+        print(f"hf-ipex skipped: no IPEX environment at {a.ipex_python} (bash scripts/ipex_env.sh)", file=sys.stderr)
+        engines.remove("hf-ipex")
+    bw0, tf0 = limits(a.threads)
+    workers = [Worker(e, a.ipex_python if e == "hf-ipex" else sys.executable, ckpt, a.threads) for e in engines]
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    weight_bytes = flops.streamed_params(cfg) * 2
+    res: dict = {(w.engine, b): [] for w in workers for b in batches}
+    try:
+        for b in batches:
+            for w in workers:
+                w.ask(batch=b, prompt_len=a.prompt_len, gen_len=a.gen_len, vocab=cfg.vocab_size, warmup=True)
+            for r in range(a.rounds):
+                for w in workers:  # interleaved: A, B, C, A, B, C, ...
+                    res[(w.engine, b)].append(w.ask(batch=b, prompt_len=a.prompt_len, gen_len=a.gen_len,
+                                                    vocab=cfg.vocab_size, seed=r))
+                print(f"batch {b}: round {r + 1}/{a.rounds}", file=sys.stderr)
+    finally:
+        for w in workers:
+            w.close()
+    bw1, tf1 = limits(a.threads)
+
+    import platform
+
+    from cpugen.env import cpu_info
+
+    lines = [f"## {a.model} ({cfg.n_layer} layers, {flops.n_params(cfg) / 1e9:.2f}e9 parameters, bf16), "
+             f"prompt {a.prompt_len}, {a.gen_len} new tokens, {a.threads} threads",
+             "",
+             f"Machine: {cpu_info()['cpu']} ({platform.machine()}); limits before: {bw0:.1f} GB/s read, "
+             f"{tf0:.3f} TFLOP/s bf16; after: {bw1:.1f} GB/s, {tf1:.3f} TFLOP/s"
+             + ("  **(readings disagree by more than 15%: distrust this run)**"
+                if abs(bw1 / bw0 - 1) > 0.15 or abs(tf1 / tf0 - 1) > 0.15 else ""),
+             "Engines: " + "; ".join(f"{w.engine} = {w.name}" for w in workers),
+             f"Each cell: median over {a.rounds} interleaved rounds (min-max).",
+             "",
+             "| batch | engine | tokens/s | prompt time (s) | decode step (ms) | weight GB/s | vs read BW | "
+             "decode vs roofline | prefill vs peak | tok/s vs hf | tok/s vs hf-ipex |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    bw, tf = (bw0 + bw1) / 2, (tf0 + tf1) / 2
+    out = {}
+    for b in batches:
+        med = {e: statistics.median([b / x["step_s"] for x in res[(e, b)]]) for e in engines}
+        for e in engines:
+            rows = res[(e, b)]
+            tps = [b / x["step_s"] for x in rows]
+            steps = [x["step_s"] for x in rows]
+            c = a.prompt_len + a.gen_len / 2
+            kv = 2 * cfg.n_layer * b * cfg.kv_dim * c * 2
+            ideal = max((weight_bytes + kv) / (bw * 1e9), b * flops.token_flops(cfg, c) / (tf * 1e12))
+            pf = [b * flops.prompt_flops(cfg, a.prompt_len) / x["prompt_time_s"] / (tf * 1e12) for x in rows]
+            rel = lambda other: f"{med[e] / med[other]:.2f}x" if other in med else "-"  # noqa: E731
+            lines.append(f"| {b} | {e} | {fmt(tps, 1, 1)} | {fmt([x['prompt_time_s'] for x in rows], 1, 2)} | "
+                         f"{fmt(steps, 1e3, 1)} | {weight_bytes / statistics.median(steps) / 1e9:.1f} | "
+                         f"{weight_bytes / statistics.median(steps) / 1e9 / bw:.0%} | "
+                         f"{ideal / statistics.median(steps):.0%} | {statistics.median(pf):.0%} | "
+                         f"{rel('hf')} | {rel('hf-ipex')} |")
+            out[f"{e}/{b}"] = {"tokens_per_s": tps, "step_s": steps, "prompt_time_s": [x["prompt_time_s"] for x in rows],
+                               "peak_rss_bytes": max(x["peak_rss_bytes"] for x in rows)}
+    report = "\n".join(lines)
+    print(report)
+    if a.out:
+        Path(a.out).write_text(report + "\n")
+        Path(a.out).with_suffix(".json").write_text(json.dumps({"limits": [bw0, tf0, bw1, tf1], "results": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Native kernels against their torch references (kernels/reference.py), and the model's use of them."""
+
+import sys
+
+import pytest
+import torch
+
+from cpugen import native
+from cpugen.config import from_name
+from cpugen.env import cpu_info
+from cpugen.generate import Engine, Prompts, compute_context
+from cpugen.weights import random_model
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT))
+from kernels import check_gemv, reference  # noqa: E402
+
+needs_avx512 = pytest.mark.skipif(not cpu_info()["avx512"], reason="the native gemv needs AVX-512; "
+                                  "machines without it run the torch reference (tested below)")
+
+
+@needs_avx512
+def test_gemv_matches_reference_on_awkward_shapes():
+    ext = native.extension()
+    assert ext is not None, native.why_not()
+    assert ext.isa() == ("avx512_bf16" if cpu_info()["avx512_bf16"] else "avx512")
+    results = check_gemv.check(ext, seed=3)  # raises past 2 bf16 ulps of the largest output
+    assert len(results) == 2 * len(check_gemv.SHAPES)
+
+
+@needs_avx512
+def test_gemv_rejects_what_it_cannot_do():
+    ext = native.extension()
+    x = torch.randn(17, 64).bfloat16()
+    w = torch.randn(8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        ext.gemv(x, w, None)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        ext.gemv(x[:2].float(), w.float(), None)
+
+
+@needs_avx512
+def test_model_decode_with_and_without_the_kernel():
+    """The same model decodes to the same logits (within bf16 rounding) through the kernel and
+    through F.linear; prefill's blocks (3 x 16 rows) never reach the kernel, its lm_head (the last
+    position only: 3 rows) does."""
+    cfg = from_name("gptj-1b").with_layers(2)
+    model = random_model(cfg, torch.bfloat16, 0)
+    calls = []
+
+    def run():
+        e = Engine(model, 3, 24, torch.bfloat16)
+        out = []
+        with compute_context(torch.bfloat16):
+            lg = e.prefill(Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
+                                   torch.ones(3, 16, dtype=torch.bool)))
+            out.append(lg)
+            for _ in range(4):
+                lg = e.decode_one_token(lg.argmax(-1))
+                out.append(lg)
+        model.free_caches()
+        return torch.stack(out).float()
+
+    plain = run()
+    assert native.install(model)
+    gemv = model.lm_head.kernel
+
+    def counting(x, w, b):
+        calls.append(x.shape[0])
+        return gemv(x, w, b)
+
+    for m in model.modules():
+        if getattr(m, "kernel", None) is not None:
+            m.kernel = counting
+    fast = run()
+    assert calls and max(calls) <= 4
+    n_linear = 4 * cfg.n_layer + 1
+    assert len(calls) == 4 * n_linear + 1  # every linear of every decode step, and prefill's lm_head
+    rel = (fast - plain).abs().max() / plain.abs().max()
+    assert rel < 2e-2, rel
+
+
+def test_reference_is_fp32_math_rounded_once():
+    x = torch.randn(2, 64).bfloat16()
+    w = torch.randn(5, 64).bfloat16()
+    want = (x.double() @ w.double().T).to(torch.bfloat16)
+    assert torch.equal(reference.gemv(x, w), want)
+
+
+def test_switched_off_kernel_leaves_torch_path(monkeypatch):
+    monkeypatch.setenv("CPUGEN_NATIVE", "0")
+    model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
+    assert native.install(model) is False
+    assert all(getattr(m, "kernel", None) is None for m in model.modules())
