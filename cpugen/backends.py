@@ -142,6 +142,41 @@ def _optimize(ipex, module, dtype):
                          optimize_lstm=False)
 
 
+def gemv_max_batch() -> int:
+    """Decode batches up to this use cpugen's gemv on plain weights; larger ones, oneDNN's packed
+    weights. Measured (kernels/bench_gemv.py): on 2 Zen 4 cores the gemv leads at 1 row and trails
+    oneDNN prepacked from 4; on 16 Xeon (AMX) cores it leads up to 4 rows."""
+    from cpugen.env import cpu_info
+
+    return 4 if cpu_info()["amx_bf16"] else 2
+
+
+def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
+    """Readies the eager backend's matmuls for decode at `batch`: above gemv_max_batch() the
+    weights are packed for oneDNN (in place, layer by layer, one way: the gemv needs the plain
+    layout, so a model once packed stays packed)."""
+    if backend != "eager" or dtype != torch.bfloat16 or batch <= gemv_max_batch():
+        return
+    if os.environ.get("CPUGEN_PACK", "1") == "0":
+        return
+    tied = model.wte.weight
+    for block in [*model.blocks, model]:
+        for m in block.modules():
+            if type(m) is Linear and m.packed is None and m.weight is not tied:
+                m.pack()
+        _release_freed_memory()
+
+
+def decode_matmul(model: Transformer, backend: str) -> str:
+    """What ran decode's matmuls, for the record."""
+    if backend != "eager":
+        return backend
+    block = model.blocks[0].mlp.w_in
+    if getattr(block, "packed", None) is not None:
+        return "onednn-packed"
+    return "cpugen-gemv" if getattr(block, "kernel", None) is not None else "torch"
+
+
 def apply(model: Transformer, backend: str, dtype: torch.dtype) -> Transformer:
     """Prepares `model` in place for `backend` (already resolved); returns the module to call.
 

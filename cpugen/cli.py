@@ -246,6 +246,7 @@ def cmd_generate(args) -> int:
     quiet = args.quiet or args.json == "-"
     model = load_model(cfg, ckpt, dtype, args.seed, progress("loading", quiet))
     forward = backends.apply(model, backend, dtype)
+    backends.for_batch(model, backend, dtype, len(prompts))
     bar = progress("generating", quiet)
     out = generate(model, prompts, args.max_new_tokens, sampling, dtype, cfg.eos_ids + args.stop_ids,
                    args.ignore_eos, forward, on_token=bar.update if bar else None)

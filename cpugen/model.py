@@ -36,8 +36,19 @@ class Linear(nn.Linear):
 
     kernel = None  # (x (M, K), weight (N, K), bias) -> (M, N), set per instance by a backend
     kernel_rows = 4  # measured: the gemv leads F.linear and oneDNN up to 4 rows (kernels/bench_gemv.py)
+    packed = None  # the weight in oneDNN's blocked layout, once pack() has replaced it
+
+    def pack(self):
+        """Reorders the weight once into oneDNN's blocked layout, replacing it (never two copies):
+        faster than F.linear at every batch, slower than the gemv at 1-2 rows (bench_gemv.py)."""
+        if self.packed is None:
+            w = self.weight.detach()
+            self.weight = None
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
     def forward(self, x):
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         k = self.kernel
         if k is not None and x.dtype == torch.bfloat16 and x.numel() <= self.kernel_rows * x.shape[-1]:
             y = k(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # (M, N)

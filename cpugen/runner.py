@@ -151,6 +151,7 @@ def measure(spec: RunSpec, m: Loaded, p, repeats: int = 1, warmup: int = 1) -> l
     """`warmup` short warm-up passes, then `repeats` timed prompt passes and decode runs of batch
     p.batch_size at the spec's setting, all over one KV cache allocated once (and freed at the end)."""
     cfg, B, P, G = m.cfg, p.batch_size, spec.prompt_len, spec.gen_len
+    backends.for_batch(m.model, m.backend, m.dtype, B)
     engine = Engine(m.model, B, P + G, m.dtype, m.forward, p.prefill_chunk, p.prefill_micro_batch)
     gen = torch.Generator().manual_seed(spec.seed)
     prompts = Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen), torch.ones(B, P, dtype=torch.bool))
@@ -227,7 +228,8 @@ def make_record(spec: RunSpec, m: Loaded, p, timings: list[Timing]) -> RunRecord
         extra={"predicted_peak_bytes": p.predicted_peak_bytes, "budget_bytes": p.budget_bytes,
                "activation_bytes": p.activation_bytes, "overhead_bytes": p.overhead_bytes,
                "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch,
-               "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means},
+               "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
+               "decode_matmul": backends.decode_matmul(m.model, m.backend)},
     )
 
 

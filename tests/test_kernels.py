@@ -92,3 +92,38 @@ def test_switched_off_kernel_leaves_torch_path(monkeypatch):
     model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
     assert native.install(model) is False
     assert all(getattr(m, "kernel", None) is None for m in model.modules())
+
+
+def test_large_decode_batches_use_onednn_packed_weights_in_place():
+    """Above the gemv's batches the eager backend reorders each weight once into oneDNN's layout,
+    replacing it: same results as F.linear on the plain weights, same weight bytes."""
+    from cpugen import backends
+    from cpugen.weights import weight_bytes
+
+    cfg = from_name("gptj-1b").with_layers(2)
+    model = random_model(cfg, torch.bfloat16, 0)
+    prompts = Prompts(torch.randint(1000, (8, 12), generator=torch.Generator().manual_seed(1)),
+                      torch.ones(8, 12, dtype=torch.bool))
+
+    def run():
+        e = Engine(model, 8, 20, torch.bfloat16)
+        out = []
+        with compute_context(torch.bfloat16):
+            lg = e.prefill(prompts)
+            out.append(lg)
+            for _ in range(3):
+                lg = e.decode_one_token(lg.argmax(-1))
+                out.append(lg)
+        model.free_caches()
+        return torch.stack(out).float()
+
+    before, plain = weight_bytes(model), run()
+    backends.apply(model, "eager", torch.bfloat16)
+    backends.for_batch(model, "eager", torch.bfloat16, 1)
+    assert backends.decode_matmul(model, "eager") in ("cpugen-gemv", "torch")  # batch 1: plain weights
+    backends.for_batch(model, "eager", torch.bfloat16, backends.gemv_max_batch() + 1)
+    assert backends.decode_matmul(model, "eager") == "onednn-packed"
+    assert all(m.weight is None for m in model.blocks.modules() if hasattr(m, "packed") and m.packed is not None)
+    assert weight_bytes(model) == before
+    packed = run()
+    assert (packed - plain).abs().max() / plain.abs().max() < 1e-2
