@@ -53,6 +53,7 @@ if engine == "cpugen":
     fwd = backends.apply(model, backend, torch.bfloat16)
     name = f"cpugen ({backend})"
     def work(B, P, G, tokens):
+        backends.for_batch(model, backend, torch.bfloat16, B)  # as `cpugen run` does
         e = Engine(model, B, P + G, torch.bfloat16, fwd)
         with compute_context(torch.bfloat16):
             t0 = time.perf_counter(); tok = e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))).argmax(-1)
