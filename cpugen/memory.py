@@ -5,20 +5,26 @@ from __future__ import annotations
 import resource
 
 
+def _status_kib(field: str) -> int | None:
+    """A `kB` field of /proc/self/status in bytes, or None where there is no such file or field."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """The high-water mark of this process's resident memory.
 
     Linux's VmHWM belongs to the address space, so it starts afresh at exec; ru_maxrss (the
     fallback elsewhere) keeps the parent's peak across fork+exec, which would credit a child
     started from a large process with its parent's memory."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
@@ -34,14 +40,7 @@ def rss_bytes() -> int:
 def rss_file_bytes() -> int:
     """Resident pages that map files (shared libraries, mapped checkpoints): clean pages the kernel
     can drop and read back, so they count in RSS but not against an out-of-memory limit."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_kib("RssFile") or 0
 
 
 def reset_peak_rss() -> bool:

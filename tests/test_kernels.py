@@ -15,6 +15,21 @@ from helpers import ROOT
 sys.path.insert(0, str(ROOT))
 from kernels import check_gemv, reference  # noqa: E402
 
+def _decode(model, prompts, steps=4):
+    """Prefill then `steps` greedy decode steps; the logits of each, stacked (steps + 1, B, V)."""
+    B, T = prompts.tokens.shape
+    e = Engine(model, B, T + steps + 1, torch.bfloat16)
+    out = []
+    with compute_context(torch.bfloat16):
+        lg = e.prefill(prompts)
+        out.append(lg)
+        for _ in range(steps):
+            lg = e.decode_one_token(lg.argmax(-1))
+            out.append(lg)
+    model.free_caches()
+    return torch.stack(out).float()
+
+
 needs_avx512 = pytest.mark.skipif(not cpu_info()["avx512"], reason="the native gemv needs AVX-512; "
                                   "machines without it run the torch reference (tested below)")
 
@@ -47,19 +62,9 @@ def test_model_decode_with_and_without_the_kernel():
     cfg = from_name("gptj-1b").with_layers(2)
     model = random_model(cfg, torch.bfloat16, 0)
     calls = []
-
-    def run():
-        e = Engine(model, 3, 24, torch.bfloat16)
-        out = []
-        with compute_context(torch.bfloat16):
-            lg = e.prefill(Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
-                                   torch.ones(3, 16, dtype=torch.bool)))
-            out.append(lg)
-            for _ in range(4):
-                lg = e.decode_one_token(lg.argmax(-1))
-                out.append(lg)
-        model.free_caches()
-        return torch.stack(out).float()
+    prompts = Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
+                      torch.ones(3, 16, dtype=torch.bool))
+    run = lambda: _decode(model, prompts)  # noqa: E731
 
     plain = run()
     assert native.install(model)
@@ -105,17 +110,7 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place():
     prompts = Prompts(torch.randint(1000, (8, 12), generator=torch.Generator().manual_seed(1)),
                       torch.ones(8, 12, dtype=torch.bool))
 
-    def run():
-        e = Engine(model, 8, 20, torch.bfloat16)
-        out = []
-        with compute_context(torch.bfloat16):
-            lg = e.prefill(prompts)
-            out.append(lg)
-            for _ in range(3):
-                lg = e.decode_one_token(lg.argmax(-1))
-                out.append(lg)
-        model.free_caches()
-        return torch.stack(out).float()
+    run = lambda: _decode(model, prompts, 3)  # noqa: E731
 
     before, plain = weight_bytes(model), run()
     backends.apply(model, "eager", torch.bfloat16)
