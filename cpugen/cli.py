@@ -108,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop-ids", type=_int_list, default=[], help="extra token ids that end a sequence")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    g.add_argument("--memory-budget", metavar="SIZE", help="memory this process may use, e.g. 20GiB")
+    g.add_argument("--host-memory", metavar="SIZE", help="plan as if on a host of this size")
     g.add_argument("--json", metavar="-", help="print {tokens, text} as JSON")
     return ap
 
@@ -213,7 +215,7 @@ def cmd_roofline(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from cpugen import backends
+    from cpugen import backends, planner
     from cpugen.generate import generate
     from cpugen.progress import progress
     from cpugen.runner import DTYPES, set_threads
@@ -244,12 +246,22 @@ def cmd_generate(args) -> int:
     backend = backends.resolve(args.backend)
     set_threads(args.threads)
     quiet = args.quiet or args.json == "-"
+    # the batch is the prompts: the plan checks it fits before anything large is allocated, and
+    # sizes prefill's chunks and micro-batches
+    plan = planner.plan(cfg, longest, args.max_new_tokens, dtype.itemsize, backend, args.memory_budget,
+                        args.host_memory, batch_size=len(prompts))
+    if planner.needed(plan) > plan.budget_bytes:
+        raise CpugenError(f"{len(prompts)} prompts of up to {longest} tokens + {args.max_new_tokens} new tokens need "
+                          f"{planner.fmt(planner.needed(plan))} with headroom but the budget is "
+                          f"{planner.fmt(plan.budget_bytes)} ({plan.budget_source}): give fewer or shorter prompts, "
+                          "fewer --max-new-tokens, or a larger --memory-budget")
     model = load_model(cfg, ckpt, dtype, args.seed, progress("loading", quiet))
     forward = backends.apply(model, backend, dtype)
     backends.for_batch(model, backend, dtype, len(prompts))
     bar = progress("generating", quiet)
     out = generate(model, prompts, args.max_new_tokens, sampling, dtype, cfg.eos_ids + args.stop_ids,
-                   args.ignore_eos, forward, on_token=bar.update if bar else None)
+                   args.ignore_eos, forward, on_token=bar.update if bar else None,
+                   prefill_chunk=plan.prefill_chunk, prefill_micro_batch=plan.prefill_micro_batch)
     text = [tok.decode(ids) for ids in out] if tok else None
     if args.json:
         print(json.dumps({"tokens": out, "text": text}))

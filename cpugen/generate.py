@@ -133,7 +133,8 @@ def _check_ids(tokens: torch.Tensor, vocab: int):
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
              dtype: torch.dtype, stop_ids: list[int] = (), ignore_eos: bool = False, forward=None,
-             on_token=None) -> list[list[int]]:
+             on_token=None, prefill_chunk: int | None = None,
+             prefill_micro_batch: int | None = None) -> list[list[int]]:
     """Generates up to max_new_tokens for each prompt; returns the new ids of each sequence.
 
     A sequence stops after emitting one of stop_ids (which is kept in its output), unless
@@ -142,7 +143,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         raise CpugenError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     batch = Prompts.left_pad(prompts, model.cfg.pad_token_id or 0)
     B, T = batch.tokens.shape
-    engine = Engine(model, B, T + max_new_tokens, dtype, forward)
+    engine = Engine(model, B, T + max_new_tokens, dtype, forward, prefill_chunk, prefill_micro_batch)
     gen = sampling.generator()
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
     out = [[] for _ in range(B)]

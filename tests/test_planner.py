@@ -148,3 +148,10 @@ def test_planner_against_the_operating_system():
         assert abs(t["predicted_peak_bytes"] / t["measured_peak_bytes"] - 1) < 0.10, t
     assert rep["planner_batch"] >= 0.9 * rep["probe_batch"], rep
     assert rep["probe_batch"] < rep["search_top"]  # the search found a real boundary (an OOM row)
+
+
+def test_generate_checks_its_batch_against_the_budget_before_loading():
+    # 2.6 GiB of gptj-1b weights against a 1 GiB budget: refused before the weights exist
+    p = cli("generate", "--model", "gptj-1b", "--prompt-ids", "1,2,3", "--prompt-ids", "4",
+            "--max-new-tokens", "4", "--memory-budget", "1GiB")
+    assert_one_line_error(p, "2 prompts", "budget is 1.00 GiB", "--memory-budget")
