@@ -18,7 +18,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def nightly(*args, env=None, timeout=180):
     e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([str(NIGHTLY), *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=e,
+    # through this interpreter, not the shebang: CI runs the suite without activating the venv
+    return subprocess.run([sys.executable, str(NIGHTLY), *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=e,
                           timeout=timeout)
 
 
