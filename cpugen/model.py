@@ -129,6 +129,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.n_embd, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.q_dim, cfg.n_embd, bias=cfg.out_bias)
         self.cache: KVCache | None = None
+        self.decode_kernel = None  # (q (B, nh, hd), k, v (B, nkv, S, hd)) -> (B, nh, hd), set by a backend
 
     def forward(self, x, rope, mask, start: int, rows: slice):
         B, T, _ = x.shape
@@ -141,6 +142,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin, self.rd), apply_rotary(k, cos, sin, self.rd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         k, v = self.cache.update(start, k, v, rows)  # (B, nkv, S, hd), S = start + T
+        if T == 1 and mask is None and self.decode_kernel is not None and q.dtype == torch.bfloat16:
+            y = self.decode_kernel(q[:, :, 0], k, v)  # (B, nh, hd): every cached position attended
+            return self.wo(y.view(B, 1, self.nh * self.hd))
         causal = mask is None and T > 1  # no padding and no cache before this call
         # CPU SDPA reads the strided cache views in place; enable_gqa lets each kv head serve
         # nh/nkv query heads without materializing repeated keys/values

@@ -72,16 +72,21 @@ def why_not(name: str = "gemv_bf16") -> str | None:
 
 
 def install(model: torch.nn.Module) -> bool:
-    """Routes the model's skinny bf16 matmuls (decode) through the native gemv; False when it is
-    unavailable or switched off with CPUGEN_NATIVE=0, leaving the torch path in place."""
-    from cpugen.model import Linear
+    """Routes the model's skinny bf16 matmuls (decode) through the native gemv, and decode attention
+    over the cache through the native kernel (AVX512-BF16); False when unavailable or switched off
+    with CPUGEN_NATIVE=0, leaving the torch path in place."""
+    from cpugen.env import cpu_info
+    from cpugen.model import Attention, Linear
 
     if os.environ.get("CPUGEN_NATIVE", "1") == "0":
         return False
     ext = extension()
     if ext is None:
         return False
+    attn = extension("decode_attention") if cpu_info()["avx512_bf16"] else None
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel = ext.gemv
+        elif isinstance(m, Attention) and attn is not None and m.hd % 32 == 0 and m.hd <= 256:
+            m.decode_kernel = attn.decode_attention
     return True

@@ -122,3 +122,20 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place():
     assert weight_bytes(model) == before
     packed = run()
     assert (packed - plain).abs().max() / plain.abs().max() < 1e-2
+
+
+@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="the native decode attention needs AVX512-BF16; "
+                    "elsewhere PyTorch's SDPA runs (the model's default path, tested by test_parity)")
+def test_decode_attention_matches_reference():
+    from kernels import check_decode_attention
+
+    ext = native.extension("decode_attention")
+    assert ext is not None, native.why_not("decode_attention")
+    results = check_decode_attention.check(ext, seed=5)  # GQA, strided cache views, head dims 64-256
+    assert len(results) == len(check_decode_attention.SHAPES)
+    model = random_model(from_name("gptj-1b").with_layers(1), torch.bfloat16, 0)  # head dim 128
+    native.install(model)
+    assert all(b.attn.decode_kernel is not None for b in model.blocks)
+    tiny = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)  # head dim 16: not a multiple of 32
+    native.install(tiny)
+    assert all(b.attn.decode_kernel is None for b in tiny.blocks)
