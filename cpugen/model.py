@@ -21,20 +21,23 @@ from cpugen.config import ModelConfig
 from cpugen.kv_cache import KVCache
 
 
-def activation(name: str):
-    return {
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu": F.gelu,
-        "relu": F.relu,
-        "silu": F.silu,
-    }[name]
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+# the native gemv's activation codes (kernels/gemv_bf16.cpp, enum Act)
+KERNEL_ACT = {None: 0, "gelu_new": 1, "gelu": 2, "relu": 3, "silu": 4}
 
 
 class Linear(nn.Linear):
     """nn.Linear that hands skinny bf16 inputs (decode: at most `kernel_rows` tokens) to a native
-    kernel when a backend installs one; everything else goes through F.linear (oneDNN)."""
+    kernel when a backend installs one; everything else goes through F.linear (oneDNN).
+    `act` names an activation applied to the output: inside the kernel's epilogue when it runs,
+    after the matmul otherwise."""
 
-    kernel = None  # (x (M, K), weight (N, K), bias) -> (M, N), set per instance by a backend
+    kernel = None  # (x (M, K), weight (N, K), bias, act code) -> (M, N), set per instance by a backend
     kernel_rows = 4  # measured: the gemv leads F.linear and oneDNN up to 4 rows (kernels/bench_gemv.py)
     packed = None  # the weight in oneDNN's blocked layout, once pack() has replaced it
 
@@ -46,14 +49,15 @@ class Linear(nn.Linear):
             self.weight = None
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
-    def forward(self, x):
+    def forward(self, x, act: str | None = None):
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        k = self.kernel
-        if k is not None and x.dtype == torch.bfloat16 and x.numel() <= self.kernel_rows * x.shape[-1]:
-            y = k(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # (M, N)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        elif self.kernel is not None and x.dtype == torch.bfloat16 and x.numel() <= self.kernel_rows * x.shape[-1]:
+            y = self.kernel(x.reshape(-1, x.shape[-1]), self.weight, self.bias, KERNEL_ACT[act])  # (M, N)
             return y.view(*x.shape[:-1], y.shape[-1])
-        return F.linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if act is None else ACTIVATIONS[act](y)
 
 
 class Norm(nn.Module):
@@ -70,6 +74,10 @@ class Norm(nn.Module):
         if self.impl is not None:
             return self.impl(x)
         if self.kind == "layernorm":
+            if x.dtype == self.weight.dtype == torch.bfloat16:
+                # PyTorch's CPU kernel computes bf16 in fp32 and rounds once: the same numbers as
+                # the fp32 route below, without its four conversions (3.5 us against 9.6 at h=2048)
+                return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
             y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
             return y.to(x.dtype)
         xf = x.float()
@@ -121,6 +129,9 @@ def apply_rotary(x, cos, sin, rd: int):
     return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
 
 
+_NO_ROPE = torch.empty(0)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -129,10 +140,19 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.n_embd, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.q_dim, cfg.n_embd, bias=cfg.out_bias)
         self.cache: KVCache | None = None
-        self.decode_kernel = None  # (q (B, nh, hd), k, v (B, nkv, S, hd)) -> (B, nh, hd), set by a backend
+        # a backend's fused decode step: (qkv (B, (nh + 2 nkv) hd), cos, sin (B, rd/2), k_cache,
+        # v_cache, index, nh, rd) -> (B, nh hd); rotates q/k, writes the cache, attends
+        self.decode_step = None
 
     def forward(self, x, rope, mask, start: int, rows: slice):
         B, T, _ = x.shape
+        if (T == 1 and mask is None and self.decode_step is not None and x.dtype == torch.bfloat16
+                and self.cache.k.dtype == torch.bfloat16 and rows == slice(None)):
+            # unpadded decode over the whole batch: every cached position is attended
+            cos, sin = (t.reshape(B, -1) for t in rope) if self.rd else (_NO_ROPE, _NO_ROPE)  # (B, rd/2)
+            y = self.decode_step(self.wqkv(x).view(B, -1), cos, sin, self.cache.k, self.cache.v, start,
+                                 self.nh, self.rd)  # (B, nh hd)
+            return self.wo(y.view(B, 1, -1))
         q, k, v = self.wqkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q = q.view(B, T, self.nh, self.hd)
         k = k.view(B, T, self.nkv, self.hd)
@@ -142,9 +162,6 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin, self.rd), apply_rotary(k, cos, sin, self.rd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         k, v = self.cache.update(start, k, v, rows)  # (B, nkv, S, hd), S = start + T
-        if T == 1 and mask is None and self.decode_kernel is not None and q.dtype == torch.bfloat16:
-            y = self.decode_kernel(q[:, :, 0], k, v)  # (B, nh, hd): every cached position attended
-            return self.wo(y.view(B, 1, self.nh * self.hd))
         causal = mask is None and T > 1  # no padding and no cache before this call
         # CPU SDPA reads the strided cache views in place; enable_gqa lets each kv head serve
         # nh/nkv query heads without materializing repeated keys/values
@@ -156,17 +173,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.glu, self.act = cfg.mlp == "glu", activation(cfg.activation)
+        self.glu, self.act = cfg.mlp == "glu", cfg.activation
         width = 2 * cfg.intermediate_size if self.glu else cfg.intermediate_size
         self.w_in = Linear(cfg.n_embd, width, bias=cfg.mlp_bias)  # fc_in, or [gate; up]
         self.w_out = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
 
     def forward(self, x):  # (B, T, h)
-        u = self.w_in(x)  # (B, T, ffn) or (B, T, 2 ffn)
         if self.glu:
-            gate, up = u.chunk(2, dim=-1)
-            return self.w_out(self.act(gate) * up)
-        return self.w_out(self.act(u))
+            gate, up = self.w_in(x).chunk(2, dim=-1)  # (B, T, ffn) each
+            return self.w_out(ACTIVATIONS[self.act](gate) * up)
+        if isinstance(self.w_in, Linear):  # the activation fused into the matmul where it can be
+            return self.w_out(self.w_in(x, self.act))  # (B, T, ffn) -> (B, T, h)
+        return self.w_out(ACTIVATIONS[self.act](self.w_in(x)))  # a backend's own linear module
 
 
 class Block(nn.Module):

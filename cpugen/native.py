@@ -41,7 +41,7 @@ def extension(name: str = "gemv_bf16"):
         build.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build / "lock")
         return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source_dir() / f"{name}.cpp")],
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                  extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                                   build_directory=str(build), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
         _why[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
@@ -88,5 +88,5 @@ def install(model: torch.nn.Module) -> bool:
         if isinstance(m, Linear):
             m.kernel = ext.gemv
         elif isinstance(m, Attention) and attn is not None and m.hd % 32 == 0 and m.hd <= 256:
-            m.decode_kernel = attn.decode_attention
+            m.decode_step = attn.decode_step
     return True

@@ -1,5 +1,6 @@
-"""Checks the native decode attention against kernels/reference.py on random inputs, including
-grouped-query heads and strided views of a larger cache, and times it against PyTorch's SDPA.
+"""Checks the native decode attention and decode step against kernels/reference.py on random inputs,
+including grouped-query heads, strided views of a larger cache, partial and no rotary, and times
+them against PyTorch's SDPA.
 
     python kernels/check_decode_attention.py     (tests/test_kernels.py runs the same checks)
 """
@@ -37,6 +38,34 @@ def check(ext, seed: int = 0):
     return out
 
 
+# (B, nh, nkv, index, S_max, hd, rd): GPT-J's partial rotary, Llama's full one with GQA, none (OPT)
+STEP_SHAPES = [(1, 16, 16, 134, 200, 128, 64), (3, 8, 2, 76, 77, 64, 64), (2, 32, 8, 0, 10, 128, 128),
+               (4, 4, 1, 512, 600, 256, 0), (5, 12, 12, 40, 64, 64, 32)]
+
+
+def check_step(ext, seed: int = 0):
+    """decode_step against the reference: the output within a few bf16 ulps, the cache writes
+    exact (the same fp32 operations, rounded the same way), the rest of the cache untouched."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for B, nh, nkv, index, S_max, hd, rd in STEP_SHAPES:
+        kc = torch.randn(B, nkv, S_max, hd, generator=g).to(torch.bfloat16)
+        vc = torch.randn(B, nkv, S_max, hd, generator=g).to(torch.bfloat16)
+        qkv = (torch.randn(B, (nh + 2 * nkv) * hd, generator=g) * 2).to(torch.bfloat16)
+        angle = torch.rand(B, rd // 2, generator=g) * 100  # positions up to ~100 rad
+        cos, sin = angle.cos(), angle.sin()
+        kw, vw = kc.clone(), vc.clone()
+        want = reference.decode_step(qkv, cos, sin, kw, vw, index, nh, rd).float()
+        got = ext.decode_step(qkv, cos, sin, kc, vc, index, nh, rd).float()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        if err > 2 ** -6:
+            raise AssertionError(f"decode_step {(B, nh, nkv, index, S_max, hd, rd)}: error {err:.2e}")
+        if not (torch.equal(kc, kw) and torch.equal(vc, vw)):
+            raise AssertionError(f"decode_step {(B, nh, nkv, index, S_max, hd, rd)}: cache differs from the reference")
+        out.append(((B, nh, nkv, index, hd, rd), err))
+    return out
+
+
 def bench(ext):
     for B, S in [(1, 135), (1, 1100), (16, 160), (32, 1100)]:
         nh, hd = 16, 128
@@ -64,5 +93,7 @@ if __name__ == "__main__":
         sys.exit("native decode attention unavailable on this machine")
     for shape, err in check(ext):
         print(f"{shape}: max relative error {err:.2e}")
+    for shape, err in check_step(ext):
+        print(f"step {shape}: max relative error {err:.2e}, cache writes exact")
     with torch.inference_mode():
         bench(ext)

@@ -7,7 +7,12 @@
 // then each V row (bf16 -> fp32) accumulated into the outputs. K and V may be strided views of the
 // cache (rows of hd contiguous elements). No mask: every cached position is attended (the caller
 // uses this only for unpadded batches without a sliding window).
-// Reference: kernels/reference.py (decode_attention); check: kernels/check_decode_attention.py.
+//
+// decode_step is the whole of a decode step's attention after the qkv projection, in one call per
+// layer where the torch path takes about thirty small ops: it rotates q and k (rotary embedding
+// on the first rd dims, half-split pairs, fp32 math rounded to bf16), writes k and v to the
+// cache at this step's position, and attends over the cache up to it.
+// Reference: kernels/reference.py (decode_attention, decode_step); check: kernels/check_decode_attention.py.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -15,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -25,8 +31,32 @@ inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float v) { return c10::BFloat16(v).x; }  // nearest even, as torch rounds
+
+// dst (hd) = src rotated on its first rd dims: pairs (i, i + rd/2) by the angle whose cos/sin are
+// cos[i]/sin[i]; x1 * c - x2 * s and x2 * c + x1 * s in fp32 (no fused multiply-add: the build
+// turns contraction off), rounded once
+inline void rotate(const uint16_t* src, uint16_t* dst, const float* cos, const float* sin, int64_t rd, int64_t hd) {
+  const int64_t h2 = rd / 2;
+  for (int64_t i = 0; i < h2; ++i) {
+    const float x1 = bf16_to_float(src[i]), x2 = bf16_to_float(src[i + h2]);
+    const float a = x1 * cos[i], b = x2 * sin[i], c = x2 * cos[i], d = x1 * sin[i];
+    dst[i] = float_to_bf16(a - b);
+    dst[i + h2] = float_to_bf16(c + d);
+  }
+  if (rd < hd) std::memcpy(dst + rd, src + rd, (hd - rd) * sizeof(uint16_t));
+}
+
+// out (g, hd) bf16 = softmax(q (g, hd) . k (S, hd)^T * scale) . v (S, hd), rows of k/v k_row/v_row apart
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* out, int64_t g, int64_t S,
+void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t g, int64_t S,
                     int64_t hd, int64_t k_row, int64_t v_row, float scale, float* scores) {
   // scores (g, S)
   for (int64_t s = 0; s < S; ++s) {
@@ -57,7 +87,8 @@ void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, flo
       const uint16_t* vr = v + s * v_row;
       for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_fmadd_ps(p, load_bf16x16(vr + 16 * i), acc[i]);
     }
-    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(out + h * hd + 16 * i, acc[i]);
+    for (int64_t i = 0; i < n; ++i)  // rounded to bf16 (nearest even) on the way out
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * hd + 16 * i), (__m256i)_mm512_cvtneps_pbh(acc[i]));
   }
 }
 
@@ -83,11 +114,11 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "cpugen decode_attention: rows of k/v must be contiguous");
   const auto qc = q.contiguous();
   const int64_t g = nh / nkv;
-  auto out = torch::empty({B, nh, hd}, q.options().dtype(at::kFloat));
+  auto out = torch::empty({B, nh, hd}, q.options());
   const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr());
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
-  float* op = out.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(g * S);
@@ -98,9 +129,63 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                      v.stride(2), scale, scores.data());
     }
   });
-  return out.to(at::kBFloat16);
+  return out;
+}
+
+// qkv (B, (nh + 2 nkv) hd) bf16: the step's fused projection, q heads then k then v; cos, sin
+// (B, rd / 2) fp32, each sequence's angles (rd = 0: no rotary, empty tables); k_cache, v_cache
+// (B, nkv, S_max, hd) bf16, contiguous; index: this token's cache position, the same for every
+// sequence -> (B, nh hd) bf16. Writes k_cache/v_cache[:, :, index].
+torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                          torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t index, int64_t nh, int64_t rd) {
+  TORCH_CHECK(kSupported, "cpugen decode_step: needs AVX512-BF16");
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+              v_cache.scalar_type() == at::kBFloat16, "cpugen decode_step: bf16 only");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes(), "cpugen decode_step: caches (B, nkv, S_max, hd), contiguous");
+  const int64_t B = k_cache.size(0), nkv = k_cache.size(1), S_max = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t row = (nh + 2 * nkv) * hd;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == row && qkv.stride(1) == 1,
+              "cpugen decode_step: qkv (B, (nh + 2 nkv) hd) with rows of unit stride");
+  TORCH_CHECK(nh % nkv == 0 && hd % 32 == 0 && hd <= 256, "cpugen decode_step: head dim a multiple of 32, at most 256");
+  TORCH_CHECK(rd >= 0 && rd <= hd && rd % 2 == 0, "cpugen decode_step: rotary dims even, at most the head dim");
+  TORCH_CHECK(index >= 0 && index < S_max, "cpugen decode_step: position ", index, " outside a cache of ", S_max);
+  torch::Tensor cc, sc;
+  if (rd) {
+    cc = cos.to(at::kFloat).contiguous();
+    sc = sin.to(at::kFloat).contiguous();
+    TORCH_CHECK(cc.numel() == B * rd / 2 && sc.numel() == B * rd / 2, "cpugen decode_step: cos/sin (B, rd / 2)");
+  }
+  const int64_t g = nh / nkv, S = index + 1;
+  auto out = torch::empty({B, nh * hd}, qkv.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
+  auto* kp = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
+  auto* vp = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float* cp = rd ? cc.data_ptr<float>() : nullptr;
+  const float* sp = rd ? sc.data_ptr<float>() : nullptr;
+  const int64_t ld = qkv.stride(0);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(g * S);
+    std::vector<uint16_t> q(g * hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nkv, h = t % nkv;
+      const uint16_t* x = xp + b * ld;
+      const float* c = cp ? cp + b * rd / 2 : nullptr;
+      const float* s = sp ? sp + b * rd / 2 : nullptr;
+      uint16_t* kh = kp + (b * nkv + h) * S_max * hd;  // this sequence's cache for kv head h
+      uint16_t* vh = vp + (b * nkv + h) * S_max * hd;
+      for (int64_t j = 0; j < g; ++j) rotate(x + (h * g + j) * hd, q.data() + j * hd, c, s, rd, hd);
+      rotate(x + (nh + h) * hd, kh + index * hd, c, s, rd, hd);
+      std::memcpy(vh + index * hd, x + (nh + nkv + h) * hd, hd * sizeof(uint16_t));
+      one_head_group(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data());
+    }
+  });
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query per sequence against the KV cache, bf16");
+  m.def("decode_step", &decode_step, "rotary + cache write + attention for one decode step, bf16");
 }

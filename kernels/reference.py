@@ -1,13 +1,26 @@
 """Reference implementations the native kernels are checked against: plain torch, fp32 math."""
 
 import torch
+import torch.nn.functional as F
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, N) = x (M, K) @ w (N, K)^T + bias, accumulated in fp32, rounded once to bf16."""
+# the gemv's activation codes (kernels/gemv_bf16.cpp, enum Act)
+ACTIVATIONS = {None: 0, "gelu_new": 1, "gelu": 2, "relu": 3, "silu": 4}
+_ACT_FN = {
+    "gelu_new": lambda y: F.gelu(y, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """y (M, N) = act(x (M, K) @ w (N, K)^T + bias), in fp32, rounded once to bf16."""
     y = x.float() @ w.float().T
     if bias is not None:
         y = y + bias.float()
+    if act is not None:
+        y = _ACT_FN[act](y)
     return y.to(torch.bfloat16)
 
 
@@ -20,3 +33,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     vf = v.float().repeat_interleave(g, dim=1)
     p = (q.float()[:, :, None, :] @ kf.transpose(-1, -2) / hd**0.5).softmax(-1)  # (B, nh, 1, S)
     return (p @ vf)[:, :, 0].to(torch.bfloat16)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rd: int) -> torch.Tensor:
+    """x (B, H, hd) bf16 rotated on its first rd dims, pairs (i, i + rd/2); cos, sin (B, rd/2)."""
+    if not rd:
+        return x
+    c, s = cos[:, None].float(), sin[:, None].float()
+    x1, x2 = x[..., : rd // 2].float(), x[..., rd // 2: rd].float()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, x[..., rd:].float()), dim=-1).to(x.dtype)
+
+
+def decode_step(qkv, cos, sin, k_cache, v_cache, index: int, nh: int, rd: int) -> torch.Tensor:
+    """qkv (B, (nh + 2 nkv) hd): rotates q and k, writes k and v to cache position `index`, attends
+    over positions 0..index -> (B, nh hd)."""
+    B, nkv, hd = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.view(B, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=1)
+    k_cache[:, :, index] = rotate(k, cos, sin, rd)
+    v_cache[:, :, index] = v
+    y = decode_attention(rotate(q, cos, sin, rd), k_cache[:, :, : index + 1], v_cache[:, :, : index + 1])
+    return y.reshape(B, nh * hd)
