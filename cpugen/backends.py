@@ -144,11 +144,10 @@ def _optimize(ipex, module, dtype):
 
 def gemv_max_batch() -> int:
     """Decode batches up to this use cpugen's gemv on plain weights; larger ones, oneDNN's packed
-    weights. Measured (kernels/bench_gemv.py): on 2 Zen 4 cores the gemv leads at 1 row and trails
-    oneDNN prepacked from 4; on 16 Xeon (AMX) cores it leads up to 4 rows."""
-    from cpugen.env import cpu_info
-
-    return 4 if cpu_info()["amx_bf16"] else 2
+    weights. Measured (kernels/bench_gemv.py, GB/s of weights at 1 / 2 / 4 rows): on 2 Zen 4 cores
+    the gemv 31.3 / 31.1 / 28.4 against oneDNN prepacked 24.6 / 22.7 / 26.9; on 16 Xeon (AMX)
+    cores it leads up to 4 rows too. At 8 rows it falls to half of oneDNN's."""
+    return Linear.kernel_rows
 
 
 def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
