@@ -44,6 +44,21 @@ def test_gemv_matches_reference_on_awkward_shapes():
 
 
 @needs_avx512
+def test_gemv_avx512f_path_matches_reference_too():
+    """The path for AVX-512 CPUs without BF16 (bf16 -> fp32 shifts, FMA, rounding by hand), forced
+    with CPUGEN_ISA=avx512 in a fresh process."""
+    import os
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, '.'); from cpugen.native import extension; "
+            "from kernels import check_gemv; e = extension(); print(e.isa(), len(check_gemv.check(e, seed=4)))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "CPUGEN_ISA": "avx512"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["avx512", str((2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.SHAPES))]
+
+
+@needs_avx512
 def test_gemv_rejects_what_it_cannot_do():
     ext = native.extension()
     x = torch.randn(17, 64).bfloat16()
