@@ -29,10 +29,9 @@ def cpu_info() -> dict:
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from cpugen.placement import allowed_cores
+
+    return len(allowed_cores())
 
 
 @lru_cache(maxsize=1)
@@ -53,6 +52,8 @@ def ipex_version() -> str | None:
 
 
 def environment(threads: int) -> dict:
+    from cpugen import placement
+
     info = cpu_info()
     return {
         **info,
@@ -63,4 +64,5 @@ def environment(threads: int) -> dict:
         "ipex_version": ipex_version(),
         "python_version": platform.python_version(),
         "commit": git_commit(),
+        "placement": placement.current.describe() if placement.current else None,
     }

@@ -27,11 +27,12 @@ def source_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def extension(name: str = "gemv_bf16"):
-    """The compiled module for kernels/<name>.cpp, or None (with the reason in `why_not`)."""
+def extension(name: str = "gemv_bf16", portable: bool = False):
+    """The compiled module for kernels/<name>.cpp, or None (with the reason in `why_not`).
+    Kernels need AVX-512; `portable` code (thread placement) builds on any x86-64 or ARM CPU."""
     from cpugen.env import cpu_info
 
-    if not cpu_info()["avx512"]:
+    if not portable and not cpu_info()["avx512"]:
         _why[name] = "the CPU has no AVX-512"
         return None
     try:
@@ -45,8 +46,8 @@ def extension(name: str = "gemv_bf16"):
                                   build_directory=str(build), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
         _why[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        print(f"cpugen: native kernel {name} unavailable ({_why[name]}); using the torch reference",
-              file=sys.stderr)
+        print(f"cpugen: native {name} unavailable ({_why[name]}); "
+              + ("threads stay unpinned" if portable else "using the torch reference"), file=sys.stderr)
         return None
 
 

@@ -105,6 +105,8 @@ def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops) -> dict:
 
 
 def set_threads(n: int | None) -> int:
+    """n intra-op threads (default: the usable cores), each pinned to its own core (cpugen/placement.py)."""
+    from cpugen import placement
     from cpugen.env import usable_cores
 
     cores = usable_cores()
@@ -114,6 +116,7 @@ def set_threads(n: int | None) -> int:
     if n > cores:
         print(f"cpugen: warning: {n} threads on {cores} usable cores will oversubscribe them", file=sys.stderr)
     torch.set_num_threads(n)
+    placement.apply(n)
     return n
 
 
@@ -126,6 +129,9 @@ class Loaded:
     backend: str  # resolved: eager | ipex
     dtype: torch.dtype
     threads: int
+    load_s: float = 0.0  # weights built or read
+    prepare_s: float = 0.0  # the backend's one-time work: native kernels loaded (built once per machine), IPEX packing
+    warmup_s: float = 0.0  # the last measure()'s packing for its batch and warm-up passes
 
     @property
     def itemsize(self) -> int:
@@ -142,15 +148,19 @@ class Timing:
 def load(spec: RunSpec, backend: str, threads: int) -> Loaded:
     """Weights (random or a checkpoint) in the run's dtype, prepared for the backend."""
     dtype = DTYPES[spec.dtype]
+    t0 = time.perf_counter()
     model = load_model(spec.cfg, spec.checkpoint, dtype, spec.seed,
                        progress("weights" if spec.checkpoint is None else "loading", spec.quiet))
-    return Loaded(spec.cfg, model, backends.apply(model, backend, dtype), backend, dtype, threads)
+    t1 = time.perf_counter()
+    forward = backends.apply(model, backend, dtype)
+    return Loaded(spec.cfg, model, forward, backend, dtype, threads, t1 - t0, time.perf_counter() - t1)
 
 
 def measure(spec: RunSpec, m: Loaded, p, repeats: int = 1, warmup: int = 1) -> list[Timing]:
     """`warmup` short warm-up passes, then `repeats` timed prompt passes and decode runs of batch
     p.batch_size at the spec's setting, all over one KV cache allocated once (and freed at the end)."""
     cfg, B, P, G = m.cfg, p.batch_size, spec.prompt_len, spec.gen_len
+    t_warm = time.perf_counter()
     backends.for_batch(m.model, m.backend, m.dtype, B)
     engine = Engine(m.model, B, P + G, m.dtype, m.forward, p.prefill_chunk, p.prefill_micro_batch)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -165,6 +175,7 @@ def measure(spec: RunSpec, m: Loaded, p, repeats: int = 1, warmup: int = 1) -> l
                 for _ in range(min(2, G - 1)):
                     logits = engine.decode_one_token(logits.argmax(-1))
                 engine.reset()
+            m.warmup_s = time.perf_counter() - t_warm
             bar = progress("prefill+decode", spec.quiet)
             for r in range(repeats):
                 if r:
@@ -229,7 +240,10 @@ def make_record(spec: RunSpec, m: Loaded, p, timings: list[Timing]) -> RunRecord
                "activation_bytes": p.activation_bytes, "overhead_bytes": p.overhead_bytes,
                "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch,
                "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
-               "decode_matmul": backends.decode_matmul(m.model, m.backend)},
+               "decode_matmul": backends.decode_matmul(m.model, m.backend),
+               # one-time costs, per run, so that their growth with depth can be checked (no
+               # per-layer compile or search: docs/performance.md compares 24 and 96 layers)
+               "load_s": m.load_s, "prepare_s": m.prepare_s, "warmup_s": m.warmup_s},
     )
 
 
@@ -244,7 +258,10 @@ def run(spec: RunSpec) -> RunRecord:
     p = plan_batch(spec, itemsize, backend)
     log(f"{cfg.name}: {cfg.n_layer} layers, {count(flops.n_params(cfg))} parameters; " + needs(p, backend, threads))
     m = load(spec, backend, threads)
-    return make_record(spec, m, p, measure(spec, m, p, repeats=1, warmup=int(spec.warmup)))
+    timings = measure(spec, m, p, repeats=1, warmup=int(spec.warmup))
+    log(f"weights ready in {m.load_s:.1f} s, backend in {m.prepare_s:.1f} s, warm-up {m.warmup_s:.1f} s "
+        f"({1e3 * (m.prepare_s + m.warmup_s) / cfg.n_layer:.0f} ms a layer)")
+    return make_record(spec, m, p, timings)
 
 
 def needs(p, backend: str, threads: int) -> str:

@@ -20,6 +20,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: no hub access, ever
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# cpugen pins its workers, the main thread to the first core; in the test process (and the CLI
+# processes it starts) that would leave later subprocesses one core. tests/test_placement.py
+# turns pinning back on in the processes it checks.
+os.environ["CPUGEN_PIN"] = "0"
 
 import math
 import subprocess
