@@ -240,7 +240,7 @@ def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None) -> list[RunReco
         cfg = cfg.with_layers(sweep.layers)
     for s in sweep.settings:
         RunSpec(cfg, ckpt, 1, s.prompt_len, s.gen_len).validate()
-    backend = backends.resolve(sweep.backend)
+    backend = backends.resolve(sweep.backend, sweep.dtype)
     threads = set_threads(sweep.threads)
     itemsize = DTYPES[sweep.dtype].itemsize
     log = (lambda *a: None) if quiet else (lambda *a: print("cpugen:", *a, file=sys.stderr))

@@ -155,7 +155,7 @@ def cmd_plan(args) -> int:
         raise CpugenError(f"prompt {args.prompt_len} + generation {args.gen_len} exceeds {cfg.name}'s "
                           f"{cfg.max_positions} positions: shorten either")
     itemsize = DTYPES[args.dtype].itemsize
-    backend = backends.resolve(args.backend)
+    backend = backends.resolve(args.backend, args.dtype)
     p = planner.plan(cfg, args.prompt_len, args.gen_len, itemsize, backend, args.memory_budget,
                      args.host_memory, args.max_batch_size, args.batch_size)
     if args.json:
@@ -243,7 +243,7 @@ def cmd_generate(args) -> int:
             if not 0 <= t < cfg.vocab_size:
                 raise CpugenError(f"token id {t} is outside the vocabulary (0..{cfg.vocab_size - 1})")
     dtype = DTYPES[args.dtype]
-    backend = backends.resolve(args.backend)
+    backend = backends.resolve(args.backend, args.dtype)
     set_threads(args.threads)
     quiet = args.quiet or args.json == "-"
     # the batch is the prompts: the plan checks it fits before anything large is allocated, and

@@ -250,7 +250,7 @@ def make_record(spec: RunSpec, m: Loaded, p, timings: list[Timing]) -> RunRecord
 def run(spec: RunSpec) -> RunRecord:
     spec.validate()
     cfg = spec.cfg
-    backend = backends.resolve(spec.backend)
+    backend = backends.resolve(spec.backend, spec.dtype)
     threads = set_threads(spec.threads)
     P, G = spec.prompt_len, spec.gen_len
     itemsize = torch.finfo(DTYPES[spec.dtype]).bits // 8
