@@ -26,7 +26,7 @@ TORCH=2.8.0
 IPEX=2.8.0
 TRANSFORMERS=4.51.3
 PKGS=("torch==$TORCH" "intel-extension-for-pytorch==$IPEX" "transformers==$TRANSFORMERS"
-      numpy psutil safetensors tokenizers pytest "setuptools>=64" wheel)
+      numpy psutil safetensors tokenizers ninja pytest "setuptools>=64" wheel)  # ninja: builds kernels/
 STAMP="$ENV_DIR/.cpugen-ipex-stamp"
 PY="$ENV_DIR/bin/python"
 
