@@ -27,7 +27,7 @@ from cpugen.env import environment
 from cpugen.errors import CpugenError
 from cpugen.memory import reset_peak_rss, rss_file_bytes
 from cpugen.record import RunRecord, count
-from cpugen.runner import DTYPES, RunSpec, _now, load, make_record, measure, needs, set_threads
+from cpugen.runner import DTYPES, RunSpec, _now, load, make_record, measure, needs, set_threads, stale_limits_note
 
 
 @dataclass
@@ -266,6 +266,9 @@ def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None) -> list[RunReco
             rec = make_record(spec, loaded, p, measure(spec, loaded, p, sweep.repeat, sweep.warmup))
             rec.sweep, rec.setting = sweep.name, s.name
             rec.extra.update(_extra(row), peak_rss_since="batch start" if reset else "process start")
+            note = stale_limits_note(rec)
+            if note:
+                print(note, file=sys.stderr)
         records.append(rec)
         if on_record:
             on_record(rec)

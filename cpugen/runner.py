@@ -104,6 +104,22 @@ def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops) -> dict:
                 decode_efficiency=ideal / step, prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
 
 
+STALE_LIMITS = 1.05  # a run this far above the cached roofline says the limits are out of date
+
+
+def stale_limits_note(rec: RunRecord) -> str | None:
+    """A line for stderr when a run beat the cached limits: the machine is in a faster regime than
+    when `cpugen roofline` measured it (shared hosts swing), so its efficiencies overstate."""
+    over = [f"{name} {100 * eff:.0f}%" for name, eff in (("decode", rec.decode_efficiency),
+                                                        ("prefill", rec.prefill_efficiency))
+            if eff is not None and eff > STALE_LIMITS]
+    if not over:
+        return None
+    return (f"cpugen: note: this run beat the cached limits ({', '.join(over)} of them; "
+            f"{rec.roofline_read_gbps:.1f} GB/s, {rec.roofline_bf16_tflops:.3f} TFLOP/s): the machine is faster "
+            f"now than when they were measured; refresh them with `python -m cpugen roofline --refresh`")
+
+
 def set_threads(n: int | None) -> int:
     """n intra-op threads (default: the usable cores), each pinned to its own core (cpugen/placement.py)."""
     from cpugen import placement
@@ -261,7 +277,11 @@ def run(spec: RunSpec) -> RunRecord:
     timings = measure(spec, m, p, repeats=1, warmup=int(spec.warmup))
     log(f"weights ready in {m.load_s:.1f} s, backend in {m.prepare_s:.1f} s, warm-up {m.warmup_s:.1f} s "
         f"({1e3 * (m.prepare_s + m.warmup_s) / cfg.n_layer:.0f} ms a layer)")
-    return make_record(spec, m, p, timings)
+    rec = make_record(spec, m, p, timings)
+    note = stale_limits_note(rec)
+    if note:
+        print(note, file=sys.stderr)
+    return rec
 
 
 def needs(p, backend: str, threads: int) -> str:

@@ -32,3 +32,29 @@ def test_decode_roofline_by_hand():
         kv = 2 * cfg.n_layer * B * cfg.n_kv_head * c * cfg.head_dim * 2
         want.append(max((w + kv) / 30e9, B * flops.token_flops(cfg, c) / 0.4e12))
     assert decode_roofline_s(cfg, r, B, P, G, 2) == sum(want) / 2
+
+
+def test_run_says_when_it_beats_the_cached_limits(tmp_path):
+    """Cached limits below what the machine does now (a shared host that sped up, or a stale
+    cache) would report efficiencies above 100%: the run says so on stderr and how to refresh, and
+    stays quiet when its figures are below the limits."""
+    import json
+
+    from helpers import cli, fake_roofline
+
+    args = ("run", "--model", "tiny-gptj", "--prompt-len", "16", "--gen-len", "4", "--batch-size", "2",
+            "--backend", "eager", "--json", "-")
+    env = fake_roofline(tmp_path)  # 20 GB/s, 0.2 TFLOP/s: far above what a tiny model's steps reach
+    quiet = cli(*args, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "beat the cached limits" not in quiet.stderr
+    cache = tmp_path / "roofline.json"
+    slow = {k: {**v, "read_gbps": 1e-4, "bf16_tflops": 1e-9} for k, v in json.loads(cache.read_text()).items()}
+    cache.write_text(json.dumps(slow))
+    loud = cli(*args, env=env)
+    assert loud.returncode == 0, loud.stderr
+    rec = json.loads(loud.stdout)  # stdout still holds only the record
+    assert rec["decode_efficiency"] > 1.05 and rec["prefill_efficiency"] > 1.05
+    note = [ln for ln in loud.stderr.splitlines() if "beat the cached limits" in ln]
+    assert len(note) == 1 and "decode" in note[0] and "prefill" in note[0]
+    assert "python -m cpugen roofline --refresh" in note[0]
