@@ -41,7 +41,11 @@ def extension(name: str = "gemv_bf16", portable: bool = False):
         build = CACHE / torch.__version__.replace("+", "_") / name
         build.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build / "lock")
-        return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source_dir() / f"{name}.cpp")],
+        source, built = source_dir() / f"{name}.cpp", build / f"cpugen_{name}.so"
+        if not built.exists() or built.stat().st_mtime < source.stat().st_mtime:
+            print(f"cpugen: building kernels/{name}.cpp for this machine and torch {torch.__version__} "
+                  f"(once, about half a minute; cached in {build})", file=sys.stderr)
+        return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source)],
                                   extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                                   build_directory=str(build), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
