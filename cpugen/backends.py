@@ -162,9 +162,9 @@ def _optimize(ipex, module, dtype):
 
 def gemv_max_batch() -> int:
     """Decode batches up to this use cpugen's gemv on plain weights; larger ones, oneDNN's packed
-    weights. Measured (kernels/bench_gemv.py, GB/s of weights at 1 / 2 / 4 rows): on 2 Zen 4 cores
-    the gemv 31.3 / 31.1 / 28.4 against oneDNN prepacked 24.6 / 22.7 / 26.9; on 16 Xeon (AMX)
-    cores it leads up to 4 rows too. At 8 rows it falls to half of oneDNN's."""
+    weights. Measured (kernels/bench_gemv.py, GB/s of weights at 1 / 2 / 4 / 8 rows): on 2 Zen 4
+    cores the gemv 28.7 / 26.9 / 27.0 / 20.1 against oneDNN prepacked 20.0 / 17.4 / 25.6 / 21.6;
+    on 16 Xeon (AMX) cores 120.5 / - / 109.3 / 74.0 against 68.6 / - / 65.4 / 65.3 (kernels/README.md)."""
     return Linear.kernel_rows
 
 
