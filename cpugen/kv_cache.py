@@ -2,13 +2,18 @@
 
 import torch
 
+from cpugen.memory import advise_huge
+
 
 class KVCache:
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype):
         shape = (batch, n_kv_head, max_len, head_dim)  # (B, nkv, S_max, hd)
-        # zeros writes every page now, so the memory a run needs is resident from the start
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        # zeroed now, so the memory a run needs is resident from the start; on huge pages where
+        # the kernel gives them, as decode at long context streams the cache like the weights
+        self.k, self.v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        for t in (self.k, self.v):
+            advise_huge(t)
+            t.zero_()
 
     @property
     def nbytes(self) -> int:

@@ -52,3 +52,59 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+# --- huge pages ----------------------------------------------------------------------------------
+HUGE = 2 << 20  # the x86-64 / arm64 transparent huge page
+_MADV_HUGEPAGE = 14
+
+
+def thp_mode() -> str | None:
+    """The kernel's transparent huge page setting (always, madvise, never), or None without THP."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+_libc = None
+
+
+def advise_huge(t) -> int:
+    """Asks the kernel to back the 2 MiB-aligned interior of tensor t's memory with huge pages;
+    returns the bytes advised (0 where THP is off, t is small or the call fails). Call it before t
+    is first written: pages already touched stay small until the kernel's background collapse.
+
+    Decode streams every weight once a step: with 4 KiB pages the hardware prefetchers stop at
+    each page boundary and every 4 KiB costs a TLB walk. Measured on 2 Zen 4 cores, 400 MB of
+    bf16 weights, GB/s (4 KiB / 2 MiB pages): torch's sum 25.7 / 32.7, cpugen's gemv 28.8 / 31.8."""
+    global _libc
+    if t.device.type != "cpu" or thp_mode() not in ("always", "madvise"):
+        return 0
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = -(-start // HUGE) * HUGE, end // HUGE * HUGE
+    if hi <= lo:
+        return 0
+    import ctypes
+
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        ok = _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return 0
+    return hi - lo if ok else 0
+
+
+def huge_page_bytes() -> int:
+    """Bytes of this process's anonymous memory on transparent huge pages (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cpugen.env import cpu_info
+from cpugen.memory import advise_huge, thp_mode
 
 CACHE = Path(os.environ.get("CPUGEN_CACHE", Path.home() / ".cache" / "cpugen")) / "roofline.json"
 
@@ -54,8 +55,11 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def measure_bandwidth(repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, float, float]:
-    """Median, min, max GB/s of reading `nbytes` (far beyond any cache) with the best reduction."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    """Median, min, max GB/s of reading `nbytes` (far beyond any cache) with the best reduction,
+    from huge pages where the kernel gives them, as cpugen's weights and KV cache are."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32)
+    advise_huge(x)
+    x.fill_(1.0)
     results = []
     for op in (lambda: x.sum(), lambda: x.amax(), lambda: x.view(torch.bfloat16).amax()):
         ts = _timed(op, repeats)
@@ -75,7 +79,9 @@ def measure_matmul(repeats: int = 7, n: int = 4096) -> tuple[float, float, float
 
 
 def _key(threads: int) -> str:
-    return f"{cpu_info()['cpu']}|{threads}|{torch.__version__}"
+    # "pages": which page size the bandwidth was read from (limits read before cpugen used huge
+    # pages came from 4 KiB pages, and are measured again)
+    return f"{cpu_info()['cpu']}|{threads}|{torch.__version__}|pages={'2M' if thp_mode() in ('always', 'madvise') else '4K'}"
 
 
 def measure(threads: int | None = None, repeats: int = 7) -> Roofline:

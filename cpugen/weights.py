@@ -20,6 +20,7 @@ import torch
 
 from cpugen import model as M
 from cpugen.config import ModelConfig
+from cpugen.memory import advise_huge
 from cpugen.progress import Progress
 
 POOL = 4_194_301  # prime
@@ -82,6 +83,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, seed: int, progress: Prog
     else:
         model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="cpu"),
                                                   requires_grad=False)
+        advise_huge(model.lm_head.weight)
         pool.fill_(model.lm_head.weight, 1.0 / math.sqrt(cfg.n_embd))
     if model.lm_head.bias is not None:
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(cfg.vocab_size, dtype=dtype), requires_grad=False)
@@ -89,8 +91,11 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, seed: int, progress: Prog
 
 
 def _materialize(module: torch.nn.Module):
-    """meta -> uninitialized CPU storage, in place (the caller writes every element)."""
+    """meta -> uninitialized CPU storage, in place (the caller writes every element), on huge
+    pages where the kernel gives them (memory.advise_huge)."""
     module.to_empty(device="cpu", recurse=True)
+    for p in module.parameters(recurse=True):
+        advise_huge(p)
 
 
 def load_model(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.dtype, seed: int,
