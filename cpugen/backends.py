@@ -176,6 +176,7 @@ def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
         return
     if os.environ.get("CPUGEN_PACK", "1") == "0":
         return
+    model.decode_stack = None  # it holds the plain weights: dropped first, or packing would keep both
     tied = model.wte.weight
     for block in [*model.blocks, model]:
         for m in block.modules():
@@ -192,6 +193,12 @@ def decode_matmul(model: Transformer, backend: str) -> str:
     if getattr(block, "packed", None) is not None:
         return "onednn-packed"
     return "cpugen-gemv" if getattr(block, "kernel", None) is not None else "torch"
+
+
+def decode_blocks(model: Transformer, batch: int) -> str:
+    """How decode ran the blocks at `batch`, for the record: all in one native call, or one by one."""
+    stack = getattr(model, "decode_stack", None)
+    return "native-stack" if stack is not None and batch <= Linear.kernel_rows else "python"
 
 
 def apply(model: Transformer, backend: str, dtype: torch.dtype) -> Transformer:

@@ -215,6 +215,9 @@ class Transformer(nn.Module):
         self.ln_f = Norm(cfg)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
+        # a backend's native decode stack (kernels/decode_layer.cpp): every block of an unpadded
+        # decode step of at most Linear.kernel_rows sequences in one call
+        self.decode_stack = None
 
     def tie_weights(self):
         if self.cfg.tie_embeddings:
@@ -243,8 +246,16 @@ class Transformer(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos + self.cfg.position_offset)
         rope = self.rotary.tables(pos) if self.rotary is not None else None
-        for block in self.blocks:
-            x = block(x, rope, mask, start, rows)
+        B, T, h = x.shape
+        if (self.decode_stack is not None and T == 1 and mask is None and rows == slice(None)
+                and B <= Linear.kernel_rows and x.dtype == torch.bfloat16):
+            cos, sin = (t.reshape(B, -1) for t in rope) if rope is not None else (_NO_ROPE, _NO_ROPE)  # (B, rd/2)
+            caches = [b.attn.cache for b in self.blocks]
+            x = self.decode_stack.forward(x.view(B, h), cos, sin, [c.k for c in caches], [c.v for c in caches],
+                                          start).view(B, 1, h)
+        else:
+            for block in self.blocks:
+                x = block(x, rope, mask, start, rows)
         if last_only:
             x = x[:, -1]  # (B, h): prefill needs only the last position's logits
         return self.lm_head(self.ln_f(x))

@@ -42,7 +42,8 @@ def extension(name: str = "gemv_bf16", portable: bool = False):
         build.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build / "lock")
         source, built = source_dir() / f"{name}.cpp", build / f"cpugen_{name}.so"
-        if not built.exists() or built.stat().st_mtime < source.stat().st_mtime:
+        newest = max(p.stat().st_mtime for p in [source, *_headers(source)])  # ninja rebuilds on either
+        if not built.exists() or built.stat().st_mtime < newest:
             print(f"cpugen: building kernels/{name}.cpp for this machine and torch {torch.__version__} "
                   f"(once, about half a minute; cached in {build})", file=sys.stderr)
         return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source)],
@@ -53,6 +54,14 @@ def extension(name: str = "gemv_bf16", portable: bool = False):
         print(f"cpugen: native {name} unavailable ({_why[name]}); "
               + ("threads stay unpinned" if portable else "using the torch reference"), file=sys.stderr)
         return None
+
+
+def _headers(source: Path) -> list[Path]:
+    """The kernels/ headers a source includes (`#include "x.h"`)."""
+    import re
+
+    names = re.findall(r'^#include "([^"]+)"', source.read_text(), re.M)
+    return [source.parent / n for n in names if (source.parent / n).exists()]
 
 
 _why: dict[str, str] = {}
@@ -94,4 +103,30 @@ def install(model: torch.nn.Module) -> bool:
             m.kernel = ext.gemv
         elif isinstance(m, Attention) and attn is not None and m.hd % 32 == 0 and m.hd <= 256:
             m.decode_step = attn.decode_step
+    if all(b.attn.decode_step is not None for b in model.blocks):
+        install_stack(model)
+    return True
+
+
+def install_stack(model) -> bool:
+    """Gives the model a native decode stack (kernels/decode_layer.cpp): every block of a decode
+    step at gemv batch sizes in one call, holding references to the blocks' own weights (no copy).
+    False where it does not build or the blocks are not all plain cpugen modules."""
+    from cpugen.model import KERNEL_ACT, Linear, Norm
+
+    ext = extension("decode_layer")
+    if ext is None:
+        return False
+    cfg, blocks = model.cfg, []
+    for b in model.blocks:
+        mods = (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)
+        if (any(type(m) is not Linear or m.weight is None for m in mods)
+                or any(type(n) is not Norm or n.impl is not None for n in (b.ln_1, b.ln_2) if n is not None)):
+            return False
+        ln_2 = (b.ln_2.weight, b.ln_2.bias) if b.ln_2 is not None else (None, None)
+        blocks.append([b.ln_1.weight, b.ln_1.bias, *ln_2,
+                       *(t for m in mods for t in (m.weight, m.bias))])
+    model.decode_stack = ext.Stack(blocks, cfg.norm, cfg.norm_eps, cfg.parallel_residual, cfg.mlp == "glu",
+                                   KERNEL_ACT[cfg.activation], cfg.n_head,
+                                   cfg.rotary_dim if cfg.position == "rotary" else 0)
     return True

@@ -21,7 +21,7 @@ from cpugen.env import environment
 from cpugen.errors import CpugenError
 from cpugen.generate import Engine, Prompts, compute_context
 from cpugen.kv_cache import kv_cache_bytes
-from cpugen.memory import peak_rss_bytes
+from cpugen.memory import huge_page_bytes, peak_rss_bytes
 from cpugen.progress import progress
 from cpugen.record import GiB, RunRecord, count
 from cpugen.weights import load_model, weight_bytes
@@ -257,6 +257,9 @@ def make_record(spec: RunSpec, m: Loaded, p, timings: list[Timing]) -> RunRecord
                "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch,
                "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
                "decode_matmul": backends.decode_matmul(m.model, m.backend),
+               "decode_blocks": backends.decode_blocks(m.model, B),
+               # the process's memory on transparent huge pages (weights and KV cache ask for them)
+               "huge_page_bytes": huge_page_bytes(),
                # one-time costs, per run, so that their growth with depth can be checked (no
                # per-layer compile or search: docs/performance.md compares 24 and 96 layers)
                "load_s": m.load_s, "prepare_s": m.prepare_s, "warmup_s": m.warmup_s},

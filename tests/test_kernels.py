@@ -84,44 +84,106 @@ FAMILIES = {"gptj": lambda: from_name("gptj-1b").with_layers(2),
             "opt": lambda: _small("opt-125m", n_head=4, n_kv_head=4, head_dim=64)}
 
 
+class _Counted:
+    """Counts the calls made through a kernel (a gemv function or the decode stack)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x, *a):
+        self.calls.append(x.shape[0])
+        return self.fn(x, *a)
+
+    def forward(self, x, *a):  # the decode stack's entry point
+        self.calls.append(x.shape[0])
+        return self.fn.forward(x, *a)
+
+
 @needs_avx512
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_decode_with_and_without_the_kernels(family):
     """The same model decodes to the same logits (within bf16 rounding) through the native kernels
-    (gemv with its fused epilogue, the fused decode step) and through torch's ops; prefill's blocks
-    (3 x 16 rows) never reach the gemv, its lm_head (the last position only: 3 rows) does."""
+    and through torch's ops. Two native routes: every block of a step in one call (the decode
+    stack, kernels/decode_layer.cpp), and block by block from Python (gemv with its fused epilogue,
+    the fused decode step), which the stack must match exactly: it runs the same kernels and ATen
+    ops in the same order. Prefill's blocks (3 x 16 rows) never reach the gemv, its lm_head (the
+    last position only: 3 rows) does."""
     cfg = FAMILIES[family]()
     model = random_model(cfg, torch.bfloat16, 0)
-    calls = []
     prompts = Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
                       torch.ones(3, 16, dtype=torch.bool))
     run = lambda: _decode(model, prompts)  # noqa: E731
 
     plain = run()
     assert native.install(model)
-    gemv = model.lm_head.kernel
-
-    def counting(x, w, b, act=0):
-        calls.append(x.shape[0])
-        return gemv(x, w, b, act)
-
+    gemv = _Counted(model.lm_head.kernel)
     for m in model.modules():
         if getattr(m, "kernel", None) is not None:
-            m.kernel = counting
+            m.kernel = gemv
+    bf16 = cpu_info()["avx512_bf16"]
+    stack = model.decode_stack
+    assert (stack is not None) == bf16  # the stack needs the decode step's AVX512-BF16 kernel
+    if bf16:
+        model.decode_stack = stack = _Counted(stack)
+        assert len(stack.fn) == cfg.n_layer
+    stacked = run()
+    if bf16:
+        assert stack.calls == [3] * 4  # every decode step, every block in one call
+        assert gemv.calls == [3] * 5  # only the lm_head: prefill's, then each step's
+        model.decode_stack = None
+    gemv.calls.clear()
     steps = []
-    if cpu_info()["avx512_bf16"]:
+    if bf16:
         step = model.blocks[0].attn.decode_step
         for b in model.blocks:
             b.attn.decode_step = lambda *a: steps.append(1) or step(*a)
-    fast = run()
-    assert calls and max(calls) <= 4
+    per_block = run()
+    assert gemv.calls and max(gemv.calls) <= 4
     n_linear = 4 * cfg.n_layer + 1
-    assert len(calls) == 4 * n_linear + 1  # every linear of every decode step, and prefill's lm_head
-    assert len(steps) == (4 * cfg.n_layer if cpu_info()["avx512_bf16"] else 0)  # every layer of every step
+    assert len(gemv.calls) == 4 * n_linear + 1  # every linear of every decode step, and prefill's lm_head
+    assert len(steps) == (4 * cfg.n_layer if bf16 else 0)  # every layer of every step
+    assert torch.equal(stacked, per_block)
     # measured 0.1-0.7% (bf16 rounding in another order); attending one position short moves
     # these logits 1.9% (OPT) to 135% (GPT-J, Llama)
-    rel = (fast - plain).abs().max() / plain.abs().max()
+    rel = (per_block - plain).abs().max() / plain.abs().max()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="the decode stack needs AVX512-BF16")
+def test_decode_stack_holds_the_weights_without_copying_them():
+    """The stack keeps references to the blocks' own tensors: building it allocates nothing the
+    size of a weight (the OS's count of resident memory), and packing for a large batch drops it
+    first, so the plain weights are freed as they are packed."""
+    from cpugen import backends
+    from cpugen.memory import rss_bytes
+    from cpugen.weights import weight_bytes
+
+    model = random_model(from_name("gptj-1b").with_layers(4), torch.bfloat16, 0)
+    blocks = weight_bytes(model.blocks)
+    native.extension("decode_layer")  # loaded (and built) before measuring
+    model.decode_stack = None
+    before = rss_bytes()
+    assert native.install_stack(model)
+    assert rss_bytes() - before < blocks / 100, (rss_bytes() - before, blocks)
+    backends.for_batch(model, "eager", torch.bfloat16, backends.gemv_max_batch() + 1)
+    assert model.decode_stack is None
+
+
+@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="the decode stack needs AVX512-BF16")
+def test_decode_stack_is_not_used_where_it_does_not_apply():
+    """Padded batches (a mask), prefill and batches above the gemv's rows take the Python blocks."""
+    cfg = FAMILIES["gptj"]()
+    model = random_model(cfg, torch.bfloat16, 0)
+    assert native.install(model)
+    model.decode_stack = stack = _Counted(model.decode_stack)
+    from cpugen.generate import generate
+    from cpugen.sampling import Sampling
+
+    generate(model, [[1, 2, 3], [4, 5]], 3, Sampling(), torch.bfloat16)  # left-padded: masked
+    generate(model, [[1, 2, 3]] * 5, 3, Sampling(), torch.bfloat16)  # 5 rows > 4
+    assert stack.calls == []
+    generate(model, [[1, 2, 3]] * 2, 3, Sampling(), torch.bfloat16)
+    assert stack.calls == [2, 2]
 
 
 def test_model_and_reference_agree_on_activation_codes():

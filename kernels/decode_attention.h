@@ -1,0 +1,191 @@
+#pragma once
+// Decode attention over the static KV cache: one new query per sequence against S cached positions.
+//
+//   out (B, nh, hd) = softmax(q (B, nh, hd) . K (B, nkv, S, hd)^T * scale) . V (B, nkv, S, hd)
+//
+// Bound by reading K and V once. Each task takes one (sequence, kv head) and its nh/nkv query
+// heads: scores by vdpbf16ps over each K row (read once for all its query heads), softmax in fp32,
+// then each V row (bf16 -> fp32) accumulated into the outputs. K and V may be strided views of the
+// cache (rows of hd contiguous elements). No mask: every cached position is attended (the caller
+// uses this only for unpadded batches without a sliding window).
+//
+// decode_step is the whole of a decode step's attention after the qkv projection, in one call per
+// layer where the torch path takes about thirty small ops: it rotates q and k (rotary embedding
+// on the first rd dims, half-split pairs, fp32 math rounded to bf16), writes k and v to the
+// cache at this step's position, and attends over the cache up to it.
+// Reference: kernels/reference.py (decode_attention, decode_step); check: kernels/check_decode_attention.py.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace cpugen_attn {
+
+namespace {
+
+__attribute__((target("avx512f,avx512bw")))
+inline __m512 load_bf16x16(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float v) { return c10::BFloat16(v).x; }  // nearest even, as torch rounds
+
+// dst (hd) = src rotated on its first rd dims: pairs (i, i + rd/2) by the angle whose cos/sin are
+// cos[i]/sin[i]; x1 * c - x2 * s and x2 * c + x1 * s in fp32 (no fused multiply-add: the build
+// turns contraction off), rounded once
+inline void rotate(const uint16_t* src, uint16_t* dst, const float* cos, const float* sin, int64_t rd, int64_t hd) {
+  const int64_t h2 = rd / 2;
+  for (int64_t i = 0; i < h2; ++i) {
+    const float x1 = bf16_to_float(src[i]), x2 = bf16_to_float(src[i + h2]);
+    const float a = x1 * cos[i], b = x2 * sin[i], c = x2 * cos[i], d = x1 * sin[i];
+    dst[i] = float_to_bf16(a - b);
+    dst[i + h2] = float_to_bf16(c + d);
+  }
+  if (rd < hd) std::memcpy(dst + rd, src + rd, (hd - rd) * sizeof(uint16_t));
+}
+
+// out (g, hd) bf16 = softmax(q (g, hd) . k (S, hd)^T * scale) . v (S, hd), rows of k/v k_row/v_row apart
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t g, int64_t S,
+                    int64_t hd, int64_t k_row, int64_t v_row, float scale, float* scores) {
+  // scores (g, S)
+  for (int64_t s = 0; s < S; ++s) {
+    const uint16_t* kr = k + s * k_row;
+    for (int64_t h = 0; h < g; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kr + d), (__m512bh)_mm512_loadu_si512(q + h * hd + d));
+      scores[h * S + s] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {  // softmax in fp32
+    float* sc = scores + h * S;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) mx = std::max(mx, sc[s]);
+    float sum = 0.f;
+    for (int64_t s = 0; s < S; ++s) sum += (sc[s] = std::exp(sc[s] - mx));
+    const float inv = 1.f / sum;
+    for (int64_t s = 0; s < S; ++s) sc[s] *= inv;
+  }
+  for (int64_t h = 0; h < g; ++h) {  // out = p . V, 16 dims at a time, hd <= 256
+    __m512 acc[16];
+    const int64_t n = hd / 16;
+    for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_setzero_ps();
+    const float* sc = scores + h * S;
+    for (int64_t s = 0; s < S; ++s) {
+      const __m512 p = _mm512_set1_ps(sc[s]);
+      const uint16_t* vr = v + s * v_row;
+      for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_fmadd_ps(p, load_bf16x16(vr + 16 * i), acc[i]);
+    }
+    for (int64_t i = 0; i < n; ++i)  // rounded to bf16 (nearest even) on the way out
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * hd + 16 * i), (__m256i)_mm512_cvtneps_pbh(acc[i]));
+  }
+}
+
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+}
+
+const bool kSupported = supported();
+
+}  // namespace
+
+// q (B, nh, hd), k and v (B, nkv, S, hd) with unit stride on hd -> (B, nh, hd) bf16
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(kSupported, "cpugen decode_attention: needs AVX512-BF16");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+              v.scalar_type() == at::kBFloat16, "cpugen decode_attention: bf16 only");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "cpugen decode_attention: q (B, nh, hd), k/v (B, nkv, S, hd)");
+  const int64_t B = k.size(0), nkv = k.size(1), S = k.size(2), hd = k.size(3), nh = q.size(1);
+  TORCH_CHECK(q.size(0) == B && q.size(2) == hd && nh % nkv == 0 && v.sizes() == k.sizes(),
+              "cpugen decode_attention: mismatched shapes");
+  TORCH_CHECK(hd % 32 == 0 && hd <= 256, "cpugen decode_attention: head dim must be a multiple of 32, at most 256");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "cpugen decode_attention: rows of k/v must be contiguous");
+  const auto qc = q.contiguous();
+  const int64_t g = nh / nkv;
+  auto out = torch::empty({B, nh, hd}, q.options());
+  const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(g * S);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nkv, h = t % nkv;
+      one_head_group(qp + (b * nh + h * g) * hd, kp + b * k.stride(0) + h * k.stride(1),
+                     vp + b * v.stride(0) + h * v.stride(1), op + (b * nh + h * g) * hd, g, S, hd, k.stride(2),
+                     v.stride(2), scale, scores.data());
+    }
+  });
+  return out;
+}
+
+// qkv (B, (nh + 2 nkv) hd) bf16: the step's fused projection, q heads then k then v; cos, sin
+// (B, rd / 2) fp32, each sequence's angles (rd = 0: no rotary, empty tables); k_cache, v_cache
+// (B, nkv, S_max, hd) bf16, contiguous; index: this token's cache position, the same for every
+// sequence -> (B, nh hd) bf16. Writes k_cache/v_cache[:, :, index].
+torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                          torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t index, int64_t nh, int64_t rd) {
+  TORCH_CHECK(kSupported, "cpugen decode_step: needs AVX512-BF16");
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+              v_cache.scalar_type() == at::kBFloat16, "cpugen decode_step: bf16 only");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes(), "cpugen decode_step: caches (B, nkv, S_max, hd), contiguous");
+  const int64_t B = k_cache.size(0), nkv = k_cache.size(1), S_max = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t row = (nh + 2 * nkv) * hd;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == row && qkv.stride(1) == 1,
+              "cpugen decode_step: qkv (B, (nh + 2 nkv) hd) with rows of unit stride");
+  TORCH_CHECK(nh % nkv == 0 && hd % 32 == 0 && hd <= 256, "cpugen decode_step: head dim a multiple of 32, at most 256");
+  TORCH_CHECK(rd >= 0 && rd <= hd && rd % 2 == 0, "cpugen decode_step: rotary dims even, at most the head dim");
+  TORCH_CHECK(index >= 0 && index < S_max, "cpugen decode_step: position ", index, " outside a cache of ", S_max);
+  torch::Tensor cc, sc;
+  if (rd) {
+    cc = cos.to(at::kFloat).contiguous();
+    sc = sin.to(at::kFloat).contiguous();
+    TORCH_CHECK(cc.numel() == B * rd / 2 && sc.numel() == B * rd / 2, "cpugen decode_step: cos/sin (B, rd / 2)");
+  }
+  const int64_t g = nh / nkv, S = index + 1;
+  auto out = torch::empty({B, nh * hd}, qkv.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
+  auto* kp = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
+  auto* vp = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const float* cp = rd ? cc.data_ptr<float>() : nullptr;
+  const float* sp = rd ? sc.data_ptr<float>() : nullptr;
+  const int64_t ld = qkv.stride(0);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(g * S);
+    std::vector<uint16_t> q(g * hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nkv, h = t % nkv;
+      const uint16_t* x = xp + b * ld;
+      const float* c = cp ? cp + b * rd / 2 : nullptr;
+      const float* s = sp ? sp + b * rd / 2 : nullptr;
+      uint16_t* kh = kp + (b * nkv + h) * S_max * hd;  // this sequence's cache for kv head h
+      uint16_t* vh = vp + (b * nkv + h) * S_max * hd;
+      for (int64_t j = 0; j < g; ++j) rotate(x + (h * g + j) * hd, q.data() + j * hd, c, s, rd, hd);
+      rotate(x + (nh + h) * hd, kh + index * hd, c, s, rd, hd);
+      std::memcpy(vh + index * hd, x + (nh + nkv + h) * hd, hd * sizeof(uint16_t));
+      one_head_group(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data());
+    }
+  });
+  return out;
+}
+
+}  // namespace cpugen_attn

@@ -1,0 +1,294 @@
+#pragma once
+// Skinny bf16 matmul for decode: y (M, N) = act(x (M, K) @ W (N, K)^T [+ bias]), M small (1..16).
+//
+// At decode the whole weight matrix is read once per step for a handful of rows of x, so the op
+// is bound by memory bandwidth. The kernel streams W row by row exactly once, keeps x (M x K bf16,
+// at most a few hundred KB) in cache, and accumulates in fp32:
+//   - AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 lanes;
+//   - AVX-512F: bf16 -> fp32 by a 16-bit shift, then fused multiply-add;
+// chosen at run time from what the CPU reports. Rows of W are split across threads
+// (at::parallel_for) in contiguous ranges and taken 4 at a time, each W vector loaded once for
+// all rows of x. While one block of 4 rows is multiplied, the next block is prefetched into L2,
+// one line for each line read: the hardware prefetchers alone leave the 4 interleaved row streams
+// short of bandwidth (measured on 2 Zen 4 cores, GB/s of W: 21.6 -> 27.5 at 1 row of x,
+// 19.9 -> 27.6 at 4 rows; reading W's rows one after the other instead gave 23.9 and 11.8).
+// The epilogue (bias, then gelu/relu/silu, vectorized) runs on each task's fp32 sums as soon as
+// the task has them, rounded once to bf16 on the way out: the decode MLP's bias and activation
+// cost no extra op and no pass over memory.
+// Reference: kernels/reference.py; check: kernels/check_gemv.py; benchmark: kernels/bench_gemv.py.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace cpugen_gemv {
+
+namespace {
+
+constexpr int64_t kMaxM = 16;
+constexpr int64_t kRows = 4;  // rows of W per inner step
+constexpr int64_t kMB = 4;  // rows of x per pass over them
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 };
+
+// Where the blocks leave each output's fp32 sum, (M, N); the epilogue (finish_*) reads them back.
+struct Sums {
+  float* s;
+  int64_t N;
+  inline void put(int64_t m, int64_t n, float v) const { s[m * N + n] = v; }
+};
+
+// ---- the epilogue, 16 outputs at a time ---------------------------------------------------------
+// e^x in fp32: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), ~1 ulp
+__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf in fp32: Abramowitz & Stegun 7.1.26, absolute error under 1.5e-7
+__attribute__((target("avx512f"))) inline __m512 erf16(__m512 x) {
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, _mm512_set1_ps(1.f));
+  return _mm512_mask_sub_ps(y, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), y);
+}
+
+__attribute__((target("avx512f"))) inline __m512 activate(__m512 v, int64_t act) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  switch (act) {
+    case kGeluTanh: {  // 0.5 v (1 + tanh(u)) = v / (1 + e^(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3)
+      const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f), _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
+      return _mm512_div_ps(v, _mm512_add_ps(one, exp16(u)));
+    }
+    case kGelu:
+      return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
+                           _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f)))));
+    case kRelu: return _mm512_max_ps(v, _mm512_setzero_ps());
+    case kSilu: return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    default: return v;
+  }
+}
+
+// Outputs n0..n1 of every row: + bias, activation, rounded to bf16 (nearest even).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void finish(const Sums& sums, const uint16_t* bias,
+                                                                        int64_t act, uint16_t* out, int64_t M,
+                                                                        int64_t n0, int64_t n1,
+                                                                        __m256i (*to_bf16)(__m512)) {
+  const int64_t N = sums.N;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; n += 16) {
+      const __mmask16 k = n1 - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(k, sums.s + m * N + n);
+      if (bias) {
+        const __m256i b = _mm256_maskz_loadu_epi16(k, bias + n);
+        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+      }
+      _mm256_mask_storeu_epi16(out + m * N + n, k, to_bf16(activate(v, act)));
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) __m256i to_bf16_native(__m512 v) {
+  return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+__attribute__((target("avx512f,avx512bw"))) __m256i to_bf16_avx512(__m512 v) {  // nearest even, NaN kept
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(u);
+}
+
+// The rows of the block after [n, n + kRows) to prefetch while this one is read; past the end of
+// this thread's range, the current rows again (harmless: already in cache)
+inline void next_rows(const uint16_t* w, int64_t n, int64_t n1, int64_t K, const char* next[kRows]) {
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = n + kRows + r < n1 ? n + kRows + r : std::min(n + r, n1 - 1);
+    next[r] = reinterpret_cast<const char*>(w + row * K);
+  }
+}
+
+// Rows n..n+rows-1 of W (rows <= kRows; a short last block reads its last row again for the
+// missing ones and stores nothing for them), against rows m0..m0+MB-1 of x. MB is a compile-time
+// constant so that the kRows x MB accumulators live in registers: with a run-time count the
+// compiler kept them on the stack, and 4 rows of x ran at 21 GB/s from L2 (compute-bound).
+#define CPUGEN_BLOCK_ARGS                                                                             \
+  const uint16_t *xm, const uint16_t *w, const Sums &ep, int64_t K, int64_t n, int64_t rows, \
+      int64_t m0, const char *const *next, bool prefetch
+
+// ---- AVX512-BF16 -------------------------------------------------------------------------------
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void block_avx512bf16(CPUGEN_BLOCK_ARGS) {
+  const int64_t K32 = K / 32 * 32;
+  const uint16_t* wr[kRows];
+  for (int r = 0; r < kRows; ++r) wr[r] = w + (n + std::min<int64_t>(r, rows - 1)) * K;
+  __m512 acc[kRows][MB];
+  for (int r = 0; r < kRows; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K32; k += 32) {
+    if (prefetch)
+      for (int r = 0; r < kRows; ++r) _mm_prefetch(next[r] + 2 * k, _MM_HINT_T1);
+    __m512i wv[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = _mm512_loadu_si512(reinterpret_cast<const void*>(wr[r] + k));
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(xm + m * K + k));
+      for (int r = 0; r < kRows; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  if (K32 < K) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (K - K32)) - 1);
+    __m512i wv[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = _mm512_maskz_loadu_epi16(tail, wr[r] + K32);
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(tail, xm + m * K + K32);
+      for (int r = 0; r < kRows; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int m = 0; m < MB; ++m) ep.put(m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
+}
+
+// ---- AVX-512F ----------------------------------------------------------------------------------
+__attribute__((target("avx512f,avx512bw")))
+inline __m512 load_bf16x16(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+template <int MB>
+__attribute__((target("avx512f,avx512bw")))
+void block_avx512(CPUGEN_BLOCK_ARGS) {
+  const int64_t K16 = K / 16 * 16;
+  const uint16_t* wr[kRows];
+  for (int r = 0; r < kRows; ++r) wr[r] = w + (n + std::min<int64_t>(r, rows - 1)) * K;
+  __m512 acc[kRows][MB];
+  for (int r = 0; r < kRows; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (prefetch && k % 32 == 0)
+      for (int r = 0; r < kRows; ++r) _mm_prefetch(next[r] + 2 * k, _MM_HINT_T1);
+    __m512 wv[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = load_bf16x16(wr[r] + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = load_bf16x16(xm + m * K + k);
+      for (int r = 0; r < kRows; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float s = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t k = K16; k < K; ++k) s += bf16_to_float(wr[r][k]) * bf16_to_float(xm[m * K + k]);
+      ep.put(m0 + m, n + r, s);
+    }
+}
+
+using BlockFn = void (*)(CPUGEN_BLOCK_ARGS);
+
+// Rows n0..n1 of W against every row of x, kMB rows of x at a time: for M > kMB the same block of
+// W is read again from cache (4 rows x K bf16 fit in L2), not from memory.
+void rows(const BlockFn* fns, const uint16_t* x, const uint16_t* w, const Sums& ep, int64_t M, int64_t K,
+          int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const char* next[kRows];
+    next_rows(w, n, n1, K, next);
+    for (int64_t m0 = 0; m0 < M; m0 += kMB)
+      fns[std::min(kMB, M - m0) - 1](x + m0 * K, w, ep, K, n, std::min(kRows, n1 - n), m0, next, m0 == 0);
+  }
+}
+
+const BlockFn kBf16Blocks[kMB] = {block_avx512bf16<1>, block_avx512bf16<2>, block_avx512bf16<3>,
+                                  block_avx512bf16<4>};
+const BlockFn kAvx512Blocks[kMB] = {block_avx512<1>, block_avx512<2>, block_avx512<3>, block_avx512<4>};
+
+enum class Isa { kAvx512Bf16, kAvx512, kNone };
+
+// What the CPU can run; CPUGEN_ISA=avx512 takes the AVX-512F path on an AVX512-BF16 CPU (to test it)
+Isa detect() {
+  __builtin_cpu_init();
+  const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl");
+  const char* force = std::getenv("CPUGEN_ISA");
+  const bool bf16 = __builtin_cpu_supports("avx512bf16") && !(force && std::string(force) == "avx512");
+  if (base && bf16) return Isa::kAvx512Bf16;
+  if (base) return Isa::kAvx512;
+  return Isa::kNone;
+}
+
+const Isa kIsa = detect();
+
+}  // namespace
+
+std::string isa() {
+  switch (kIsa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
+    case Isa::kAvx512: return "avx512";
+    default: return "none";
+  }
+}
+
+// x (M, K) bf16, w (N, K) bf16, bias (N,) or none, act (Act) -> act(x w^T + bias) (M, N) bf16
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+                   int64_t act) {
+  TORCH_CHECK(kIsa != Isa::kNone, "cpugen gemv: this CPU has no AVX-512");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "cpugen gemv: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "cpugen gemv: shapes (M, K) and (N, K)");
+  TORCH_CHECK(x.size(0) <= kMaxM, "cpugen gemv: at most ", kMaxM, " rows of x");
+  TORCH_CHECK(act >= kNone && act <= kSilu, "cpugen gemv: unknown activation ", act);
+  const auto xc = x.contiguous();
+  const auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "cpugen gemv: bias of ", bias->numel(), " for ", N, " outputs");
+    bc = bias->to(at::kBFloat16).contiguous();
+  }
+  auto out = torch::empty({M, N}, x.options());
+  auto sums = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const Sums ep{sums.data_ptr<float>(), N};
+  const auto* bp = bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr;
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+  const bool bf16 = kIsa == Isa::kAvx512Bf16;
+  // grain: at least 64 rows (a few hundred KB of W) per task; each task finishes its own outputs
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kRows, n1 = std::min(N, b1 * kRows);
+    rows(bf16 ? kBf16Blocks : kAvx512Blocks, xp, wp, ep, M, K, n0, n1);
+    finish(ep, bp, act, op, M, n0, n1, bf16 ? to_bf16_native : to_bf16_avx512);
+  });
+  return out;
+}
+
+}  // namespace cpugen_gemv
