@@ -22,6 +22,7 @@ import torch
 from cpugen import model as M
 from cpugen.config import ModelConfig
 from cpugen.errors import CpugenError
+from cpugen.memory import advise_huge
 from cpugen.progress import Progress
 
 ARCHITECTURES = {
@@ -362,7 +363,9 @@ def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: 
     for pname, p in params.items():  # allocate each parameter in its final dtype
         if pname == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        _set_param(model, pname, torch.empty(p.shape, dtype=dtype))
+        t = torch.empty(p.shape, dtype=dtype)
+        advise_huge(t)  # before the first write: decode streams these
+        _set_param(model, pname, t)
     model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
     targets = _targets(cfg)
