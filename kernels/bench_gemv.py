@@ -16,7 +16,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cpugen.memory import advise_huge  # noqa: E402
 from cpugen.native import extension  # noqa: E402
+
+
+def _weight(n: int, k: int) -> torch.Tensor:
+    """A random (n, k) bf16 weight on huge pages where the kernel gives them, as cpugen's are."""
+    w = torch.empty(n, k, dtype=torch.bfloat16)
+    advise_huge(w)
+    return w.copy_(torch.randn(n, k).div_(k**0.5))
 
 
 def main():
@@ -27,7 +35,7 @@ def main():
     a = ap.parse_args()
     h, ffn = 2048, 8192
     shapes = [(3 * h, h), (h, h), (ffn, h), (h, ffn)] * a.layers  # wqkv, wo, w_in, w_out
-    ws = [torch.randn(n, k).div_(k**0.5).to(torch.bfloat16) for n, k in shapes]
+    ws = [_weight(n, k) for n, k in shapes]
     nbytes = sum(w.numel() * 2 for w in ws)
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
     ext = extension()

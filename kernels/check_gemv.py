@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpugen.native import extension  # noqa: E402
 from kernels import reference  # noqa: E402
 
-# (M, K, N): decode shapes, K not a multiple of 32 (or of 64, the one-row path's step), N not a
-# multiple of the 4-row block, M up to 16
-SHAPES = [(1, 2048, 6144), (4, 2048, 8192), (16, 256, 96), (3, 100, 7), (1, 33, 5), (1, 20, 3), (1, 96, 11),
+# (M, K, N): decode shapes, K not a multiple of 32, N not a
+# multiple of the 4-row block, M up to 16; one row of x takes its own path (128 along k, then 32, then
+# the masked rest)
+SHAPES = [(1, 2048, 6144), (4, 2048, 8192), (16, 256, 96), (3, 100, 7), (1, 33, 5), (1, 20, 3), (1, 96, 11), (1, 200, 9),
           (8, 4096, 1030), (2, 8192, 256)]
 
 

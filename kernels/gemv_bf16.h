@@ -228,6 +228,40 @@ void rows(const BlockFn* fns, const uint16_t* x, const uint16_t* w, const Sums& 
   }
 }
 
+// One row of x (batch-1 decode), AVX512-BF16: W's rows n0..n1 read one after the other, a single
+// sequential stream, with 4 independent accumulators along k and each line prefetched kAhead bytes
+// before it is read. For one row of x this streams 5-7% faster than the 4-row blocks (2 Zen 4
+// cores, weights on huge pages, 3 interleaved runs: 33.6 / 31.9 / 34.9 against 31.7 / 29.8 /
+// 33.3 GB/s, torch's sum at 32.3 / 30.9 / 33.9); from 2 rows of x on, the blocks win, as each
+// W vector then serves several rows.
+constexpr int64_t kAhead = 2048;
+
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void row_stream_bf16(const uint16_t* x, const uint16_t* w, const Sums& ep, int64_t K, int64_t n0, int64_t n1) {
+  const char* end = reinterpret_cast<const char*>(w + n1 * K);  // prefetches stay within the task's rows
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* r = w + n * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+      const char* p = reinterpret_cast<const char*>(r + k) + kAhead;
+      if (p + 256 <= end)
+        for (int u = 0; u < 4; ++u) _mm_prefetch(p + 64 * u, _MM_HINT_T1);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(x + k));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r + k + 64), (__m512bh)_mm512_loadu_si512(x + k + 64));
+      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r + k + 96), (__m512bh)_mm512_loadu_si512(x + k + 96));
+    }
+    for (; k + 32 <= K; k += 32)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(x + k));
+    if (k < K) {
+      const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k)) - 1);
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + k), (__m512bh)_mm512_maskz_loadu_epi16(tail, x + k));
+    }
+    ep.put(0, n, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
+  }
+}
+
 const BlockFn kBf16Blocks[kMB] = {block_avx512bf16<1>, block_avx512bf16<2>, block_avx512bf16<3>,
                                   block_avx512bf16<4>};
 const BlockFn kAvx512Blocks[kMB] = {block_avx512<1>, block_avx512<2>, block_avx512<3>, block_avx512<4>};
@@ -285,7 +319,10 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
   // grain: at least 64 rows (a few hundred KB of W) per task; each task finishes its own outputs
   at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * kRows, n1 = std::min(N, b1 * kRows);
-    rows(bf16 ? kBf16Blocks : kAvx512Blocks, xp, wp, ep, M, K, n0, n1);
+    if (bf16 && M == 1)
+      row_stream_bf16(xp, wp, ep, K, n0, n1);
+    else
+      rows(bf16 ? kBf16Blocks : kAvx512Blocks, xp, wp, ep, M, K, n0, n1);
     finish(ep, bp, act, op, M, n0, n1, bf16 ? to_bf16_native : to_bf16_avx512);
   });
   return out;

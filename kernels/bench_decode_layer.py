@@ -1,0 +1,79 @@
+"""Microbenchmark: one decode step of a random-weight model through the native decode stack
+(kernels/decode_layer.cpp), through the Python blocks (the same kernels called one by one), and
+the model's matmuls alone (every gemv over the same weights, nothing between them): what the stack
+saves, and what is left between the matmuls. Interleaved rounds; the machine's read bandwidth is
+read before each round, and each time is also given as weights streamed against it.
+
+    python kernels/bench_decode_layer.py [--model gptj-1b] [--layers N] [--batch 1] [--rounds 5] [--steps 8]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cpugen import backends, native  # noqa: E402
+from cpugen.config import from_name  # noqa: E402
+from cpugen.generate import Engine, Prompts, compute_context  # noqa: E402
+from cpugen.model import Linear  # noqa: E402
+from cpugen.roofline import measure_bandwidth  # noqa: E402
+from cpugen.weights import random_model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gptj-1b")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8)
+    a = ap.parse_args()
+    cfg = from_name(a.model).with_layers(a.layers)
+    model = random_model(cfg, torch.bfloat16, 0)
+    fwd = backends.apply(model, "eager", torch.bfloat16)
+    stack, gemv = model.decode_stack, native.extension().gemv
+    if stack is None or a.batch > Linear.kernel_rows:
+        sys.exit(f"no decode stack here (needs AVX512-BF16 and a batch of at most {Linear.kernel_rows})")
+    linears = list({id(m): m for m in model.modules() if type(m) is Linear and m.weight is not model.wte.weight}.values())
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    xs = {m.in_features: torch.randn(a.batch, m.in_features).to(torch.bfloat16) for m in linears}
+    B, P = a.batch, 16
+    max_len = P + a.rounds * a.steps * 2 + 1
+    engine = Engine(model, B, max_len, torch.bfloat16, fwd)
+    gen = torch.Generator().manual_seed(0)
+    print(f"{cfg.name}, {cfg.n_layer} layers, batch {B}, {torch.get_num_threads()} threads, "
+          f"{nbytes / 1e9:.2f} GB of matmul weights")
+    times = {"stack": [], "python blocks": [], "matmuls alone": []}
+    reads = []
+    with compute_context(torch.bfloat16):
+        tok = engine.prefill(Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen),
+                                     torch.ones(B, P, dtype=torch.bool))).argmax(-1)
+        for _ in range(a.rounds):
+            reads.append(measure_bandwidth(3)[0])
+            for _ in range(a.steps):  # interleaved step by step
+                for name in ("stack", "python blocks"):
+                    model.decode_stack = stack if name == "stack" else None
+                    t0 = time.perf_counter()
+                    tok = engine.decode_one_token(tok).argmax(-1)
+                    times[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for m in linears:
+                    gemv(xs[m.in_features], m.weight, m.bias, 0)
+                times["matmuls alone"].append(time.perf_counter() - t0)
+    model.decode_stack = stack
+    model.free_caches()
+    bw = statistics.median(reads)
+    print(f"read bandwidth {bw:.1f} GB/s (median of {len(reads)} readings, {min(reads):.1f}-{max(reads):.1f})")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:>14}: {med * 1e3:6.1f} ms ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}), "
+              f"weights at {nbytes / med / 1e9:.1f} GB/s = {nbytes / med / 1e9 / bw:.0%} of read")
+
+
+if __name__ == "__main__":
+    main()
