@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 
 
@@ -78,9 +79,10 @@ def advise_huge(t) -> int:
 
     Decode streams every weight once a step: with 4 KiB pages the hardware prefetchers stop at
     each page boundary and every 4 KiB costs a TLB walk. Measured on 2 Zen 4 cores, 400 MB of
-    bf16 weights, GB/s (4 KiB / 2 MiB pages): torch's sum 25.7 / 32.7, cpugen's gemv 28.8 / 31.8."""
+    bf16 weights, GB/s (4 KiB / 2 MiB pages): torch's sum 25.7 / 32.7, cpugen's gemv 28.8 / 31.8.
+    CPUGEN_HUGEPAGES=0 turns the advice off (for A/B measurements)."""
     global _libc
-    if t.device.type != "cpu" or thp_mode() not in ("always", "madvise"):
+    if t.device.type != "cpu" or thp_mode() not in ("always", "madvise") or os.environ.get("CPUGEN_HUGEPAGES") == "0":
         return 0
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()

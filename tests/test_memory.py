@@ -42,3 +42,8 @@ def test_weights_and_kv_cache_land_on_huge_pages():
     assert on_huge > 0.7 * weight_bytes(model), (on_huge, weight_bytes(model))
     assert cache_huge > 0.7 * cache.nbytes
     assert torch.count_nonzero(cache.k) == 0  # still zeroed
+
+
+def test_switched_off_with_cpugen_hugepages_0(monkeypatch):
+    monkeypatch.setenv("CPUGEN_HUGEPAGES", "0")
+    assert memory.advise_huge(torch.empty(64 << 20, dtype=torch.uint8)) == 0
