@@ -22,7 +22,7 @@ import torch
 from cpugen import model as M
 from cpugen.config import ModelConfig
 from cpugen.errors import CpugenError
-from cpugen.memory import advise_huge
+from cpugen.memory import empty_huge
 from cpugen.progress import Progress
 
 ARCHITECTURES = {
@@ -363,9 +363,7 @@ def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: 
     for pname, p in params.items():  # allocate each parameter in its final dtype
         if pname == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        t = torch.empty(p.shape, dtype=dtype)
-        advise_huge(t)  # before the first write: decode streams these
-        _set_param(model, pname, t)
+        _set_param(model, pname, empty_huge(p.shape, dtype))  # on huge pages: decode streams these
     model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
     targets = _targets(cfg)

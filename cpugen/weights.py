@@ -20,7 +20,7 @@ import torch
 
 from cpugen import model as M
 from cpugen.config import ModelConfig
-from cpugen.memory import advise_huge
+from cpugen.memory import empty_huge
 from cpugen.progress import Progress
 
 POOL = 4_194_301  # prime
@@ -81,9 +81,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, seed: int, progress: Prog
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     else:
-        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="cpu"),
-                                                  requires_grad=False)
-        advise_huge(model.lm_head.weight)
+        model.lm_head.weight = torch.nn.Parameter(empty_huge(model.lm_head.weight.shape, dtype), requires_grad=False)
         pool.fill_(model.lm_head.weight, 1.0 / math.sqrt(cfg.n_embd))
     if model.lm_head.bias is not None:
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(cfg.vocab_size, dtype=dtype), requires_grad=False)
@@ -91,11 +89,11 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, seed: int, progress: Prog
 
 
 def _materialize(module: torch.nn.Module):
-    """meta -> uninitialized CPU storage, in place (the caller writes every element), on huge
-    pages where the kernel gives them (memory.advise_huge)."""
-    module.to_empty(device="cpu", recurse=True)
-    for p in module.parameters(recurse=True):
-        advise_huge(p)
+    """meta -> uninitialized CPU storage, in place (the caller writes every element), each
+    parameter on huge pages from a 2 MiB boundary where the kernel gives them (memory.empty_huge)."""
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            setattr(m, name, torch.nn.Parameter(empty_huge(p.shape, p.dtype), requires_grad=p.requires_grad))
 
 
 def load_model(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.dtype, seed: int,

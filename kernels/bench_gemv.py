@@ -16,15 +16,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen.memory import advise_huge  # noqa: E402
+from cpugen.memory import empty_huge  # noqa: E402
 from cpugen.native import extension  # noqa: E402
 
 
 def _weight(n: int, k: int) -> torch.Tensor:
     """A random (n, k) bf16 weight on huge pages where the kernel gives them, as cpugen's are."""
-    w = torch.empty(n, k, dtype=torch.bfloat16)
-    advise_huge(w)
-    return w.copy_(torch.randn(n, k).div_(k**0.5))
+    return empty_huge((n, k), torch.bfloat16).copy_(torch.randn(n, k).div_(k**0.5))
 
 
 def main():
