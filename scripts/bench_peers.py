@@ -12,7 +12,8 @@ written once from the preset with random weights (so every engine computes with 
 - hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment.
 Rounds are interleaved (A, B, C, A, B, C, ...) so a change of the machine's regime hits every engine
 alike; each figure is the median over rounds with min-max beside it. The machine's limits are read
-before and after; a run whose two readings disagree by more than 15% is flagged.
+before and after, and the bandwidth again before every round; a run whose before and after readings
+disagree by more than 15% is flagged.
 
 HF engines are timed inside one `generate` call by a logits processor that notes the time as each
 token's logits arrive: the prompt time is the first arrival, the decode step the mean gap after it.
@@ -170,6 +171,21 @@ def limits(threads: int) -> tuple[float, float]:
     return r.read_gbps, r.bf16_tflops
 
 
+def read_now(threads: int) -> float:
+    """A quick bandwidth reading (GB/s), taken before each round: this machine changes regime
+    within minutes, so a round's weight GB/s is also set against the reading next to it."""
+    import torch
+
+    from cpugen import roofline
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return roofline.measure_bandwidth(3)[0]
+    finally:
+        torch.set_num_threads(prev)
+
+
 def fmt(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
     v = [x * scale for x in vals]
     return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
@@ -203,11 +219,13 @@ def main() -> int:
     batches = [int(b) for b in a.batch_sizes.split(",")]
     weight_bytes = flops.streamed_params(cfg) * 2
     res: dict = {(w.engine, b): [] for w in workers for b in batches}
+    reads: dict = {b: [] for b in batches}
     try:
         for b in batches:
             for w in workers:
                 w.ask(batch=b, prompt_len=a.prompt_len, gen_len=a.gen_len, vocab=cfg.vocab_size, warmup=True)
             for r in range(a.rounds):
+                reads[b].append(read_now(a.threads))  # this round's bandwidth, read just before it
                 for w in workers:  # interleaved: A, B, C, A, B, C, ...
                     res[(w.engine, b)].append(w.ask(batch=b, prompt_len=a.prompt_len, gen_len=a.gen_len,
                                                     vocab=cfg.vocab_size, seed=r))
@@ -229,11 +247,14 @@ def main() -> int:
              + ("  **(readings disagree by more than 15%: distrust this run)**"
                 if abs(bw1 / bw0 - 1) > 0.15 or abs(tf1 / tf0 - 1) > 0.15 else ""),
              "Engines: " + "; ".join(f"{w.engine} = {w.name}" for w in workers),
-             f"Each cell: median over {a.rounds} interleaved rounds (min-max).",
+             f"Each cell: median over {a.rounds} interleaved rounds (min-max). Bandwidth read before each "
+             "round: " + "; ".join(f"batch {b}: {fmt(reads[b], 1, 1)} GB/s" for b in batches) + ". "
+             "'vs round's read' is the median over rounds of each round's weight GB/s against the reading "
+             "just before it; the other ratios use the mean of the before and after limits.",
              "",
              "| batch | engine | tokens/s | prompt time (s) | decode step (ms) | weight GB/s | vs read BW | "
-             "decode vs roofline | prefill vs peak | tok/s vs hf | tok/s vs hf-ipex |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs round's read | decode vs roofline | prefill vs peak | tok/s vs hf | tok/s vs hf-ipex |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     bw, tf = (bw0 + bw1) / 2, (tf0 + tf1) / 2
     out = {}
     for b in batches:
@@ -250,6 +271,7 @@ def main() -> int:
             lines.append(f"| {b} | {e} | {fmt(tps, 1, 1)} | {fmt([x['prompt_time_s'] for x in rows], 1, 2)} | "
                          f"{fmt(steps, 1e3, 1)} | {weight_bytes / statistics.median(steps) / 1e9:.1f} | "
                          f"{weight_bytes / statistics.median(steps) / 1e9 / bw:.0%} | "
+                         f"{statistics.median(weight_bytes / x / 1e9 / rb for x, rb in zip(steps, reads[b])):.0%} | "
                          f"{ideal / statistics.median(steps):.0%} | {statistics.median(pf):.0%} | "
                          f"{rel('hf')} | {rel('hf-ipex')} |")
             out[f"{e}/{b}"] = {"tokens_per_s": tps, "step_s": steps, "prompt_time_s": [x["prompt_time_s"] for x in rows],
@@ -258,7 +280,8 @@ def main() -> int:
     print(report)
     if a.out:
         Path(a.out).write_text(report + "\n")
-        Path(a.out).with_suffix(".json").write_text(json.dumps({"limits": [bw0, tf0, bw1, tf1], "results": out}))
+        Path(a.out).with_suffix(".json").write_text(json.dumps({"limits": [bw0, tf0, bw1, tf1], "round_reads": reads,
+                                                                "results": out}))
     return 0
 
 
