@@ -21,6 +21,7 @@ section "native gemv: check and microbenchmark"
 timeout 240 $py kernels/check_gemv.py | head -3
 timeout 240 $py kernels/check_decode_attention.py | tail -4
 timeout 240 $py kernels/bench_gemv.py --rows 1,4,8 --repeat 5 --layers 12
+timeout 240 $py kernels/bench_decode_layer.py --rounds 3
 section "cpugen beside Hugging Face (gptj-1b, prompt 128, 32 new tokens)"
 timeout 420 $py scripts/bench_peers.py --engines cpugen,hf --batch-sizes 1,4,16,32 --rounds "${PERF_ROUNDS:-3}" --out "$out/peers.md" 2>&1 | grep -v "round"
 section "decode by thread count (cpugen, gptj-1b, batch 1)"
