@@ -4,25 +4,42 @@ what the kernel reports in /proc/self/smaps_rollup."""
 import torch
 
 from cpugen import memory
-from cpugen.config import from_name
-from cpugen.kv_cache import KVCache
-from cpugen.weights import random_model, weight_bytes
 
 THP = memory.thp_mode() in ("always", "madvise")
 
 
+def _fresh(code: str) -> dict:
+    """Runs code in a fresh process and returns the JSON it prints last: memory freed by earlier
+    tests, which the allocator would hand out again already resident, cannot mix in."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def test_advice_covers_the_aligned_interior_and_the_kernel_backs_it():
-    t = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, untouched
-    start, end = t.data_ptr(), t.data_ptr() + t.numel()
-    advised = memory.advise_huge(t)
+    r = _fresh("""
+import json, torch
+from cpugen import memory
+t = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, untouched
+start, end = t.data_ptr(), t.data_ptr() + t.numel()
+advised = memory.advise_huge(t)
+before = memory.huge_page_bytes()
+t.fill_(1)  # first touch: the kernel faults in huge pages where it was advised
+print(json.dumps(dict(advised=advised, start=start, end=end, backed=memory.huge_page_bytes() - before)))
+""")
     if not THP:
-        assert advised == 0
+        assert r["advised"] == 0
         return
-    lo, hi = -(-start // memory.HUGE) * memory.HUGE, end // memory.HUGE * memory.HUGE
-    assert advised == hi - lo >= 62 << 20
-    before = memory.huge_page_bytes()
-    t.fill_(1)  # first touch: the kernel faults in huge pages where it was advised
-    assert memory.huge_page_bytes() - before >= advised // 2
+    lo = -(-r["start"] // memory.HUGE) * memory.HUGE
+    hi = r["end"] // memory.HUGE * memory.HUGE
+    assert r["advised"] == hi - lo >= 62 << 20
+    assert r["backed"] >= r["advised"] // 2, r
 
 
 def test_small_tensors_are_left_alone():
@@ -30,18 +47,27 @@ def test_small_tensors_are_left_alone():
 
 
 def test_weights_and_kv_cache_land_on_huge_pages():
-    before = memory.huge_page_bytes()
-    model = random_model(from_name("gptj-1b").with_layers(2), torch.bfloat16, 0)
-    on_huge = memory.huge_page_bytes() - before
-    cache = KVCache(4, 16, 2048, 128, torch.bfloat16)  # 2 x 32 MiB
-    cache_huge = memory.huge_page_bytes() - before - on_huge
+    r = _fresh("""
+import json, torch
+from cpugen import memory
+from cpugen.config import from_name
+from cpugen.kv_cache import KVCache
+from cpugen.weights import random_model, weight_bytes
+before = memory.huge_page_bytes()
+model = random_model(from_name("gptj-1b").with_layers(2), torch.bfloat16, 0)
+on_huge = memory.huge_page_bytes() - before
+cache = KVCache(4, 16, 2048, 128, torch.bfloat16)  # 2 x 32 MiB
+print(json.dumps(dict(weights=weight_bytes(model), on_huge=on_huge, cache=cache.nbytes,
+                      cache_huge=memory.huge_page_bytes() - before - on_huge,
+                      zeroed=int(torch.count_nonzero(cache.k)) == 0)))
+""")
+    assert r["zeroed"]
     if not THP:
-        assert on_huge == cache_huge == 0
+        assert r["on_huge"] == r["cache_huge"] == 0
         return
     # measured: 98% of the weights (the small norms and biases stay on 4 KiB pages)
-    assert on_huge > 0.7 * weight_bytes(model), (on_huge, weight_bytes(model))
-    assert cache_huge > 0.7 * cache.nbytes
-    assert torch.count_nonzero(cache.k) == 0  # still zeroed
+    assert r["on_huge"] > 0.7 * r["weights"], r
+    assert r["cache_huge"] > 0.7 * r["cache"], r
 
 
 def test_switched_off_with_cpugen_hugepages_0(monkeypatch):
@@ -50,14 +76,7 @@ def test_switched_off_with_cpugen_hugepages_0(monkeypatch):
 
 
 def test_empty_huge_starts_on_a_huge_page_and_holds_no_extra_resident_memory():
-    """In a fresh process, so that the allocator cannot hand back memory freed by earlier tests."""
-    import json
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-
-    code = """
+    r = _fresh("""
 import json, torch
 from cpugen import memory
 warm = memory.empty_huge((8 << 20,), torch.bfloat16).fill_(1)  # torch sets itself up; kept
@@ -67,10 +86,7 @@ t.fill_(1)
 print(json.dumps(dict(grown=memory.rss_bytes() - before, aligned=t.data_ptr() % memory.HUGE == 0,
                       ok=t.shape == (8 << 20,) and t.dtype == torch.bfloat16 and t.is_contiguous(),
                       small=list(memory.empty_huge((3, 5), torch.float32).shape))))
-"""
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert p.returncode == 0, p.stderr
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+""")
     assert r["ok"] and r["small"] == [3, 5]
     assert r["aligned"] or not THP
     assert 15 << 20 <= r["grown"] <= 17 << 20, r  # the tensor, not its 2 MiB of slack
