@@ -73,6 +73,11 @@ def thp_mode() -> str | None:
 _libc = None
 
 
+def _huge_pages_on() -> bool:
+    """THP available (always or madvise) and not switched off with CPUGEN_HUGEPAGES=0."""
+    return thp_mode() in ("always", "madvise") and os.environ.get("CPUGEN_HUGEPAGES") != "0"
+
+
 def advise_huge(t) -> int:
     """Asks the kernel to back the 2 MiB-aligned interior of tensor t's memory with huge pages;
     returns the bytes advised (0 where THP is off, t is small or the call fails). Call it before t
@@ -83,7 +88,7 @@ def advise_huge(t) -> int:
     bf16 weights, GB/s (4 KiB / 2 MiB pages): torch's sum 25.7 / 32.7, cpugen's gemv 28.8 / 31.8.
     CPUGEN_HUGEPAGES=0 turns the advice off (for A/B measurements)."""
     global _libc
-    if t.device.type != "cpu" or thp_mode() not in ("always", "madvise") or os.environ.get("CPUGEN_HUGEPAGES") == "0":
+    if t.device.type != "cpu" or not _huge_pages_on():
         return 0
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
@@ -110,8 +115,8 @@ def empty_huge(shape, dtype) -> "torch.Tensor":
     the part before the boundary is never written, so it never becomes resident."""
     import torch
 
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    if nbytes < 2 * HUGE or thp_mode() not in ("always", "madvise") or os.environ.get("CPUGEN_HUGEPAGES") == "0":
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 2 * HUGE or not _huge_pages_on():
         t = torch.empty(shape, dtype=dtype)
         advise_huge(t)
         return t
