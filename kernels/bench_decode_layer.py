@@ -2,7 +2,8 @@
 (kernels/decode_layer.cpp), through the Python blocks (the same kernels called one by one), and
 the model's matmuls alone (every gemv over the same weights, nothing between them): what the stack
 saves, and what is left between the matmuls. Interleaved rounds; the machine's read bandwidth is
-read before each round, and each time is also given as weights streamed against it.
+read before each round, and each round's times are given as weights streamed against that reading
+(this machine's bandwidth can change from one minute to the next).
 
     python kernels/bench_decode_layer.py [--model gptj-1b] [--layers N] [--batch 1] [--rounds 5] [--steps 8]
 """
@@ -48,15 +49,16 @@ def main():
     gen = torch.Generator().manual_seed(0)
     print(f"{cfg.name}, {cfg.n_layer} layers, batch {B}, {torch.get_num_threads()} threads, "
           f"{nbytes / 1e9:.2f} GB of matmul weights")
-    times = {"stack": [], "python blocks": [], "matmuls alone": []}
-    reads = []
+    names = ("stack", "python blocks", "matmuls alone")
+    rounds = []  # per round: (read GB/s before it, {name: median step time})
     with compute_context(torch.bfloat16):
         tok = engine.prefill(Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen),
                                      torch.ones(B, P, dtype=torch.bool))).argmax(-1)
-        for _ in range(a.rounds):
-            reads.append(measure_bandwidth(3)[0])
+        for r in range(a.rounds):
+            read = measure_bandwidth(3)[0]
+            times = {name: [] for name in names}
             for _ in range(a.steps):  # interleaved step by step
-                for name in ("stack", "python blocks"):
+                for name in names[:2]:
                     model.decode_stack = stack if name == "stack" else None
                     t0 = time.perf_counter()
                     tok = engine.decode_one_token(tok).argmax(-1)
@@ -65,14 +67,19 @@ def main():
                 for m in linears:
                     gemv(xs[m.in_features], m.weight, m.bias, 0)
                 times["matmuls alone"].append(time.perf_counter() - t0)
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            rounds.append((read, med))
+            print(f"round {r + 1}: read {read:5.1f} GB/s | " + " | ".join(
+                f"{name} {med[name] * 1e3:5.1f} ms = {nbytes / med[name] / 1e9 / read:4.0%}" for name in names), flush=True)
     model.decode_stack = stack
     model.free_caches()
-    bw = statistics.median(reads)
-    print(f"read bandwidth {bw:.1f} GB/s (median of {len(reads)} readings, {min(reads):.1f}-{max(reads):.1f})")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:>14}: {med * 1e3:6.1f} ms ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}), "
-              f"weights at {nbytes / med / 1e9:.1f} GB/s = {nbytes / med / 1e9 / bw:.0%} of read")
+    # each round against its own reading: the machine's read bandwidth can change between rounds
+    print(f"median over {len(rounds)} rounds, each against the read bandwidth measured just before it:")
+    for name in names:
+        eff = sorted(nbytes / med[name] / 1e9 / read for read, med in rounds)
+        ms = statistics.median(med[name] for _, med in rounds)
+        print(f"{name:>14}: {ms * 1e3:6.1f} ms, weights at {statistics.median(eff):.0%} of read "
+              f"({eff[0]:.0%}-{eff[-1]:.0%})")
 
 
 if __name__ == "__main__":
