@@ -12,8 +12,9 @@ written once from the preset with random weights (so every engine computes with 
 - hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment.
 Rounds are interleaved (A, B, C, A, B, C, ...) so a change of the machine's regime hits every engine
 alike; each figure is the median over rounds with min-max beside it. The machine's limits are read
-before and after, and the bandwidth again before every round; a run whose before and after readings
-disagree by more than 15% is flagged.
+before and after, and the bandwidth again before and after every round; a run whose before and after
+readings disagree by more than 15% is flagged, and a round whose two readings do is left out of the
+per-round ratio.
 
 HF engines are timed inside one `generate` call by a logits processor that notes the time as each
 token's logits arrive: the prompt time is the first arrival, the decode step the mean gap after it.
@@ -172,8 +173,8 @@ def limits(threads: int) -> tuple[float, float]:
 
 
 def read_now(threads: int) -> float:
-    """A quick bandwidth reading (GB/s), taken before each round: this machine changes regime
-    within minutes, so a round's weight GB/s is also set against the reading next to it."""
+    """A quick bandwidth reading (GB/s), taken before and after each round: this machine changes
+    regime within minutes, so a round's weight GB/s is also set against the readings around it."""
     import torch
 
     from cpugen import roofline
@@ -184,6 +185,19 @@ def read_now(threads: int) -> float:
         return roofline.measure_bandwidth(3)[0]
     finally:
         torch.set_num_threads(prev)
+
+
+def steady(reads: list[tuple[float, float]]) -> list[int]:
+    """The rounds whose bandwidth readings before and after agree within 15%: the machine stayed in
+    one regime through them, so their weight GB/s can be set against those readings."""
+    return [i for i, (r0, r1) in enumerate(reads) if abs(r1 / r0 - 1) <= 0.15]
+
+
+def round_ratio(weight_bytes: float, steps: list[float], reads: list[tuple[float, float]]) -> str:
+    kept = steady(reads)
+    if not kept:
+        return "-"
+    return f"{statistics.median(weight_bytes / steps[i] / 1e9 / (sum(reads[i]) / 2) for i in kept):.0%}"
 
 
 def fmt(vals: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -219,16 +233,17 @@ def main() -> int:
     batches = [int(b) for b in a.batch_sizes.split(",")]
     weight_bytes = flops.streamed_params(cfg) * 2
     res: dict = {(w.engine, b): [] for w in workers for b in batches}
-    reads: dict = {b: [] for b in batches}
+    reads: dict = {b: [] for b in batches}  # per round: (reading before it, reading after it)
     try:
         for b in batches:
             for w in workers:
                 w.ask(batch=b, prompt_len=a.prompt_len, gen_len=a.gen_len, vocab=cfg.vocab_size, warmup=True)
             for r in range(a.rounds):
-                reads[b].append(read_now(a.threads))  # this round's bandwidth, read just before it
+                before = read_now(a.threads)  # this round's bandwidth, read just before and just after it
                 for w in workers:  # interleaved: A, B, C, A, B, C, ...
                     res[(w.engine, b)].append(w.ask(batch=b, prompt_len=a.prompt_len, gen_len=a.gen_len,
                                                     vocab=cfg.vocab_size, seed=r))
+                reads[b].append((before, read_now(a.threads)))
                 print(f"batch {b}: round {r + 1}/{a.rounds}", file=sys.stderr)
     finally:
         for w in workers:
@@ -247,10 +262,12 @@ def main() -> int:
              + ("  **(readings disagree by more than 15%: distrust this run)**"
                 if abs(bw1 / bw0 - 1) > 0.15 or abs(tf1 / tf0 - 1) > 0.15 else ""),
              "Engines: " + "; ".join(f"{w.engine} = {w.name}" for w in workers),
-             f"Each cell: median over {a.rounds} interleaved rounds (min-max). Bandwidth read before each "
-             "round: " + "; ".join(f"batch {b}: {fmt(reads[b], 1, 1)} GB/s" for b in batches) + ". "
-             "'vs round's read' is the median over rounds of each round's weight GB/s against the reading "
-             "just before it; the other ratios use the mean of the before and after limits.",
+             f"Each cell: median over {a.rounds} interleaved rounds (min-max). Bandwidth read before and after "
+             "each round: " + "; ".join(f"batch {b}: {fmt([x for r in reads[b] for x in r], 1, 1)} GB/s, "
+                                        f"{len(steady(reads[b]))} of {len(reads[b])} rounds steady" for b in batches)
+             + ". 'vs round's read' is the median, over the steady rounds (their two readings within 15%), of "
+             "each round's weight GB/s against the mean of its readings ('-' where none was steady); the "
+             "other ratios use the mean of the limits read before and after the whole run.",
              "",
              "| batch | engine | tokens/s | prompt time (s) | decode step (ms) | weight GB/s | vs read BW | "
              "vs round's read | decode vs roofline | prefill vs peak | tok/s vs hf | tok/s vs hf-ipex |",
@@ -271,7 +288,7 @@ def main() -> int:
             lines.append(f"| {b} | {e} | {fmt(tps, 1, 1)} | {fmt([x['prompt_time_s'] for x in rows], 1, 2)} | "
                          f"{fmt(steps, 1e3, 1)} | {weight_bytes / statistics.median(steps) / 1e9:.1f} | "
                          f"{weight_bytes / statistics.median(steps) / 1e9 / bw:.0%} | "
-                         f"{statistics.median(weight_bytes / x / 1e9 / rb for x, rb in zip(steps, reads[b])):.0%} | "
+                         f"{round_ratio(weight_bytes, steps, reads[b])} | "
                          f"{ideal / statistics.median(steps):.0%} | {statistics.median(pf):.0%} | "
                          f"{rel('hf')} | {rel('hf-ipex')} |")
             out[f"{e}/{b}"] = {"tokens_per_s": tps, "step_s": steps, "prompt_time_s": [x["prompt_time_s"] for x in rows],
