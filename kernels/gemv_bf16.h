@@ -234,29 +234,27 @@ void rows(const BlockFn* fns, const uint16_t* x, const uint16_t* w, const Sums& 
 // cores, weights on huge pages, 3 interleaved runs: 33.6 / 31.9 / 34.9 against 31.7 / 29.8 /
 // 33.3 GB/s, torch's sum at 32.3 / 30.9 / 33.9); from 2 rows of x on, the blocks win, as each
 // W vector then serves several rows.
+// In the machine's fast regime (55-65 GB/s read) this stream reads gptj-1b's matrices at about 44
+// GB/s where torch's plain sum reads them at 55. What separates them is the load of x beside each
+// vector of W: with x's vector held in a register instead (a wrong result, as a measurement), the
+// same loop matches the sum; at K = 8192, where x's 16 KB share L1 with the passing W lines, it
+// loses most. Sharing each x load between 2-8 rows of W, holding x in registers 512 elements at a
+// time over blocks of rows or over slabs of K, prefetching x into L1, or fetching W
+// non-temporally were slower in every regime (the first three break W into several streams), and
+// dropping the bounds check below was no faster (60 interleaved rounds; docs/performance.md).
 constexpr int64_t kAhead = 2048;
 
-//
-// The prefetches are unconditional: near the end of the task's rows they fetch up to kAhead bytes
-// past them (a prefetch never faults, and those lines are the next task's or the next matrix's).
-// A bounds check there cost a compare and a branch in every iteration, and 8-10% of the stream
-// in the machine's fast regime (55-65 GB/s read: 48 -> 53-57 GB/s over gptj-1b's K=2048
-// matrices, 2 Zen 4 cores, 45 interleaved rounds); no difference at 33-37 GB/s.
-// What is left in that regime is the load of x beside each vector of W: with x's vector held in a
-// register instead (a wrong result, as a measurement), the same stream matches torch's plain sum
-// (58-60 GB/s), and at K = 8192, where x's 16 KB share L1 with the passing W lines, this kernel
-// stays at about 45. Sharing each x load between 2-8 rows of W, or holding x in registers 512
-// elements at a time over blocks of rows or over slabs of K, was slower in every regime: each
-// breaks W into several streams.
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void row_stream_bf16(const uint16_t* x, const uint16_t* w, const Sums& ep, int64_t K, int64_t n0, int64_t n1) {
+  const char* end = reinterpret_cast<const char*>(w + n1 * K);  // prefetches stay within the task's rows
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* r = w + n * K;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 128 <= K; k += 128) {
       const char* p = reinterpret_cast<const char*>(r + k) + kAhead;
-      for (int u = 0; u < 4; ++u) _mm_prefetch(p + 64 * u, _MM_HINT_T1);
+      if (p + 256 <= end)
+        for (int u = 0; u < 4; ++u) _mm_prefetch(p + 64 * u, _MM_HINT_T1);
       a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(x + k));
       a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
       a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r + k + 64), (__m512bh)_mm512_loadu_si512(x + k + 64));
