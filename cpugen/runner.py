@@ -279,7 +279,8 @@ def run(spec: RunSpec) -> RunRecord:
     m = load(spec, backend, threads)
     timings = measure(spec, m, p, repeats=1, warmup=int(spec.warmup))
     log(f"weights ready in {m.load_s:.1f} s, backend in {m.prepare_s:.1f} s, warm-up {m.warmup_s:.1f} s "
-        f"({1e3 * (m.prepare_s + m.warmup_s) / cfg.n_layer:.0f} ms a layer)")
+        f"(backend and warm-up together: {1e3 * (m.prepare_s + m.warmup_s) / cfg.n_layer:.0f} ms a layer, "
+        "counting any first build of the native kernels)")
     rec = make_record(spec, m, p, timings)
     note = stale_limits_note(rec)
     if note:
