@@ -3,9 +3,16 @@ weight matrices of gptj-1b's 24 blocks (1.2e9 parameters, far beyond the caches)
 them: every matrix once per step. Reports GB/s of weights streamed (median over repeats, min-max).
 
     python kernels/bench_gemv.py [--rows 1,4,8,16] [--repeat 7] [--layers 24]
+    python kernels/bench_gemv.py --by-shape [--rounds 20] [--layers 24]
+
+--by-shape: one row of x, the gemv beside torch's sum (over an fp32 view of the same weights, one
+call per matrix: a plain read) for each of gptj-1b's four matrix shapes, in a shuffled order within
+each round; the read bandwidth is measured before and after every round, and the medians are taken
+over the steady rounds (readings within 15%), split by this machine's two regimes.
 """
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -18,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpugen.memory import empty_huge  # noqa: E402
 from cpugen.native import extension  # noqa: E402
+from cpugen.roofline import measure_bandwidth  # noqa: E402
 
 
 def _weight(n: int, k: int) -> torch.Tensor:
@@ -30,8 +38,12 @@ def main():
     ap.add_argument("--rows", default="1,4,8,16")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--by-shape", action="store_true")
+    ap.add_argument("--rounds", type=int, default=20)
     a = ap.parse_args()
     h, ffn = 2048, 8192
+    if a.by_shape:
+        return by_shape(h, ffn, a.layers, a.rounds)
     shapes = [(3 * h, h), (h, h), (ffn, h), (h, ffn)] * a.layers  # wqkv, wo, w_in, w_out
     ws = [_weight(n, k) for n, k in shapes]
     nbytes = sum(w.numel() * 2 for w in ws)
@@ -58,6 +70,47 @@ def main():
                     res[name].append(nbytes / (time.perf_counter() - t0) / 1e9)
             cells = [f"{statistics.median(v):6.1f} ({min(v):4.1f}-{max(v):4.1f})" for v in res.values()]
             print(f"{M:>3} " + " ".join(f"{c:>22}" for c in cells))
+
+
+def by_shape(h: int, ffn: int, layers: int, rounds: int):
+    ext = extension()
+    if ext is None:
+        sys.exit("the native gemv did not build here")
+    groups = {f"{n}x{k}": [_weight(n, k) for _ in range(layers)]
+              for n, k in [(3 * h, h), (h, h), (ffn, h), (h, ffn)]}  # wqkv, wo, w_in, w_out
+    xs = {k: torch.randn(1, k).to(torch.bfloat16) for k in (h, ffn)}
+    runs = {}  # (shape, "sum" | "gemv") -> (bytes, fn)
+    for name, ws in groups.items():
+        nb = sum(w.numel() * 2 for w in ws)
+        runs[(name, "sum")] = (nb, lambda ws=ws: [w.view(torch.float32).sum() for w in ws])
+        runs[(name, "gemv")] = (nb, lambda ws=ws: [ext.gemv(xs[w.shape[1]], w, None) for w in ws])
+    print(f"{torch.get_num_threads()} threads, one row of x, {layers} matrices of each shape; GB/s of weights")
+    kept = []  # (mean reading, {key: GB/s}) of the steady rounds
+    with torch.inference_mode():
+        for r in range(rounds):
+            before = measure_bandwidth(3)[0]
+            order = list(runs) * 3
+            random.shuffle(order)
+            got = {k: [] for k in runs}
+            for k in order:
+                t0 = time.perf_counter()
+                runs[k][1]()
+                got[k].append(runs[k][0] / (time.perf_counter() - t0) / 1e9)
+            after = measure_bandwidth(3)[0]
+            med = {k: statistics.median(v) for k, v in got.items()}
+            steady = abs(after / before - 1) <= 0.15
+            if steady:
+                kept.append(((before + after) / 2, med))
+            print(f"round {r + 1}: read {before:.1f} / {after:.1f}{'' if steady else ' (not steady)'} | "
+                  + " | ".join(f"{n} sum {med[(n, 'sum')]:.1f} gemv {med[(n, 'gemv')]:.1f}" for n in groups), flush=True)
+    for label, sel in (("below 45 GB/s", [x for x in kept if x[0] < 45]), ("45 GB/s and above", [x for x in kept if x[0] >= 45])):
+        if not sel:
+            continue
+        read = statistics.median(x[0] for x in sel)
+        print(f"{len(sel)} steady rounds read {label} (median {read:.1f}):")
+        for n in groups:
+            s_, g_ = (statistics.median(x[1][(n, k)] for x in sel) for k in ("sum", "gemv"))
+            print(f"  {n:>10}: torch's sum {s_:.1f} ({s_ / read:.0%} of read), gemv {g_:.1f} ({g_ / read:.0%})")
 
 
 if __name__ == "__main__":
