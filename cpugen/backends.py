@@ -36,8 +36,6 @@ the gathered cos/sin tables, and its decode-step (T=1) timing here was erratic (
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import os
 import sys
 import tempfile
@@ -45,6 +43,7 @@ import tempfile
 import torch
 
 from cpugen.errors import CpugenError
+from cpugen.memory import release_freed
 from cpugen.model import Linear, Norm, Transformer
 
 BACKENDS = ("auto", "eager", "ipex")
@@ -142,17 +141,6 @@ def resolve(name: str, dtype: str = "bfloat16") -> str:
     return "ipex"
 
 
-def _release_freed_memory():
-    """Hands the pages of freed weights back to the OS (glibc only; elsewhere a no-op). Each packed
-    weight does replace its original, but glibc keeps the freed chunks resident (most weights are
-    below its mmap threshold) and the packed copies often do not land in the holes."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _optimize(ipex, module, dtype):
     # inplace: each packed weight replaces its original, so the weights are never held twice.
     # The folding/dropout/LSTM passes do nothing for this model but fx-trace it: off.
@@ -162,8 +150,8 @@ def _optimize(ipex, module, dtype):
 
 
 def gemv_max_batch() -> int:
-    """Decode batches up to this use cpugen's gemv on plain weights; larger ones, oneDNN's packed
-    weights. Measured (kernels/bench_gemv.py, GB/s of weights at 1 / 2 / 4 / 8 rows): on 2 Zen 4
+    """Where the weights stay plain (CPUs with AMX, or CPUGEN_PACKED=0), decode batches up to this
+    use cpugen's gemv; larger ones, oneDNN's packed weights. Measured (kernels/bench_gemv.py, GB/s of weights at 1 / 2 / 4 / 8 rows): on 2 Zen 4
     cores, weights on huge pages, the gemv 31.2 / 30.4 / 29.4 / 22.9 against oneDNN prepacked
     21.8 / 19.7 / 26.2 / 21.8 (level at 8 rows, within the spread; oneDNN ahead at 16); on 16 Xeon (AMX) cores 120.5 / - / 109.3 / 74.0 against 68.6 / - / 65.4 / 65.3 (kernels/README.md)."""
     return Linear.kernel_rows
@@ -171,19 +159,22 @@ def gemv_max_batch() -> int:
 
 def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
     """Readies the eager backend's matmuls for decode at `batch`: above gemv_max_batch() the
-    weights are packed for oneDNN (in place, layer by layer, one way: the gemv needs the plain
-    layout, so a model once packed stays packed)."""
+    plain weights are packed for oneDNN (in place, layer by layer, one way: the gemv needs the
+    plain layout, so a model once packed stays packed). Weights in cpugen's packed layout serve
+    every batch as they are."""
     if backend != "eager" or dtype != torch.bfloat16 or batch <= gemv_max_batch():
         return
     if os.environ.get("CPUGEN_PACK", "1") == "0":
         return
-    model.decode_stack = None  # it holds the plain weights: dropped first, or packing would keep both
     tied = model.wte.weight
-    for block in [*model.blocks, model]:
-        for m in block.modules():
-            if type(m) is Linear and m.packed is None and m.weight is not tied:
-                m.pack()
-        _release_freed_memory()
+    plain = lambda part: [m for m in part.modules()  # noqa: E731
+                          if type(m) is Linear and m.weight is not None and m.weight is not tied]
+    if any(plain(b) for b in model.blocks):
+        model.decode_stack = None  # it holds the plain weights: dropped first, or packing would keep both
+    for part in [*model.blocks, model]:
+        for m in plain(part):
+            m.pack()
+        release_freed()
 
 
 def decode_matmul(model: Transformer, backend: str) -> str:
@@ -191,6 +182,8 @@ def decode_matmul(model: Transformer, backend: str) -> str:
     if backend != "eager":
         return backend
     block = model.blocks[0].mlp.w_in
+    if getattr(block, "panels", None) is not None:
+        return "cpugen-packed"
     if getattr(block, "packed", None) is not None:
         return "onednn-packed"
     return "cpugen-gemv" if getattr(block, "kernel", None) is not None else "torch"
@@ -205,7 +198,7 @@ def decode_blocks(model: Transformer, batch: int) -> str:
 def apply(model: Transformer, backend: str, dtype: torch.dtype) -> Transformer:
     """Prepares `model` in place for `backend` (already resolved); returns the module to call.
 
-    ipex: the blocks are packed one at a time, each followed by `_release_freed_memory`, then the
+    ipex: the blocks are packed one at a time, each followed by `memory.release_freed`, then the
     whole model once more (the lm_head; the blocks are packed already, and a tied lm_head is seen
     to be shared and left alone). In one `optimize` call the freed originals could stay resident
     until the end: measured on a 365 MiB model, RSS rose by up to 204 MiB during optimize and stayed
@@ -227,7 +220,7 @@ def apply(model: Transformer, backend: str, dtype: torch.dtype) -> Transformer:
     try:
         for block in model.blocks:
             _optimize(ipex, block, dtype)
-            _release_freed_memory()
+            release_freed()
         model = _optimize(ipex, model, dtype)
     except (AssertionError, RuntimeError, ValueError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -237,7 +230,7 @@ def apply(model: Transformer, backend: str, dtype: torch.dtype) -> Transformer:
         for m in model.modules():  # what IPEX left unpacked (a tied lm_head): back to cpugen's class
             if type(m) is torch.nn.Linear:
                 m.__class__ = Linear
-    _release_freed_memory()
+    release_freed()
     fused = ipex.llm.functional
     for m in model.modules():
         if isinstance(m, Norm):

@@ -137,3 +137,17 @@ def huge_page_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def release_freed():
+    """Hands the pages of freed tensors back to the OS (glibc only; elsewhere a no-op). A weight
+    replaced by a repacked copy is freed, but glibc keeps freed chunks resident (most weights are
+    below its mmap threshold) and the new copies often do not land in the holes."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -32,14 +32,19 @@ KERNEL_ACT = {None: 0, "gelu_new": 1, "gelu": 2, "relu": 3, "silu": 4}
 
 
 class Linear(nn.Linear):
-    """nn.Linear that hands skinny bf16 inputs (decode: at most `kernel_rows` tokens) to a native
-    kernel when a backend installs one; everything else goes through F.linear (oneDNN).
-    `act` names an activation applied to the output: inside the kernel's epilogue when it runs,
-    after the matmul otherwise."""
+    """nn.Linear with cpugen's native routes for bf16, chosen by what a backend installs:
+    - `panels`: the weight repacked once into cpugen's packed layout (kernels/gemv_bf16.h), which
+      `panel_kernel` multiplies for any number of rows, decode and prefill alike;
+    - `kernel`: the gemv on the plain weight, for skinny inputs (decode: at most `kernel_rows`);
+    - `packed`: the weight reordered into oneDNN's blocked layout (large decode batches);
+    otherwise F.linear (oneDNN on the plain weight). `act` names an activation applied to the
+    output: inside the native kernels' epilogue where they run, after the matmul otherwise."""
 
     kernel = None  # (x (M, K), weight (N, K), bias, act code) -> (M, N), set per instance by a backend
     kernel_rows = 4  # measured: the gemv leads F.linear and oneDNN up to 4 rows (kernels/bench_gemv.py)
     packed = None  # the weight in oneDNN's blocked layout, once pack() has replaced it
+    panels = None  # the weight in cpugen's packed layout (N/64, K/2, 128), once pack_panels() has replaced it
+    panel_kernel = None  # (x (M, K), panels, N, bias, act code) -> (M, N)
 
     def pack(self):
         """Reorders the weight once into oneDNN's blocked layout, replacing it (never two copies):
@@ -49,7 +54,22 @@ class Linear(nn.Linear):
             self.weight = None
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
+    def pack_panels(self, ext):
+        """Repacks the weight once into cpugen's layout through the native extension `ext`,
+        replacing it: one matrix is held twice for the moment of the copy, never the model."""
+        from cpugen.memory import empty_huge
+
+        w = self.weight.detach()
+        p = empty_huge(tuple(ext.packed_shape(*w.shape)), torch.bfloat16)
+        ext.pack_into(w, p)
+        self.weight = None
+        self.panels, self.panel_kernel = p, ext.linear_packed
+
     def forward(self, x, act: str | None = None):
+        if self.panels is not None:
+            y = self.panel_kernel(x.reshape(-1, x.shape[-1]), self.panels, self.out_features, self.bias,
+                                  KERNEL_ACT[act])  # (M, N)
+            return y.view(*x.shape[:-1], y.shape[-1])
         if self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         elif self.kernel is not None and x.dtype == torch.bfloat16 and x.numel() <= self.kernel_rows * x.shape[-1]:

@@ -85,11 +85,25 @@ def why_not(name: str = "gemv_bf16") -> str | None:
     return _why.get(name)
 
 
-def install(model: torch.nn.Module) -> bool:
-    """Routes the model's skinny bf16 matmuls (decode) through the native gemv, and decode attention
-    over the cache through the native kernel (AVX512-BF16); False when unavailable or switched off
-    with CPUGEN_NATIVE=0, leaving the torch path in place."""
+def packing_wanted() -> bool:
+    """Whether the eager backend repacks bf16 weights into cpugen's packed layout: on CPUs with
+    AVX512-BF16 and without AMX (with AMX, oneDNN's tile kernels are prefill's fastest path, and
+    they read the plain layout). CPUGEN_PACKED=0 keeps the plain weights."""
     from cpugen.env import cpu_info
+
+    info = cpu_info()
+    return os.environ.get("CPUGEN_PACKED", "1") != "0" and info["avx512_bf16"] and not info["amx_bf16"]
+
+
+def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
+    """Routes the model's bf16 matmuls through the native kernels and decode attention over the
+    cache through the native kernel (AVX512-BF16); False when unavailable or switched off with
+    CPUGEN_NATIVE=0, leaving the torch path in place. With `pack` (default: packing_wanted()),
+    every weight not shared with the embedding is repacked into cpugen's layout, block by block,
+    each block's freed originals handed back to the OS before the next: the model is never held
+    twice. Otherwise the gemv takes decode's skinny matmuls on the plain weights."""
+    from cpugen.env import cpu_info
+    from cpugen.memory import release_freed
     from cpugen.model import Attention, Linear
 
     if os.environ.get("CPUGEN_NATIVE", "1") == "0":
@@ -103,6 +117,14 @@ def install(model: torch.nn.Module) -> bool:
             m.kernel = ext.gemv
         elif isinstance(m, Attention) and attn is not None and m.hd % 32 == 0 and m.hd <= 256:
             m.decode_step = attn.decode_step
+    if (packing_wanted() if pack is None else pack) and ext.packed_available():
+        tied = model.wte.weight
+        for part in [*model.blocks, model]:  # the model last: its lm_head (the blocks are done by then)
+            for m in part.modules():
+                if (type(m) is Linear and m.weight is not None and m.weight is not tied
+                        and m.weight.dtype == torch.bfloat16 and m.in_features % 2 == 0):
+                    m.pack_panels(ext)
+            release_freed()
     if all(b.attn.decode_step is not None for b in model.blocks):
         install_stack(model)
     return True
@@ -110,23 +132,25 @@ def install(model: torch.nn.Module) -> bool:
 
 def install_stack(model) -> bool:
     """Gives the model a native decode stack (kernels/decode_layer.cpp): every block of a decode
-    step at gemv batch sizes in one call, holding references to the blocks' own weights (no copy).
+    step at gemv batch sizes in one call, holding references to the blocks' own weights, plain or
+    packed (no copy).
     False where it does not build or the blocks are not all plain cpugen modules."""
     from cpugen.model import KERNEL_ACT, Linear, Norm
 
     ext = extension("decode_layer")
     if ext is None:
         return False
-    cfg, blocks = model.cfg, []
+    cfg, blocks, outs = model.cfg, [], []
     for b in model.blocks:
         mods = (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)
-        if (any(type(m) is not Linear or m.weight is None for m in mods)
+        if (any(type(m) is not Linear or (m.weight is None and m.panels is None) for m in mods)
                 or any(type(n) is not Norm or n.impl is not None for n in (b.ln_1, b.ln_2) if n is not None)):
             return False
         ln_2 = (b.ln_2.weight, b.ln_2.bias) if b.ln_2 is not None else (None, None)
         blocks.append([b.ln_1.weight, b.ln_1.bias, *ln_2,
-                       *(t for m in mods for t in (m.weight, m.bias))])
-    model.decode_stack = ext.Stack(blocks, cfg.norm, cfg.norm_eps, cfg.parallel_residual, cfg.mlp == "glu",
+                       *(t for m in mods for t in (m.weight if m.panels is None else m.panels, m.bias))])
+        outs.append([m.out_features for m in mods])
+    model.decode_stack = ext.Stack(blocks, outs, cfg.norm, cfg.norm_eps, cfg.parallel_residual, cfg.mlp == "glu",
                                    KERNEL_ACT[cfg.activation], cfg.n_head,
                                    cfg.rotary_dim if cfg.position == "rotary" else 0)
     return True

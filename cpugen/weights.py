@@ -112,8 +112,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
-    for m in model.modules():  # weights a backend moved out of the parameters (oneDNN's layout)
-        packed = getattr(m, "packed", None)
-        if packed is not None:
-            total += packed.numel() * packed.element_size()
+    for m in model.modules():  # weights a backend moved out of the parameters (a packed layout)
+        for packed in (getattr(m, "packed", None), getattr(m, "panels", None)):
+            if packed is not None:
+                total += packed.numel() * packed.element_size()
     return total

@@ -1,12 +1,13 @@
-"""Microbenchmark: the native gemv against torch's F.linear and oneDNN's prepacked linear, on the
-weight matrices of gptj-1b's 24 blocks (1.2e9 parameters, far beyond the caches), as decode reads
-them: every matrix once per step. Reports GB/s of weights streamed (median over repeats, min-max).
+"""Microbenchmark: the native gemv (plain weights) and the packed-layout kernel (cpugen's packed
+weights) against torch's F.linear and oneDNN's prepacked linear, on the weight matrices of
+gptj-1b's 24 blocks (1.2e9 parameters, far beyond the caches), as decode reads them: every matrix
+once per step. Reports GB/s of weights streamed (median over repeats, min-max).
 
     python kernels/bench_gemv.py [--rows 1,4,8,16] [--repeat 7] [--layers 24]
     python kernels/bench_gemv.py --by-shape [--rounds 20] [--layers 24]
 
---by-shape: one row of x, the gemv beside torch's sum (over an fp32 view of the same weights, one
-call per matrix: a plain read) for each of gptj-1b's four matrix shapes, in a shuffled order within
+--by-shape: one row of x, the gemv and the packed kernel beside torch's sum (over an fp32 view of the
+same weights, one call per matrix: a plain read) for each of gptj-1b's four matrix shapes, in a shuffled order within
 each round; the read bandwidth is measured before and after every round, and the medians are taken
 over the steady rounds (readings within 15%), split by this machine's two regimes.
 """
@@ -33,6 +34,13 @@ def _weight(n: int, k: int) -> torch.Tensor:
     return empty_huge((n, k), torch.bfloat16).copy_(torch.randn(n, k).div_(k**0.5))
 
 
+def _panels(ext, w: torch.Tensor) -> torch.Tensor:
+    """w in cpugen's packed layout, on huge pages as the model's are."""
+    p = empty_huge(tuple(ext.packed_shape(*w.shape)), torch.bfloat16)
+    ext.pack_into(w, p)
+    return p
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,8,16")
@@ -49,9 +57,10 @@ def main():
     nbytes = sum(w.numel() * 2 for w in ws)
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
     ext = extension()
+    panels = [_panels(ext, w) for w in ws] if ext and ext.packed_available() else None
     print(f"{torch.get_num_threads()} threads, {nbytes / 1e9:.2f} GB of bf16 weights, native isa "
           f"{ext.isa() if ext else 'unavailable'}")
-    print(f"{'M':>3} {'F.linear':>22} {'oneDNN prepacked':>22} {'cpugen gemv':>22}")
+    print(f"{'M':>3} {'F.linear':>22} {'oneDNN prepacked':>22} {'cpugen gemv':>22} {'cpugen packed':>22}")
     with torch.inference_mode():
         for M in map(int, a.rows.split(",")):
             xs = {k: torch.randn(M, k).to(torch.bfloat16) for k in (h, ffn)}
@@ -62,6 +71,9 @@ def main():
             }
             if ext:
                 impls["cpugen gemv"] = lambda: [ext.gemv(xs[w.shape[1]], w, None) for w in ws]
+            if panels:
+                impls["cpugen packed"] = lambda: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
+                                                  for w, p in zip(ws, panels)]
             res = {k: [] for k in impls}
             for _ in range(a.repeat):  # interleaved, so a change of regime hits every implementation
                 for name, fn in impls.items():
@@ -74,16 +86,19 @@ def main():
 
 def by_shape(h: int, ffn: int, layers: int, rounds: int):
     ext = extension()
-    if ext is None:
-        sys.exit("the native gemv did not build here")
+    if ext is None or not ext.packed_available():
+        sys.exit("the native gemv and packed kernel did not build here (they need AVX512-BF16)")
     groups = {f"{n}x{k}": [_weight(n, k) for _ in range(layers)]
               for n, k in [(3 * h, h), (h, h), (ffn, h), (h, ffn)]}  # wqkv, wo, w_in, w_out
     xs = {k: torch.randn(1, k).to(torch.bfloat16) for k in (h, ffn)}
-    runs = {}  # (shape, "sum" | "gemv") -> (bytes, fn)
+    runs = {}  # (shape, "sum" | "gemv" | "packed") -> (bytes, fn)
     for name, ws in groups.items():
         nb = sum(w.numel() * 2 for w in ws)
+        ps = [_panels(ext, w) for w in ws]
         runs[(name, "sum")] = (nb, lambda ws=ws: [w.view(torch.float32).sum() for w in ws])
         runs[(name, "gemv")] = (nb, lambda ws=ws: [ext.gemv(xs[w.shape[1]], w, None) for w in ws])
+        runs[(name, "packed")] = (nb, lambda ws=ws, ps=ps: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
+                                                           for w, p in zip(ws, ps)])
     print(f"{torch.get_num_threads()} threads, one row of x, {layers} matrices of each shape; GB/s of weights")
     kept = []  # (mean reading, {key: GB/s}) of the steady rounds
     with torch.inference_mode():
@@ -102,15 +117,17 @@ def by_shape(h: int, ffn: int, layers: int, rounds: int):
             if steady:
                 kept.append(((before + after) / 2, med))
             print(f"round {r + 1}: read {before:.1f} / {after:.1f}{'' if steady else ' (not steady)'} | "
-                  + " | ".join(f"{n} sum {med[(n, 'sum')]:.1f} gemv {med[(n, 'gemv')]:.1f}" for n in groups), flush=True)
+                  + " | ".join(f"{n} sum {med[(n, 'sum')]:.1f} gemv {med[(n, 'gemv')]:.1f} packed {med[(n, 'packed')]:.1f}"
+                               for n in groups), flush=True)
     for label, sel in (("below 45 GB/s", [x for x in kept if x[0] < 45]), ("45 GB/s and above", [x for x in kept if x[0] >= 45])):
         if not sel:
             continue
         read = statistics.median(x[0] for x in sel)
         print(f"{len(sel)} steady rounds read {label} (median {read:.1f}):")
         for n in groups:
-            s_, g_ = (statistics.median(x[1][(n, k)] for x in sel) for k in ("sum", "gemv"))
-            print(f"  {n:>10}: torch's sum {s_:.1f} ({s_ / read:.0%} of read), gemv {g_:.1f} ({g_ / read:.0%})")
+            s_, g_, p_ = (statistics.median(x[1][(n, k)] for x in sel) for k in ("sum", "gemv", "packed"))
+            print(f"  {n:>10}: torch's sum {s_:.1f} ({s_ / read:.0%} of read), gemv {g_:.1f} ({g_ / read:.0%}), "
+                  f"packed {p_:.1f} ({p_ / read:.0%})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Checks the native gemv against kernels/reference.py on random inputs of awkward shapes.
+"""Checks the native gemv and the packed-layout kernel against kernels/reference.py on random
+inputs of awkward shapes.
 
     python kernels/check_gemv.py        (tests/test_kernels.py runs the same checks)
 """
@@ -20,23 +21,50 @@ SHAPES = [(1, 2048, 6144), (4, 2048, 8192), (16, 256, 96), (3, 100, 7), (1, 33, 
           (8, 4096, 1030), (2, 8192, 256)]
 
 
-def check(ext, seed: int = 0) -> list[tuple[tuple, float]]:
-    """Max error of each shape, relative to the largest reference output; raises if out of tolerance."""
+# (M, K, N) for the packed layout: one row (two k pairs at a time, an odd pair left), the micro-
+# kernel's 6 rows and the ragged groups past them, prefill's hundreds of rows; N off the 64-wide
+# panels; K over one 256-pair chunk (sums carried between chunks) and K with an odd count of pairs
+PACKED_SHAPES = [(1, 2048, 6144), (1, 2, 1), (1, 66, 100), (2, 130, 64), (6, 514, 129), (7, 1030, 200),
+                 (16, 2048, 2048), (130, 600, 300), (300, 256, 70)]
+
+
+def _cases(shapes, seed):
     g = torch.Generator().manual_seed(seed)
-    results = []
-    for M, K, N in SHAPES:
+    for M, K, N in shapes:
         x = torch.randn(M, K, generator=g).to(torch.bfloat16)
         w = (torch.randn(N, K, generator=g) / K**0.5).to(torch.bfloat16)
         b = torch.randn(N, generator=g).to(torch.bfloat16)
         for bias, act in ((None, None), (b, None), *((b, a) for a in reference.ACTIVATIONS if a)):
-            want = reference.gemv(x, w, bias, act).float()
-            got = ext.gemv(x, w, bias, reference.ACTIVATIONS[act]).float()
-            err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
-            # both accumulate in fp32 and round once to bf16; summation order differs, so allow a
-            # couple of bf16 ulps (2^-8 relative each)
-            if err > 2 ** -7:
-                raise AssertionError(f"gemv {M}x{K}x{N} bias={bias is not None} act={act}: error {err:.2e}")
-            results.append(((M, K, N, bias is not None, act), err))
+            yield (M, K, N), x, w, bias, act
+
+
+def _compare(what, got, want, M, K, N, bias, act):
+    err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6)).item()
+    # both accumulate in fp32 and round once to bf16; summation order differs, so allow a couple
+    # of bf16 ulps (2^-8 relative each)
+    if err > 2 ** -7:
+        raise AssertionError(f"{what} {M}x{K}x{N} bias={bias is not None} act={act}: error {err:.2e}")
+    return ((M, K, N, bias is not None, act), err)
+
+
+def check_packed(ext, seed: int = 0) -> list[tuple[tuple, float]]:
+    """As check(), for pack_into + linear_packed (cpugen's packed layout)."""
+    results, packed = [], {}
+    for (M, K, N), x, w, bias, act in _cases(PACKED_SHAPES, seed):
+        if (M, K, N) not in packed:
+            packed = {(M, K, N): torch.empty(ext.packed_shape(N, K), dtype=torch.bfloat16)}
+            ext.pack_into(w, packed[(M, K, N)])
+        got = ext.linear_packed(x, packed[(M, K, N)], N, bias, reference.ACTIVATIONS[act])
+        results.append(_compare("packed", got, reference.gemv(x, w, bias, act), M, K, N, bias, act))
+    return results
+
+
+def check(ext, seed: int = 0) -> list[tuple[tuple, float]]:
+    """Max error of each shape, relative to the largest reference output; raises if out of tolerance."""
+    results = []
+    for (M, K, N), x, w, bias, act in _cases(SHAPES, seed):
+        got = ext.gemv(x, w, bias, reference.ACTIVATIONS[act])
+        results.append(_compare("gemv", got, reference.gemv(x, w, bias, act), M, K, N, bias, act))
     return results
 
 
@@ -46,4 +74,7 @@ if __name__ == "__main__":
         sys.exit("native gemv unavailable on this machine")
     print(f"isa: {ext.isa()}")
     for shape, err in check(ext):
-        print(f"{shape}: max relative error {err:.2e}")
+        print(f"gemv {shape}: max relative error {err:.2e}")
+    if ext.packed_available():
+        for shape, err in check_packed(ext):
+            print(f"packed {shape}: max relative error {err:.2e}")

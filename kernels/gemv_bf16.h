@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace cpugen_gemv {
 
@@ -290,6 +291,80 @@ Isa detect() {
 
 const Isa kIsa = detect();
 
+// ---- cpugen's packed layout ---------------------------------------------------------------------
+// W (N, K) repacked once into panels of 64 outputs, each holding its outputs' k pairs side by side:
+//   P (ceil(N/64), K/2, 128): P[p, j, 2 c + i] = W[64 p + c, 2 j + i]  (zeros past N)
+// This is the pair order vdpbf16ps multiplies, so one broadcast pair of x (4 bytes) serves 64
+// outputs (4 vectors of W), and a panel is read front to back: every matrix is one sequential
+// stream, whatever the number of rows of x. The plain layout's one-row loop must load a vector
+// of x beside each vector of W; in this machine's fast regime (55-65 GB/s read) that loop reads
+// gptj-1b's matrices at 44-47 GB/s where a plain sum reads them at 55, and this one at 51-54
+// (2 Zen 4 cores, 8 interleaved rounds). The same micro-kernel, 6 rows of x x 64 outputs in 24
+// registers, serves prefill: level with oneDNN's prepacked bf16 matmul from 4 rows to 512, ahead
+// at 1-2 (docs/performance.md). One layout for every batch, so the weights are never held twice.
+// Where packing pays is the caller's choice (cpugen/native.py: AVX512-BF16 without AMX).
+constexpr int64_t kPanel = 64;  // outputs per panel
+constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x (64 KB of a panel: L2)
+constexpr int64_t kMicroRows = 6;  // rows of x per micro-kernel call: 6 x 4 accumulators
+
+// Rows m0.. (MB of them) of x against k pairs [c0, c1) of one panel, into C's fp32 sums (row
+// stride ldc; `cols` of the panel's 64 are real, the rest padding). Accumulates onto C when
+// `more`; prefetches W kAhead bytes ahead (bounded by `end`) when `prefetch`.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols, int64_t c0,
+                 int64_t c1, bool more, const char* end, bool prefetch) {
+  constexpr int U = MB == 1 ? 2 : 1;  // one row: two pairs in flight, so 8 sums hide the dot's latency
+  __mmask16 mask[4];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * j));
+    mask[j] = static_cast<__mmask16>((1u << c) - 1);
+  }
+  __m512 acc[U][MB][4];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < 4; ++j)
+        acc[u][m][j] = more && u == 0 ? _mm512_maskz_loadu_ps(mask[j], C + m * ldc + 16 * j) : _mm512_setzero_ps();
+  const int32_t* x2 = reinterpret_cast<const int32_t*>(x);  // x's k pairs
+  const int64_t K2 = K / 2;
+  int64_t k2 = c0;
+  for (; k2 + U <= c1; k2 += U) {
+    const uint16_t* r = panel + k2 * 2 * kPanel;
+    if (prefetch) {
+      const char* p = reinterpret_cast<const char*>(r) + kAhead;
+      if (p + 256 * U <= end)
+        for (int l = 0; l < 4 * U; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+    }
+    for (int u = 0; u < U; ++u) {
+      __m512i wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(r + 2 * kPanel * u + 32 * j);
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xb = _mm512_set1_epi32(x2[m * K2 + k2 + u]);
+        for (int j = 0; j < 4; ++j) acc[u][m][j] = _mm512_dpbf16_ps(acc[u][m][j], (__m512bh)wv[j], (__m512bh)xb);
+      }
+    }
+  }
+  for (; k2 < c1; ++k2) {  // an odd pair left by the two-pair loop
+    const uint16_t* r = panel + k2 * 2 * kPanel;
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xb = _mm512_set1_epi32(x2[m * K2 + k2]);
+      for (int j = 0; j < 4; ++j)
+        acc[0][m][j] = _mm512_dpbf16_ps(acc[0][m][j], (__m512bh)_mm512_loadu_si512(r + 32 * j), (__m512bh)xb);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) {
+      __m512 v = acc[0][m][j];
+      for (int u = 1; u < U; ++u) v = _mm512_add_ps(v, acc[u][m][j]);
+      _mm512_mask_storeu_ps(C + m * ldc + 16 * j, mask[j], v);
+    }
+}
+
+using PanelFn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, bool,
+                         const char*, bool);
+const PanelFn kPanelMicros[kMicroRows] = {panel_micro<1>, panel_micro<2>, panel_micro<3>,
+                                          panel_micro<4>, panel_micro<5>, panel_micro<6>};
+
 }  // namespace
 
 std::string isa() {
@@ -332,6 +407,80 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
     else
       rows(bf16 ? kBf16Blocks : kAvx512Blocks, xp, wp, ep, M, K, n0, n1);
     finish(ep, bp, act, op, M, n0, n1, bf16 ? to_bf16_native : to_bf16_avx512);
+  });
+  return out;
+}
+
+bool packed_available() { return kIsa == Isa::kAvx512Bf16; }
+
+// Shape of the packed form of an (n, k) weight (k even)
+std::vector<int64_t> packed_shape(int64_t n, int64_t k) { return {(n + kPanel - 1) / kPanel, k / 2, 2 * kPanel}; }
+
+// Writes w (N, K) bf16 into p (packed_shape(N, K), bf16, allocated by the caller), zeros past N
+void pack_into(const torch::Tensor& w, torch::Tensor& p) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 2 == 0,
+              "cpugen pack: w (N, K) bf16 with K even");
+  const int64_t N = w.size(0), K = w.size(1), np = (N + kPanel - 1) / kPanel;
+  TORCH_CHECK(p.scalar_type() == at::kBFloat16 && p.is_contiguous() && p.sizes() == at::IntArrayRef(packed_shape(N, K)),
+              "cpugen pack: p must be contiguous bf16 of shape packed_shape(N, K)");
+  const auto wc = w.contiguous();
+  const auto* src = reinterpret_cast<const uint32_t*>(wc.data_ptr());  // (N, K/2) pairs
+  auto* dst = reinterpret_cast<uint32_t*>(p.data_ptr());  // (np, K/2, 64) pairs
+  const int64_t K2 = K / 2;
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = p0; q < p1; ++q)
+      for (int64_t c = 0; c < kPanel; ++c) {  // one row of W at a time: read in order, written with a stride
+        const int64_t n = q * kPanel + c;
+        uint32_t* d = dst + q * K2 * kPanel + c;
+        if (n < N) {
+          const uint32_t* s = src + n * K2;
+          for (int64_t j = 0; j < K2; ++j) d[j * kPanel] = s[j];
+        } else {
+          for (int64_t j = 0; j < K2; ++j) d[j * kPanel] = 0;
+        }
+      }
+  });
+}
+
+// x (M, K) bf16 (any M), p: pack_into's form of an (n, K) weight, bias (n,) or none, act ->
+// act(x W^T + bias) (M, n) bf16
+torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int64_t n,
+                            const c10::optional<torch::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU has no AVX512-BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && p.scalar_type() == at::kBFloat16, "cpugen linear_packed: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && p.dim() == 3 && p.size(2) == 2 * kPanel && x.size(1) == 2 * p.size(1) &&
+                  (n + kPanel - 1) / kPanel == p.size(0) && p.is_contiguous(),
+              "cpugen linear_packed: x (M, K) and a packed (n, K) weight");
+  TORCH_CHECK(act >= kNone && act <= kSilu, "cpugen linear_packed: unknown activation ", act);
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), K2 = K / 2, np = p.size(0);
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "cpugen linear_packed: bias of ", bias->numel(), " for ", n, " outputs");
+    bc = bias->to(at::kBFloat16).contiguous();
+  }
+  auto out = torch::empty({M, n}, x.options());
+  if (M == 0) return out;
+  auto sums = torch::empty({M, n}, x.options().dtype(at::kFloat));
+  const Sums ep{sums.data_ptr<float>(), n};
+  const auto* bp = bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr;
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const auto* pp = reinterpret_cast<const uint16_t*>(p.data_ptr());
+  // up to kMicroRows rows: one pass over all of K per panel, sums in registers; more rows: K in
+  // chunks, every group of rows against a chunk while it is in L2
+  const int64_t chunk = M <= kMicroRows ? K2 : kChunk;
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+    const char* end = reinterpret_cast<const char*>(pp + p1 * K * kPanel);
+    for (int64_t q = p0; q < p1; ++q) {
+      const uint16_t* panel = pp + q * K * kPanel;
+      const int64_t cols = std::min(kPanel, n - q * kPanel);
+      for (int64_t c0 = 0; c0 < K2; c0 += chunk)
+        for (int64_t m0 = 0; m0 < M; m0 += kMicroRows)
+          kPanelMicros[std::min(kMicroRows, M - m0) - 1](xp + m0 * K, K, panel, ep.s + m0 * n + q * kPanel, n, cols, c0,
+                                                         std::min(K2, c0 + chunk), c0 > 0, end, m0 == 0);
+    }
+    finish(ep, bp, act, op, M, p0 * kPanel, std::min(n, p1 * kPanel), to_bf16_native);
   });
   return out;
 }

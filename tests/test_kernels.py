@@ -9,6 +9,7 @@ from cpugen import native
 from cpugen.config import from_name
 from cpugen.env import cpu_info
 from cpugen.generate import Engine, Prompts, compute_context
+from cpugen.model import Linear
 from cpugen.weights import random_model
 from helpers import ROOT
 
@@ -100,14 +101,21 @@ class _Counted:
 
 
 @needs_avx512
+@pytest.mark.parametrize("layout", ["plain", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_model_decode_with_and_without_the_kernels(family):
+def test_model_decode_with_and_without_the_kernels(family, layout):
     """The same model decodes to the same logits (within bf16 rounding) through the native kernels
-    and through torch's ops. Two native routes: every block of a step in one call (the decode
-    stack, kernels/decode_layer.cpp), and block by block from Python (gemv with its fused epilogue,
-    the fused decode step), which the stack must match exactly: it runs the same kernels and ATen
-    ops in the same order. Prefill's blocks (3 x 16 rows) never reach the gemv, its lm_head (the
-    last position only: 3 rows) does."""
+    and through torch's ops, with the weights plain (the gemv takes decode's matmuls) or repacked
+    into cpugen's layout (its kernel takes every matmul, prefill's included). Two native routes:
+    every block of a step in one call (the decode stack, kernels/decode_layer.cpp), and block by
+    block from Python (the matmul kernels with their fused epilogue, the fused decode step), which
+    the stack must match exactly: it runs the same kernels and ATen ops in the same order.
+    Prefill's blocks (3 x 16 rows) reach only the packed kernel; its lm_head (the last position
+    only: 3 rows) either kernel."""
+    packed = layout == "packed"
+    bf16 = cpu_info()["avx512_bf16"]
+    if packed and not bf16:
+        pytest.skip("cpugen's packed layout is multiplied by AVX512-BF16 instructions; this CPU has AVX-512 only")
     cfg = FAMILIES[family]()
     model = random_model(cfg, torch.bfloat16, 0)
     prompts = Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
@@ -115,38 +123,83 @@ def test_model_decode_with_and_without_the_kernels(family):
     run = lambda: _decode(model, prompts)  # noqa: E731
 
     plain = run()
-    assert native.install(model)
-    gemv = _Counted(model.lm_head.kernel)
+    assert native.install(model, pack=packed)
+    # every native matmul counted, in one list: the packed kernel where a weight was repacked, the
+    # gemv where it stayed plain (a tied lm_head stays the embedding's)
+    kernel = _Counted(None)
     for m in model.modules():
-        if getattr(m, "kernel", None) is not None:
-            m.kernel = gemv
-    bf16 = cpu_info()["avx512_bf16"]
+        if type(m) is Linear:
+            attr = "panel_kernel" if m.panels is not None else "kernel"
+            setattr(m, attr, _Counted(getattr(m, attr)))
+            getattr(m, attr).calls = kernel.calls
+    tied = model.lm_head.weight is model.wte.weight
+    assert all((m.panels is not None) == (packed and m is not model.lm_head or packed and not tied)
+               for m in model.modules() if type(m) is Linear)
     stack = model.decode_stack
     assert (stack is not None) == bf16  # the stack needs the decode step's AVX512-BF16 kernel
     if bf16:
         model.decode_stack = stack = _Counted(stack)
         assert len(stack.fn) == cfg.n_layer
     stacked = run()
+    n_linear = 4 * cfg.n_layer + 1
+    prefill_blocks = [3 * 16] * (n_linear - 1) if packed else []
     if bf16:
         assert stack.calls == [3] * 4  # every decode step, every block in one call
-        assert gemv.calls == [3] * 5  # only the lm_head: prefill's, then each step's
+        assert kernel.calls == prefill_blocks + [3] * 5  # otherwise only the lm_head: prefill's, then each step's
         model.decode_stack = None
-    gemv.calls.clear()
+    kernel.calls.clear()
     steps = []
     if bf16:
         step = model.blocks[0].attn.decode_step
         for b in model.blocks:
             b.attn.decode_step = lambda *a: steps.append(1) or step(*a)
     per_block = run()
-    assert gemv.calls and max(gemv.calls) <= 4
-    n_linear = 4 * cfg.n_layer + 1
-    assert len(gemv.calls) == 4 * n_linear + 1  # every linear of every decode step, and prefill's lm_head
+    assert kernel.calls == prefill_blocks + [3] * (4 * n_linear + 1)  # every linear of every decode step
     assert len(steps) == (4 * cfg.n_layer if bf16 else 0)  # every layer of every step
     assert torch.equal(stacked, per_block)
     # measured 0.1-0.7% (bf16 rounding in another order); attending one position short moves
     # these logits 1.9% (OPT) to 135% (GPT-J, Llama)
     rel = (per_block - plain).abs().max() / plain.abs().max()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="cpugen's packed layout needs AVX512-BF16")
+def test_packed_layout_matches_reference():
+    """cpugen's packed-layout kernel against the fp32 reference, from one row of x to prefill's
+    hundreds, outputs not a multiple of the 64-wide panels, K past one 256-pair chunk."""
+    results = check_gemv.check_packed(native.extension(), seed=5)  # raises past 2 bf16 ulps
+    assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.PACKED_SHAPES)
+
+
+@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="cpugen's packed layout needs AVX512-BF16")
+def test_packing_replaces_the_weights_in_place():
+    """Repacking holds one matrix twice at most, never the model (the OS's count of resident
+    memory, before, at its peak and after), and leaves nothing for a large batch to repack. (A
+    tied lm_head stays the embedding's: test_model_decode_with_and_without_the_kernels[opt-packed].)"""
+    from cpugen import backends
+    from cpugen.memory import peak_rss_bytes, release_freed, reset_peak_rss, rss_bytes
+    from cpugen.weights import weight_bytes
+
+    cfg = from_name("gptj-1b").with_layers(4)
+    model = random_model(cfg, torch.bfloat16, 0)
+    native.extension()  # loaded (and built) before measuring
+    largest = max(m.weight.numel() * 2 for m in model.modules() if type(m) is Linear)
+    weights = weight_bytes(model)
+    release_freed()
+    before = rss_bytes()
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    assert native.install(model, pack=True)
+    peak, after = peak_rss_bytes(), rss_bytes()
+    mib = {k: round(v / 2**20) for k, v in dict(before=before, peak=peak, after=after, largest=largest).items()}
+    assert peak - before < largest + 0.05 * weights, mib
+    assert abs(after - before) < 0.05 * weights, mib
+    pad = (-cfg.vocab_size % 64) * cfg.n_embd * 2  # the lm_head's last panel, filled out with zeros
+    assert weight_bytes(model) == weights + pad
+    assert all(m.weight is None for m in model.modules() if type(m) is Linear)
+    backends.for_batch(model, "eager", torch.bfloat16, backends.gemv_max_batch() + 1)
+    assert backends.decode_matmul(model, "eager") == "cpugen-packed"
+    assert model.decode_stack is not None and weight_bytes(model) == weights + pad
 
 
 @pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="the decode stack needs AVX512-BF16")
@@ -207,10 +260,13 @@ def test_switched_off_kernel_leaves_torch_path(monkeypatch):
     assert all(getattr(m, "kernel", None) is None for m in model.modules())
 
 
-def test_large_decode_batches_use_onednn_packed_weights_in_place():
-    """Above the gemv's batches the eager backend reorders each weight once into oneDNN's layout,
-    replacing it: same results as F.linear on the plain weights, same weight bytes."""
+def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
+    """Where the weights stay plain (CPUs with AMX; here by CPUGEN_PACKED=0), above the gemv's
+    batches the eager backend reorders each weight once into oneDNN's layout, replacing it: same
+    results as F.linear on the plain weights, same weight bytes."""
     from cpugen import backends
+
+    monkeypatch.setenv("CPUGEN_PACKED", "0")
     from cpugen.weights import weight_bytes
 
     cfg = from_name("gptj-1b").with_layers(2)
