@@ -1,6 +1,8 @@
-"""Backends: what runs cpugen's model. `eager` is PyTorch's own CPU path with cpugen's native decode
-kernels (kernels/: the gemv, the fused decode step, and the decode stack that runs every block of a
-small-batch decode step in one call); `ipex` applies Intel Extension for PyTorch (weight prepacking through
+"""Backends: what runs cpugen's model. `eager` is PyTorch's own CPU path with cpugen's native
+kernels (kernels/: on AVX512-BF16 CPUs without AMX, every matmul on the weights repacked once into
+cpugen's packed layout, prefill's included; elsewhere the gemv for decode's skinny matmuls on the
+plain weights; the fused decode step, and the decode stack that runs every block of a small-batch
+decode step in one call); `ipex` applies Intel Extension for PyTorch (weight prepacking through
 `ipex.optimize`, its fused norm kernels); `auto` takes the fastest available:
 - bf16 on a CPU with AVX512-BF16, where the native kernels build: eager. Measured on gptj-1b
   (prompt 128, 32 new tokens), 2 Zen 4 threads, in IPEX's own environment (torch 2.8), decode

@@ -1,6 +1,8 @@
 """The memory-aware batch planner: what a run needs, term by term, and the largest batch that fits.
 
-predicted peak = runtime baseline + weights + KV cache + activation/workspace peak   (resident memory)
+predicted peak = runtime baseline + weights + max(KV cache + activation/workspace peak, repack)
+                 (resident memory; repack: the largest weight matrix, held twice for the moment a
+                 backend repacks it in place, before the KV cache exists)
 budget         = what this process may use: min(system available, cgroup limit - usage) plus what
                  it already holds, or --memory-budget, or --host-memory less an OS reserve
 batch          = the largest B with predicted peak(B) + headroom <= budget
@@ -158,6 +160,7 @@ class Plan:
     decode_activation_bytes: int
     prefill_chunk: int
     prefill_micro_batch: int
+    repack_bytes: int  # the largest weight matrix: held twice while it is repacked, before the cache exists
     overhead_bytes: int  # runtime baseline: interpreter, torch, thread pools (measured)
     file_backed_bytes: int  # of which mapped library pages, reclaimable (measured)
     headroom_bytes: int
@@ -195,12 +198,23 @@ def memory_at(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, items
     dec = activation_bytes(cfg, 1, batch, itemsize)
     act = max(pre, dec)
     kv = kv_seq * batch
+    repack = largest_matrix_bytes(cfg, itemsize)
     headroom = HEADROOM_FIXED + int(HEADROOM_SHARE * (weights + kv))
     return dict(weight_bytes=weights, kv_cache_bytes_per_seq=kv_seq, kv_cache_bytes=kv, activation_bytes=act,
                 prefill_activation_bytes=pre, decode_activation_bytes=dec, prefill_chunk=chunk,
-                prefill_micro_batch=micro, overhead_bytes=overhead, file_backed_bytes=file_backed,
-                headroom_bytes=headroom,
-                predicted_peak_bytes=overhead + weights + kv + act)
+                prefill_micro_batch=micro, repack_bytes=repack, overhead_bytes=overhead,
+                file_backed_bytes=file_backed, headroom_bytes=headroom,
+                predicted_peak_bytes=overhead + weights + max(kv + act, repack))
+
+
+def largest_matrix_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """The largest weight matrix (model.py's shapes): the eager backend's repacking into cpugen's
+    layout, IPEX's and oneDNN's all replace one matrix at a time, so for a moment it is held twice."""
+    h = cfg.n_embd
+    mlp_in = (2 if cfg.mlp == "glu" else 1) * cfg.intermediate_size
+    mats = [(cfg.q_dim + 2 * cfg.kv_dim) * h, cfg.q_dim * h, mlp_in * h, cfg.intermediate_size * h,
+            0 if cfg.tie_embeddings else cfg.vocab_size * h]
+    return max(mats) * itemsize
 
 
 def needed(m) -> int:
@@ -287,6 +301,8 @@ def report(p: Plan) -> str:
         ("activations", p.activation_bytes, f"peak of prefill {fmt(p.prefill_activation_bytes)} (chunks of "
                                             f"{p.prefill_chunk} tokens x {p.prefill_micro_batch} sequences) "
                                             f"and decode {fmt(p.decode_activation_bytes)}"),
+        ("repack", p.repack_bytes, "the largest matrix, held twice while the backend repacks it (before the "
+                                   "KV cache exists: counted where it exceeds KV cache + activations)"),
         ("runtime", p.overhead_bytes, "interpreter, torch, thread pools (measured)"),
         ("predicted peak", p.predicted_peak_bytes, "resident memory"),
         ("file-backed", p.file_backed_bytes, "of which mapped library pages the kernel can reclaim"),

@@ -292,5 +292,8 @@ def needs(p, backend: str, threads: int) -> str:
     """What a batch needs, said before anything large is allocated."""
     return (f"batch {p.batch_size} needs {p.weight_bytes / GiB:.2f} GiB of weights + {p.kv_cache_bytes / GiB:.2f} "
             f"GiB of KV cache ({p.prompt_len + p.gen_len} tokens a sequence) + {p.activation_bytes / GiB:.2f} GiB "
-            f"of activations: predicted peak {p.predicted_peak_bytes / GiB:.2f} GiB of a {p.budget_bytes / GiB:.2f} "
+            f"of activations" + (f" (less than the {p.repack_bytes / GiB:.2f} GiB matrix held twice while it is "
+                                 f"repacked, before the cache exists)"
+                                 if p.repack_bytes > p.kv_cache_bytes + p.activation_bytes else "")
+            + f": predicted peak {p.predicted_peak_bytes / GiB:.2f} GiB of a {p.budget_bytes / GiB:.2f} "
             f"GiB budget; backend {backend}, {threads} threads")

@@ -101,22 +101,28 @@ __attribute__((target("avx512f"))) inline __m512 activate(__m512 v, int64_t act)
   }
 }
 
-// Outputs n0..n1 of every row: + bias, activation, rounded to bf16 (nearest even).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void finish(const Sums& sums, const uint16_t* bias,
-                                                                        int64_t act, uint16_t* out, int64_t M,
-                                                                        int64_t n0, int64_t n1,
-                                                                        __m256i (*to_bf16)(__m512)) {
-  const int64_t N = sums.N;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = n0; n < n1; n += 16) {
-      const __mmask16 k = n1 - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
-      __m512 v = _mm512_maskz_loadu_ps(k, sums.s + m * N + n);
+// rows x cols fp32 sums (row stride lds) + bias, activation, rounded to bf16 (nearest even) into
+// out (row stride ldo); bias points at the first column's
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void finish_tile(const float* s, int64_t lds,
+                                                                             const uint16_t* bias, int64_t act,
+                                                                             uint16_t* out, int64_t ldo, int64_t rows,
+                                                                             int64_t cols, __m256i (*to_bf16)(__m512)) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t n = 0; n < cols; n += 16) {
+      const __mmask16 k = cols - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - n)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(k, s + m * lds + n);
       if (bias) {
         const __m256i b = _mm256_maskz_loadu_epi16(k, bias + n);
         v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
       }
-      _mm256_mask_storeu_epi16(out + m * N + n, k, to_bf16(activate(v, act)));
+      _mm256_mask_storeu_epi16(out + m * ldo + n, k, to_bf16(activate(v, act)));
     }
+}
+
+// Outputs n0..n1 of every row of the gemv's sums
+inline void finish(const Sums& sums, const uint16_t* bias, int64_t act, uint16_t* out, int64_t M, int64_t n0,
+                   int64_t n1, __m256i (*to_bf16)(__m512)) {
+  finish_tile(sums.s + n0, sums.N, bias ? bias + n0 : nullptr, act, out + n0, sums.N, M, n1 - n0, to_bf16);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) __m256i to_bf16_native(__m512 v) {
@@ -243,6 +249,8 @@ void rows(const BlockFn* fns, const uint16_t* x, const uint16_t* w, const Sums& 
 // time over blocks of rows or over slabs of K, prefetching x into L1, or fetching W
 // non-temporally were slower in every regime (the first three break W into several streams), and
 // dropping the bounds check below was no faster (60 interleaved rounds; docs/performance.md).
+// What closes the gap is the packed layout below, where one broadcast pair of x serves 64 rows;
+// this plain-layout path remains for CPUs where the weights stay plain (AMX, CPUGEN_PACKED=0).
 constexpr int64_t kAhead = 2048;
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -306,14 +314,15 @@ const Isa kIsa = detect();
 constexpr int64_t kPanel = 64;  // outputs per panel
 constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x (64 KB of a panel: L2)
 constexpr int64_t kMicroRows = 6;  // rows of x per micro-kernel call: 6 x 4 accumulators
+constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (40 micro-kernel calls)
 
 // Rows m0.. (MB of them) of x against k pairs [c0, c1) of one panel, into C's fp32 sums (row
 // stride ldc; `cols` of the panel's 64 are real, the rest padding). Accumulates onto C when
-// `more`; prefetches W kAhead bytes ahead (bounded by `end`) when `prefetch`.
+// `more`; prefetches W `ahead` bytes ahead into L2 (bounded by `end`) unless `ahead` is 0.
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols, int64_t c0,
-                 int64_t c1, bool more, const char* end, bool prefetch) {
+                 int64_t c1, bool more, const char* end, int64_t ahead) {
   constexpr int U = MB == 1 ? 2 : 1;  // one row: two pairs in flight, so 8 sums hide the dot's latency
   __mmask16 mask[4];
   for (int j = 0; j < 4; ++j) {
@@ -330,8 +339,8 @@ void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, 
   int64_t k2 = c0;
   for (; k2 + U <= c1; k2 += U) {
     const uint16_t* r = panel + k2 * 2 * kPanel;
-    if (prefetch) {
-      const char* p = reinterpret_cast<const char*>(r) + kAhead;
+    if (ahead) {
+      const char* p = reinterpret_cast<const char*>(r) + ahead;
       if (p + 256 * U <= end)
         for (int l = 0; l < 4 * U; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
     }
@@ -361,7 +370,7 @@ void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, 
 }
 
 using PanelFn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, bool,
-                         const char*, bool);
+                         const char*, int64_t);
 const PanelFn kPanelMicros[kMicroRows] = {panel_micro<1>, panel_micro<2>, panel_micro<3>,
                                           panel_micro<4>, panel_micro<5>, panel_micro<6>};
 
@@ -461,26 +470,37 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int6
   }
   auto out = torch::empty({M, n}, x.options());
   if (M == 0) return out;
-  auto sums = torch::empty({M, n}, x.options().dtype(at::kFloat));
-  const Sums ep{sums.data_ptr<float>(), n};
   const auto* bp = bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr;
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const auto* pp = reinterpret_cast<const uint16_t*>(p.data_ptr());
-  // up to kMicroRows rows: one pass over all of K per panel, sums in registers; more rows: K in
-  // chunks, every group of rows against a chunk while it is in L2
+  // Up to kMicroRows rows: one pass over all of K per panel, the sums in registers. More rows: a
+  // block of up to kRowBlock rows at a time against each panel, K in chunks so that the chunk of
+  // W (64 KB) and the block's rows of x (kRowBlock KB) stay in L2 while the micro-kernel walks
+  // the block; the sums wait in a tile the size of the block, and are finished (bias,
+  // activation, bf16) into the output as soon as the panel is done. The first group of rows
+  // prefetches W: 2 KB ahead in one pass, or the next chunk's line while several groups take
+  // turns on a chunk, so that memory streams while the later groups compute from L2 (at 16
+  // rows, gptj-1b's matmuls: 127-147 ms against 154-176 prefetching 2 KB ahead, 2 Zen 4 cores).
   const int64_t chunk = M <= kMicroRows ? K2 : kChunk;
+  const int64_t ahead = M <= kMicroRows ? kAhead : chunk * 2 * kPanel * 2;
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     const char* end = reinterpret_cast<const char*>(pp + p1 * K * kPanel);
-    for (int64_t q = p0; q < p1; ++q) {
-      const uint16_t* panel = pp + q * K * kPanel;
-      const int64_t cols = std::min(kPanel, n - q * kPanel);
-      for (int64_t c0 = 0; c0 < K2; c0 += chunk)
-        for (int64_t m0 = 0; m0 < M; m0 += kMicroRows)
-          kPanelMicros[std::min(kMicroRows, M - m0) - 1](xp + m0 * K, K, panel, ep.s + m0 * n + q * kPanel, n, cols, c0,
-                                                         std::min(K2, c0 + chunk), c0 > 0, end, m0 == 0);
+    std::vector<float> tile(std::min(M, kRowBlock) * kPanel);
+    for (int64_t m1 = 0; m1 < M; m1 += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, M - m1);
+      for (int64_t q = p0; q < p1; ++q) {
+        const uint16_t* panel = pp + q * K * kPanel;
+        const int64_t cols = std::min(kPanel, n - q * kPanel);
+        for (int64_t c0 = 0; c0 < K2; c0 += chunk)
+          for (int64_t m0 = 0; m0 < rows; m0 += kMicroRows)
+            kPanelMicros[std::min(kMicroRows, rows - m0) - 1](xp + (m1 + m0) * K, K, panel, tile.data() + m0 * kPanel,
+                                                              kPanel, cols, c0, std::min(K2, c0 + chunk), c0 > 0, end,
+                                                              m0 == 0 ? ahead : 0);
+        finish_tile(tile.data(), kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols,
+                    to_bf16_native);
+      }
     }
-    finish(ep, bp, act, op, M, p0 * kPanel, std::min(n, p1 * kPanel), to_bf16_native);
   });
   return out;
 }

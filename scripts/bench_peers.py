@@ -3,11 +3,14 @@
 
     python scripts/bench_peers.py [--model gptj-1b] [--prompt-len 128] [--gen-len 32]
                                   [--batch-sizes 1,4,16,32] [--rounds 5] [--engines cpugen,hf,hf-ipex]
+                                  [--engines cpugen,cpugen-plain,...]
                                   [--ipex-python ~/.cache/cpugen/ipex-venv/bin/python] [--out FILE.md]
 
 Engines, each a long-lived worker process holding its model, all loading one bf16 checkpoint
 written once from the preset with random weights (so every engine computes with the same numbers):
-- cpugen: this repository, backend auto (the eager path with cpugen's native decode kernel);
+- cpugen: this repository, backend auto (the eager path with cpugen's native kernels);
+- cpugen-plain: the same with CPUGEN_PACKED=0, the weights left in their plain layout (an A/B of
+  cpugen's packed layout);
 - hf: Hugging Face transformers, eager bf16, `generate` greedy with min_new_tokens = max_new_tokens;
 - hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment.
 Rounds are interleaved (A, B, C, A, B, C, ...) so a change of the machine's regime hits every engine
@@ -44,7 +47,7 @@ torch.set_num_threads(threads)
 def say(**kw):
     sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
 
-if engine == "cpugen":
+if engine.startswith("cpugen"):
     from cpugen import backends
     from cpugen.config import resolve
     from cpugen.generate import Engine, Prompts, compute_context
@@ -53,7 +56,7 @@ if engine == "cpugen":
     model = load_model(cfg, ck, torch.bfloat16, 0)
     backend = backends.resolve("auto")
     fwd = backends.apply(model, backend, torch.bfloat16)
-    name = f"cpugen ({backend})"
+    name = f"cpugen ({backend}, {'plain' if os.environ.get('CPUGEN_PACKED') == '0' else 'packed where the CPU wants it'} weights)"
     def work(B, P, G, tokens):
         backends.for_batch(model, backend, torch.bfloat16, B)  # as `cpugen run` does
         e = Engine(model, B, P + G, torch.bfloat16, fwd)
@@ -107,7 +110,7 @@ for line in sys.stdin:
 class Worker:
     def __init__(self, engine: str, python: str, ckpt: Path, threads: int):
         env = {**os.environ, "CPUGEN_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONWARNINGS": "ignore"}
+               "PYTHONWARNINGS": "ignore", **({"CPUGEN_PACKED": "0"} if engine == "cpugen-plain" else {})}
         self.engine = engine
         self.proc = subprocess.Popen([python, "-c", WORKER, engine, str(ckpt), str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)

@@ -68,6 +68,15 @@ def test_gemv_rejects_what_it_cannot_do():
         ext.gemv(x, w, None)
     with pytest.raises(RuntimeError, match="bf16 only"):
         ext.gemv(x[:2].float(), w.float(), None)
+    if ext.packed_available():
+        p = torch.empty(ext.packed_shape(8, 64), dtype=torch.bfloat16)
+        ext.pack_into(w, p)
+        with pytest.raises(RuntimeError, match="packed"):
+            ext.linear_packed(x[:, :62], p, 8, None)  # K does not match
+        with pytest.raises(RuntimeError, match="packed"):
+            ext.linear_packed(x, p, 65, None)  # 65 outputs need two panels
+        with pytest.raises(RuntimeError, match="K even"):
+            ext.pack_into(torch.randn(8, 63).bfloat16(), p)
 
 
 def _small(name: str, **kw):
