@@ -152,7 +152,7 @@ def _optimize(ipex, module, dtype):
 
 
 def gemv_max_batch() -> int:
-    """Where the weights stay plain (CPUs with AMX, or CPUGEN_PACKED=0), decode batches up to this
+    """Where the weights stay plain (CPUs with AMX, or CPUGEN_LAYOUT=plain), decode batches up to this
     use cpugen's gemv; larger ones, oneDNN's packed weights. Measured (kernels/bench_gemv.py, GB/s of weights at 1 / 2 / 4 / 8 rows): on 2 Zen 4
     cores, weights on huge pages, the gemv 31.2 / 30.4 / 29.4 / 22.9 against oneDNN prepacked
     21.8 / 19.7 / 26.2 / 21.8 (level at 8 rows, within the spread; oneDNN ahead at 16); on 16 Xeon (AMX) cores 120.5 / - / 109.3 / 74.0 against 68.6 / - / 65.4 / 65.3 (kernels/README.md)."""

@@ -88,11 +88,11 @@ def why_not(name: str = "gemv_bf16") -> str | None:
 def packing_wanted() -> bool:
     """Whether the eager backend repacks bf16 weights into cpugen's packed layout: on CPUs with
     AVX512-BF16 and without AMX (with AMX, oneDNN's tile kernels are prefill's fastest path, and
-    they read the plain layout). CPUGEN_PACKED=0 keeps the plain weights."""
+    they read the plain layout). CPUGEN_LAYOUT=plain keeps the plain weights."""
     from cpugen.env import cpu_info
 
     info = cpu_info()
-    return os.environ.get("CPUGEN_PACKED", "1") != "0" and info["avx512_bf16"] and not info["amx_bf16"]
+    return os.environ.get("CPUGEN_LAYOUT", "auto") != "plain" and info["avx512_bf16"] and not info["amx_bf16"]
 
 
 def install(model: torch.nn.Module, pack: bool | None = None) -> bool:

@@ -250,7 +250,7 @@ void rows(const BlockFn* fns, const uint16_t* x, const uint16_t* w, const Sums& 
 // non-temporally were slower in every regime (the first three break W into several streams), and
 // dropping the bounds check below was no faster (60 interleaved rounds; docs/performance.md).
 // What closes the gap is the packed layout below, where one broadcast pair of x serves 64 rows;
-// this plain-layout path remains for CPUs where the weights stay plain (AMX, CPUGEN_PACKED=0).
+// this plain-layout path remains for CPUs where the weights stay plain (AMX, CPUGEN_LAYOUT=plain).
 constexpr int64_t kAhead = 2048;
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))

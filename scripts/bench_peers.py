@@ -9,7 +9,7 @@
 Engines, each a long-lived worker process holding its model, all loading one bf16 checkpoint
 written once from the preset with random weights (so every engine computes with the same numbers):
 - cpugen: this repository, backend auto (the eager path with cpugen's native kernels);
-- cpugen-plain: the same with CPUGEN_PACKED=0, the weights left in their plain layout (an A/B of
+- cpugen-plain: the same with CPUGEN_LAYOUT=plain, the weights left in their plain layout (an A/B of
   cpugen's packed layout);
 - hf: Hugging Face transformers, eager bf16, `generate` greedy with min_new_tokens = max_new_tokens;
 - hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment.
@@ -56,7 +56,7 @@ if engine.startswith("cpugen"):
     model = load_model(cfg, ck, torch.bfloat16, 0)
     backend = backends.resolve("auto")
     fwd = backends.apply(model, backend, torch.bfloat16)
-    name = f"cpugen ({backend}, {'plain' if os.environ.get('CPUGEN_PACKED') == '0' else 'packed where the CPU wants it'} weights)"
+    name = f"cpugen ({backend}, {'plain' if os.environ.get('CPUGEN_LAYOUT') == 'plain' else 'packed where the CPU takes it'} layout)"
     def work(B, P, G, tokens):
         backends.for_batch(model, backend, torch.bfloat16, B)  # as `cpugen run` does
         e = Engine(model, B, P + G, torch.bfloat16, fwd)
@@ -110,7 +110,7 @@ for line in sys.stdin:
 class Worker:
     def __init__(self, engine: str, python: str, ckpt: Path, threads: int):
         env = {**os.environ, "CPUGEN_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONWARNINGS": "ignore", **({"CPUGEN_PACKED": "0"} if engine == "cpugen-plain" else {})}
+               "PYTHONWARNINGS": "ignore", **({"CPUGEN_LAYOUT": "plain"} if engine == "cpugen-plain" else {})}
         self.engine = engine
         self.proc = subprocess.Popen([python, "-c", WORKER, engine, str(ckpt), str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)

@@ -270,12 +270,12 @@ def test_switched_off_kernel_leaves_torch_path(monkeypatch):
 
 
 def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
-    """Where the weights stay plain (CPUs with AMX; here by CPUGEN_PACKED=0), above the gemv's
+    """Where the weights stay plain (CPUs with AMX; here by CPUGEN_LAYOUT=plain), above the gemv's
     batches the eager backend reorders each weight once into oneDNN's layout, replacing it: same
     results as F.linear on the plain weights, same weight bytes."""
     from cpugen import backends
 
-    monkeypatch.setenv("CPUGEN_PACKED", "0")
+    monkeypatch.setenv("CPUGEN_LAYOUT", "plain")
     from cpugen.weights import weight_bytes
 
     cfg = from_name("gptj-1b").with_layers(2)
