@@ -21,7 +21,7 @@ SHAPES = [(1, 2048, 6144), (4, 2048, 8192), (16, 256, 96), (3, 100, 7), (1, 33, 
           (8, 4096, 1030), (2, 8192, 256)]
 
 
-# (M, K, N) for the packed layout: one row (two k pairs at a time, an odd pair left), the micro-
+# (M, K, N) for the packed layout: one row (K with an even and an odd count of pairs), the micro-
 # kernel's 6 rows and the ragged groups past them, prefill's hundreds of rows; N off the 64-wide
 # panels; K over one 256-pair chunk (sums carried between chunks) and K with an odd count of pairs
 PACKED_SHAPES = [(1, 2048, 6144), (1, 2, 1), (1, 66, 100), (2, 130, 64), (6, 514, 129), (7, 1030, 200),
