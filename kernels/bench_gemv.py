@@ -5,6 +5,11 @@ once per step. Reports GB/s of weights streamed (median over repeats, min-max).
 
     python kernels/bench_gemv.py [--rows 1,4,8,16] [--repeat 7] [--layers 24]
     python kernels/bench_gemv.py --by-shape [--rounds 20] [--layers 24]
+    python kernels/bench_gemv.py --tflops --rows 16,32,128,512,2048 --repeat 3 --layers 1
+
+--tflops: TFLOP/s instead of GB/s, for the compute-bound sizes (prefill, large batches): the
+packed kernel against oneDNN (its weights reordered with no batch hint, as the model's are) and
+F.linear; the gemv takes at most 16 rows ('-' above).
 
 --by-shape: one row of x, the gemv and the packed kernel beside torch's sum (over an fp32 view of the
 same weights, one call per matrix: a plain read) for each of gptj-1b's four matrix shapes, in a shuffled order within
@@ -48,6 +53,7 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--by-shape", action="store_true")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--tflops", action="store_true")
     a = ap.parse_args()
     h, ffn = 2048, 8192
     if a.by_shape:
@@ -55,11 +61,11 @@ def main():
     shapes = [(3 * h, h), (h, h), (ffn, h), (h, ffn)] * a.layers  # wqkv, wo, w_in, w_out
     ws = [_weight(n, k) for n, k in shapes]
     nbytes = sum(w.numel() * 2 for w in ws)
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, None if a.tflops else 1) for w in ws]
     ext = extension()
     panels = [_panels(ext, w) for w in ws] if ext and ext.packed_available() else None
     print(f"{torch.get_num_threads()} threads, {nbytes / 1e9:.2f} GB of bf16 weights, native isa "
-          f"{ext.isa() if ext else 'unavailable'}")
+          f"{ext.isa() if ext else 'unavailable'}; {'TFLOP/s' if a.tflops else 'GB/s of weights'}")
     print(f"{'M':>3} {'F.linear':>22} {'oneDNN prepacked':>22} {'cpugen gemv':>22} {'cpugen packed':>22}")
     with torch.inference_mode():
         for M in map(int, a.rows.split(",")):
@@ -69,7 +75,7 @@ def main():
                 "oneDNN prepacked": lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
                                              for w, p in zip(ws, packed)],
             }
-            if ext:
+            if ext and M <= 16:
                 impls["cpugen gemv"] = lambda: [ext.gemv(xs[w.shape[1]], w, None) for w in ws]
             if panels:
                 impls["cpugen packed"] = lambda: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
@@ -79,8 +85,11 @@ def main():
                 for name, fn in impls.items():
                     t0 = time.perf_counter()
                     fn()
-                    res[name].append(nbytes / (time.perf_counter() - t0) / 1e9)
-            cells = [f"{statistics.median(v):6.1f} ({min(v):4.1f}-{max(v):4.1f})" for v in res.values()]
+                    dt = time.perf_counter() - t0
+                    res[name].append(nbytes * M / dt / 1e12 if a.tflops else nbytes / dt / 1e9)  # 2 M N K flops
+            fmt = "{:6.3f} ({:5.3f}-{:5.3f})" if a.tflops else "{:6.1f} ({:4.1f}-{:4.1f})"
+            names = ["F.linear", "oneDNN prepacked", "cpugen gemv", "cpugen packed"]
+            cells = [fmt.format(statistics.median(res[k]), min(res[k]), max(res[k])) if k in res else "-" for k in names]
             print(f"{M:>3} " + " ".join(f"{c:>22}" for c in cells))
 
 
