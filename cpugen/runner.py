@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cpugen import backends, flops
+from cpugen import backends, flops, native
 from cpugen.config import ModelConfig
 from cpugen.env import environment
 from cpugen.errors import CpugenError
@@ -189,7 +189,7 @@ def measure(spec: RunSpec, m: Loaded, p, repeats: int = 1, warmup: int = 1) -> l
                 w = min(P, 16)
                 logits = engine.prefill(Prompts(prompts.tokens[:, :w], prompts.valid[:, :w]))
                 for _ in range(min(2, G - 1)):
-                    logits = engine.decode_one_token(logits.argmax(-1))
+                    logits = engine.decode_one_token(native.argmax(logits))
                 engine.reset()
             m.warmup_s = time.perf_counter() - t_warm
             bar = progress("prefill+decode", spec.quiet)
@@ -198,13 +198,13 @@ def measure(spec: RunSpec, m: Loaded, p, repeats: int = 1, warmup: int = 1) -> l
                     engine.reset()
                 t0 = time.perf_counter()
                 logits = engine.prefill(prompts)
-                tok = logits.argmax(-1)
+                tok = native.argmax(logits)
                 prompt_time = time.perf_counter() - t0
                 steps = []
                 for i in range(n_steps):
                     t0 = time.perf_counter()
                     logits = engine.decode_one_token(tok)
-                    tok = logits.argmax(-1)
+                    tok = native.argmax(logits)
                     steps.append(time.perf_counter() - t0)
                     if bar:
                         bar.update(r * n_steps + i + 1, repeats * n_steps, "decode steps")

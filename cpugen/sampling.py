@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cpugen import native
 from cpugen.errors import CpugenError
 
 
@@ -35,7 +36,7 @@ class Sampling:
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
     if s.greedy:
-        return logits.argmax(dim=-1)
+        return native.argmax(logits)
     logits = logits.float() / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)

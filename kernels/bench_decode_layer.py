@@ -60,7 +60,7 @@ def main():
     names = ("stack packed", "stack plain", "python blocks packed", "matmuls packed", "matmuls plain")
     rounds = []  # per round: (read GB/s before it, after it, {name: median step time})
     with compute_context(torch.bfloat16):
-        toks = {k: v["engine"].prefill(prompt).argmax(-1) for k, v in models.items()}
+        toks = {k: native.argmax(v["engine"].prefill(prompt)) for k, v in models.items()}
         for r in range(a.rounds):
             read = measure_bandwidth(3)[0]
             times = {name: [] for name in names}
@@ -77,7 +77,7 @@ def main():
                                 ext.gemv(v["xs"][m.in_features], w, m.bias, 0)
                     else:
                         v["model"].decode_stack = v["stack"] if name.startswith("stack") else None
-                        toks[layout] = v["engine"].decode_one_token(toks[layout]).argmax(-1)
+                        toks[layout] = native.argmax(v["engine"].decode_one_token(toks[layout]))
                     times[name].append(time.perf_counter() - t0)
             after = measure_bandwidth(3)[0]
             med = {name: statistics.median(ts) for name, ts in times.items()}

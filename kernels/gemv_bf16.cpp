@@ -1,5 +1,6 @@
-// Python bindings of gemv_bf16.h (the kernel and its notes are there).
+// Python bindings of gemv_bf16.h and argmax.h (the kernels and their notes are there).
 
+#include "argmax.h"
 #include "gemv_bf16.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -12,5 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p"));
   m.def("linear_packed", &cpugen_gemv::linear_packed, "y = act(x @ W.T + bias) for any M, W packed by pack_into",
         py::arg("x"), py::arg("p"), py::arg("n"), py::arg("bias"), py::arg("act") = 0);
+  m.def("argmax", &cpugen_argmax::argmax, "argmax of each row of logits (B, V), as torch.argmax answers",
+        py::arg("logits"));
   m.def("isa", &cpugen_gemv::isa, "the instruction set the kernel dispatched to");
 }

@@ -48,7 +48,7 @@ def say(**kw):
     sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
 
 if engine.startswith("cpugen"):
-    from cpugen import backends
+    from cpugen import backends, native
     from cpugen.config import resolve
     from cpugen.generate import Engine, Prompts, compute_context
     from cpugen.weights import load_model
@@ -61,11 +61,11 @@ if engine.startswith("cpugen"):
         backends.for_batch(model, backend, torch.bfloat16, B)  # as `cpugen run` does
         e = Engine(model, B, P + G, torch.bfloat16, fwd)
         with compute_context(torch.bfloat16):
-            t0 = time.perf_counter(); tok = e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))).argmax(-1)
+            t0 = time.perf_counter(); tok = native.argmax(e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))))
             tp = time.perf_counter() - t0
             t0 = time.perf_counter()
             for _ in range(G - 1):
-                tok = e.decode_one_token(tok).argmax(-1)
+                tok = native.argmax(e.decode_one_token(tok))
             td = time.perf_counter() - t0
         model.free_caches()
         return tp, td / (G - 1)

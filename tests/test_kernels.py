@@ -110,6 +110,38 @@ class _Counted:
 
 
 @needs_avx512
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_answers_as_torch_does(dtype):
+    """Greedy decoding's argmax (kernels/argmax.h) against torch.argmax: random rows, rows of
+    ties (the first maximum wins), rows with NaN (the first NaN wins, as torch orders it above
+    everything) or +inf, rows of -inf only, and row lengths off the 16-wide vectors."""
+    ext = native.extension()
+    g = torch.Generator().manual_seed(0)
+    cases = 0
+    for B, V in [(1, 1), (1, 15), (3, 17), (2, 31), (4, 50400), (33, 1000)]:
+        for kind in ("random", "ties", "nan", "inf", "-inf", "nan last"):
+            x = torch.randn(B, V, generator=g).to(dtype)
+            if kind == "ties":
+                x = (x * 2).round().clamp(-2, 2)
+            elif kind in ("nan", "inf"):
+                x[:, 1::3] = float(kind)
+            elif kind == "-inf":
+                x.fill_(float("-inf"))
+            elif kind == "nan last":
+                x[:, -1] = float("nan")
+            want = torch.argmax(x, dim=-1)
+            assert torch.equal(ext.argmax(x), want), (B, V, kind)
+            assert torch.equal(native.argmax(x), want)
+            cases += 1
+    assert cases == 36
+    # a view that is not contiguous is read as its values
+    x = torch.randn(8, 40, generator=g).to(dtype)[:, ::2]
+    assert torch.equal(ext.argmax(x), torch.argmax(x, dim=-1))
+    with pytest.raises(RuntimeError, match="logits"):
+        ext.argmax(torch.zeros(2, 3, 4, dtype=dtype))
+
+
+@needs_avx512
 @pytest.mark.parametrize("layout", ["plain", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_decode_with_and_without_the_kernels(family, layout):

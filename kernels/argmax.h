@@ -1,0 +1,90 @@
+#pragma once
+// Greedy decoding's argmax over the vocabulary: ids (B,) int64 = argmax of logits (B, V), bf16 or
+// fp32, with torch.argmax's answer in every case: the first index of the largest value, and where
+// a row holds a NaN, the first NaN (torch orders NaN above everything).
+//
+// torch.argmax takes 180 us for one row of 50400 bf16 logits on a Zen 4 core, 3 ms for 32 rows:
+// about 0.4% of a batch-1 gptj-1b decode step and 1% of a batch-32 one. Here 16 lanes keep the
+// largest value seen and where (a strictly greater value replaces it, so each lane keeps its
+// first), then the lanes are reduced to the smallest index holding the row's maximum; rows are
+// split across threads.
+// Reference: torch.argmax; check: tests/test_kernels.py (ties, NaN, infinities, row tails).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace cpugen_argmax {
+
+namespace {
+
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const void* p, int64_t i, __mmask16 m) {
+  if (kBf16) {
+    const __m256i v = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+}
+
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t row_argmax(const void* row, int64_t V) {
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i where = _mm512_setzero_si512();  // each lane's first index of its largest value (V < 2^31)
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 m = V - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (V - i)) - 1);
+    const __m512 v = load16<kBf16>(row, i, m);
+    nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+    const __mmask16 gt = _mm512_mask_cmp_ps_mask(m, v, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, gt, v);
+    where = _mm512_mask_mov_epi32(where, gt, idx);
+    idx = _mm512_add_epi32(idx, step);
+  }
+  if (nan) {  // rare: the first NaN, as torch answers
+    for (int64_t i = 0; i < V; ++i) {
+      float f;
+      if (kBf16) {
+        const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(row)[i]) << 16;
+        std::memcpy(&f, &u, sizeof(f));
+      } else {
+        f = static_cast<const float*>(row)[i];
+      }
+      if (std::isnan(f)) return i;
+    }
+  }
+  // A row of -inf only: no lane ever moved, and index 0 is torch's answer too.
+  const float mx = _mm512_reduce_max_ps(best);
+  const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(at, where);
+}
+
+}  // namespace
+
+// logits (B, V) bf16 or fp32 -> (B,) int64
+inline torch::Tensor argmax(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && (logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat),
+              "cpugen argmax: logits (B, V), bf16 or fp32");
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(1) < (int64_t{1} << 31), "cpugen argmax: 1 to 2^31 - 1 logits a row");
+  const auto lc = logits.contiguous();
+  const int64_t B = lc.size(0), V = lc.size(1);
+  auto out = torch::empty({B}, lc.options().dtype(at::kLong));
+  auto* o = out.data_ptr<int64_t>();
+  const bool bf16 = lc.scalar_type() == at::kBFloat16;
+  const auto* base = static_cast<const char*>(lc.data_ptr());
+  const int64_t row_bytes = V * lc.element_size();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      o[b] = bf16 ? row_argmax<true>(base + b * row_bytes, V) : row_argmax<false>(base + b * row_bytes, V);
+  });
+  return out;
+}
+
+}  // namespace cpugen_argmax
