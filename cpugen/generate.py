@@ -97,6 +97,7 @@ class Engine:
         _check_ids(prompts.tokens, self.cfg.vocab_size)
         self.padded = prompts.padded
         self.key_valid[:, :T] = prompts.valid
+        self.key_valid[:, T:] = True  # generated positions: causality keeps each out until it is written
         pos = (prompts.valid.cumsum(1) - 1).clamp(min=0)  # (B, T) each row counts its own tokens
         chunk = self.prefill_chunk or T
         micro = self.prefill_micro_batch or B
@@ -118,7 +119,6 @@ class Engine:
         if self.next_index >= self.max_len:
             raise CpugenError(f"the KV cache of {self.max_len} positions is full")
         i = self.next_index
-        self.key_valid[:, i] = True
         logits = self.forward(token[:, None], self.next_pos[:, None], self._mask(i, 1), i, True)
         self.next_index += 1
         self.next_pos = self.next_pos + 1
@@ -153,9 +153,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             logits = engine.prefill(batch)
             for step in range(max_new_tokens):
                 tok = sample(logits, sampling, gen)  # (B,)
-                for b in range(B):
-                    if not done[b]:
-                        out[b].append(int(tok[b]))
+                for b, (t, d) in enumerate(zip(tok.tolist(), done.tolist())):
+                    if not d:
+                        out[b].append(t)
                 if not ignore_eos and len(stop):
                     done |= torch.isin(tok, stop)
                 if on_token:

@@ -235,9 +235,10 @@ class Transformer(nn.Module):
         self.ln_f = Norm(cfg)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
-        # a backend's native decode stack (kernels/decode_layer.cpp): every block of an unpadded
-        # decode step of at most Linear.kernel_rows sequences in one call
+        # a backend's native decode stack (kernels/decode_layer.cpp): an unpadded decode step of
+        # at most Linear.kernel_rows sequences in one call, from the tokens to the logits
         self.decode_stack = None
+        self._caches = ([], [])  # every block's k and v cache, as the stack takes them
 
     def tie_weights(self):
         if self.cfg.tie_embeddings:
@@ -249,10 +250,12 @@ class Transformer(nn.Module):
         self.free_caches()
         for b in self.blocks:
             b.attn.cache = KVCache(batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype)
+        self._caches = ([b.attn.cache.k for b in self.blocks], [b.attn.cache.v for b in self.blocks])
 
     def free_caches(self):
         for b in self.blocks:
             b.attn.cache = None
+        self._caches = ([], [])
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, tokens, pos, mask=None, start: int = 0, last_only: bool = True, rows: slice = slice(None)):
@@ -262,20 +265,17 @@ class Transformer(nn.Module):
         `rows` (a prefill micro-batch; all by default) and the queries attend to cache positions
         0..start+T-1. mask (B or 1, 1, T, start+T) bool, True = may attend; None means no padding
         and start == 0 (plain causal) or T == 1 (attend everything)."""
+        B, T = tokens.shape
+        if (self.decode_stack is not None and T == 1 and mask is None and rows == slice(None)
+                and B <= Linear.kernel_rows and self.wte.weight.dtype == torch.bfloat16):
+            logits = self.decode_stack.step(tokens.view(B), pos.view(B), *self._caches, start)  # (B, V)
+            return logits if last_only else logits.view(B, 1, -1)
         x = self.wte(tokens)  # (B, T, h)
         if self.wpe is not None:
             x = x + self.wpe(pos + self.cfg.position_offset)
         rope = self.rotary.tables(pos) if self.rotary is not None else None
-        B, T, h = x.shape
-        if (self.decode_stack is not None and T == 1 and mask is None and rows == slice(None)
-                and B <= Linear.kernel_rows and x.dtype == torch.bfloat16):
-            cos, sin = (t.reshape(B, -1) for t in rope) if rope is not None else (_NO_ROPE, _NO_ROPE)  # (B, rd/2)
-            caches = [b.attn.cache for b in self.blocks]
-            x = self.decode_stack.forward(x.view(B, h), cos, sin, [c.k for c in caches], [c.v for c in caches],
-                                          start).view(B, 1, h)
-        else:
-            for block in self.blocks:
-                x = block(x, rope, mask, start, rows)
+        for block in self.blocks:
+            x = block(x, rope, mask, start, rows)
         if last_only:
             x = x[:, -1]  # (B, h): prefill needs only the last position's logits
         return self.lm_head(self.ln_f(x))

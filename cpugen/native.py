@@ -147,16 +147,20 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
 
 
 def install_stack(model) -> bool:
-    """Gives the model a native decode stack (kernels/decode_layer.cpp): every block of a decode
-    step at gemv batch sizes in one call, holding references to the blocks' own weights, plain or
-    packed (no copy).
-    False where it does not build or the blocks are not all plain cpugen modules."""
+    """Gives the model a native decode stack (kernels/decode_layer.cpp): a whole decode step at
+    gemv batch sizes in one call (embedding, every block, final norm, lm_head), holding references
+    to the model's own weights, plain or packed (no copy).
+    False where it does not build or the modules are not all plain cpugen modules."""
     from cpugen.model import KERNEL_ACT, Linear, Norm
 
     ext = extension("decode_layer")
     if ext is None:
         return False
     cfg, blocks, outs = model.cfg, [], []
+    head = model.lm_head
+    if (type(head) is not Linear or (head.weight is None and head.panels is None)
+            or type(model.ln_f) is not Norm or model.ln_f.impl is not None):
+        return False
     for b in model.blocks:
         mods = (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)
         if (any(type(m) is not Linear or (m.weight is None and m.panels is None) for m in mods)
@@ -169,4 +173,9 @@ def install_stack(model) -> bool:
     model.decode_stack = ext.Stack(blocks, outs, cfg.norm, cfg.norm_eps, cfg.parallel_residual, cfg.mlp == "glu",
                                    KERNEL_ACT[cfg.activation], cfg.n_head,
                                    cfg.rotary_dim if cfg.position == "rotary" else 0)
+    rope = model.rotary
+    model.decode_stack.set_head(model.wte.weight, model.wpe.weight if model.wpe is not None else None,
+                                cfg.position_offset, rope.cos if rope else None, rope.sin if rope else None,
+                                model.ln_f.weight, model.ln_f.bias,
+                                head.weight if head.panels is None else head.panels, head.bias, head.out_features)
     return True

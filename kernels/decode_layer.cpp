@@ -1,6 +1,6 @@
-// A decode step's transformer blocks in one native call: for batches the gemv serves (at most a
-// few rows), every block of the model runs here, one after the other, without returning to
-// Python between its operations.
+// A decode step in one native call: for batches the gemv serves (at most a few rows), the token
+// embedding, every block of the model one after the other, the final norm and the lm_head run
+// here, without returning to Python between their operations.
 //
 // Per block (pre-norm; GPT-J's parallel residual or the sequential one):
 //   h = norm_1(x); a = wo(attention(wqkv(h)))             attention: decode_attention.h's decode_step
@@ -12,7 +12,11 @@
 // the GLU product and the residual adds are the same ATen ops the Python blocks call, in the same
 // order, so the numbers are those of the per-op path. What this saves is the time between the
 // kernels: measured on 2 Zen 4 cores, a 24-block model 256 wide (compute negligible) took 3.8 ms
-// a decode step through the Python blocks, about 160 us a block.
+// a decode step through the Python blocks, about 160 us a block. The head (embedding, positions,
+// final norm, lm_head) came in later for the same reason at a larger scale: streaming gigabytes of
+// weights a step leaves nothing of the interpreter in cache, and the dozen small torch calls
+// around the blocks took 0.8 ms of a 48 ms batch-1 gptj-1b step (each op 10-60 us cold against
+// 1-4 us warm).
 // Reference: the Python blocks (cpugen/model.py); check: tests/test_kernels.py.
 
 #include "decode_attention.h"
@@ -30,6 +34,11 @@ enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 }
 
 Tensor defined_or_empty(const Opt& t) { return t.has_value() ? *t : Tensor(); }
 Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : c10::nullopt; }
+
+struct Head {  // what a step does around the blocks (model.py's Transformer.forward)
+  Tensor wte, wpe, cos, sin, lnf_w, lnf_b, lm_w, lm_b;  // wpe / cos, sin / biases undefined where absent
+  int64_t pos_offset = 0, n_vocab = 0;
+};
 
 struct Block {
   Tensor ln1_w, ln1_b, ln2_w, ln2_b;  // ln2 undefined with a parallel residual; biases with RMSNorm
@@ -91,6 +100,32 @@ class Stack {
     return x;
   }
 
+  // wte (V, h); wpe (P, h) or none, read at pos + pos_offset; cos/sin tables (P, rd/2) fp32 or
+  // none; the final norm; lm_w plain (n_vocab, h) or packed, lm_b or none
+  void set_head(const Tensor& wte, const Opt& wpe, int64_t pos_offset, const Opt& cos, const Opt& sin,
+                const Tensor& lnf_w, const Opt& lnf_b, const Tensor& lm_w, const Opt& lm_b, int64_t n_vocab) {
+    TORCH_CHECK(wte.dim() == 2 && (lm_w.dim() == 2 || lm_w.dim() == 3), "cpugen decode_layer: a head needs wte and lm_head");
+    TORCH_CHECK(cos.has_value() == sin.has_value() && cos.has_value() == (rd_ > 0),
+                "cpugen decode_layer: rotary tables where the blocks rotate, none where they do not");
+    head_ = Head{wte, defined_or_empty(wpe), defined_or_empty(cos), defined_or_empty(sin), lnf_w,
+                 defined_or_empty(lnf_b), lm_w, defined_or_empty(lm_b), pos_offset, n_vocab};
+    has_head_ = true;
+  }
+
+  // tokens, pos (B,) int64: each sequence's new token and its position -> logits (B, n_vocab)
+  Tensor step(const Tensor& tokens, const Tensor& pos, std::vector<Tensor> k_caches, std::vector<Tensor> v_caches,
+              int64_t index) const {
+    TORCH_CHECK(has_head_, "cpugen decode_layer: step needs set_head first");
+    TORCH_CHECK(tokens.dim() == 1 && pos.dim() == 1 && tokens.size(0) == pos.size(0), "cpugen decode_layer: tokens, pos (B,)");
+    const Head& hd = head_;
+    Tensor x = at::embedding(hd.wte, tokens);  // (B, h)
+    if (hd.wpe.defined()) x = at::add(x, at::embedding(hd.wpe, at::add(pos, hd.pos_offset)));
+    Tensor cos = empty_, sin = empty_;
+    if (hd.cos.defined()) cos = at::index_select(hd.cos, 0, pos), sin = at::index_select(hd.sin, 0, pos);  // (B, rd/2)
+    x = forward(x, cos, sin, std::move(k_caches), std::move(v_caches), index);
+    return matmul(norm(x, hd.lnf_w, hd.lnf_b), hd.lm_w, hd.n_vocab, hd.lm_b, kNone);  // (B, n_vocab)
+  }
+
   int64_t size() const { return static_cast<int64_t>(blocks_.size()); }
 
  private:
@@ -119,6 +154,9 @@ class Stack {
   }
 
   std::vector<Block> blocks_;
+  Head head_;
+  bool has_head_ = false;
+  Tensor empty_ = at::empty({0}, at::kFloat);
   bool rms_;
   double eps_;
   bool parallel_, glu_;
@@ -134,6 +172,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("blocks"), py::arg("outs"), py::arg("norm"), py::arg("eps"), py::arg("parallel"), py::arg("glu"), py::arg("act"),
            py::arg("nh"), py::arg("rd"))
       .def("forward", &cpugen_layer::Stack::forward, "x (B, h) through every block for one decode step",
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_head", &cpugen_layer::Stack::set_head, "what a step does around the blocks", py::arg("wte"), py::arg("wpe"),
+           py::arg("pos_offset"), py::arg("cos"), py::arg("sin"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("lm_w"),
+           py::arg("lm_b"), py::arg("n_vocab"))
+      .def("step", &cpugen_layer::Stack::step, "tokens, pos (B,) -> logits (B, V): a whole decode step",
            py::call_guard<py::gil_scoped_release>())
       .def("__len__", &cpugen_layer::Stack::size);
 }

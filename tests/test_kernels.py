@@ -104,9 +104,9 @@ class _Counted:
         self.calls.append(x.shape[0])
         return self.fn(x, *a)
 
-    def forward(self, x, *a):  # the decode stack's entry point
+    def step(self, x, *a):  # the decode stack's entry point
         self.calls.append(x.shape[0])
-        return self.fn.forward(x, *a)
+        return self.fn.step(x, *a)
 
 
 @needs_avx512
@@ -148,8 +148,8 @@ def test_model_decode_with_and_without_the_kernels(family, layout):
     """The same model decodes to the same logits (within bf16 rounding) through the native kernels
     and through torch's ops, with the weights plain (the gemv takes decode's matmuls) or repacked
     into cpugen's layout (its kernel takes every matmul, prefill's included). Two native routes:
-    every block of a step in one call (the decode stack, kernels/decode_layer.cpp), and block by
-    block from Python (the matmul kernels with their fused epilogue, the fused decode step), which
+    a whole step in one call (the decode stack, kernels/decode_layer.cpp), and block by block from
+    Python (the matmul kernels with their fused epilogue, the fused decode step), which
     the stack must match exactly: it runs the same kernels and ATen ops in the same order.
     Prefill's blocks (3 x 16 rows) reach only the packed kernel; its lm_head (the last position
     only: 3 rows) either kernel."""
@@ -185,8 +185,8 @@ def test_model_decode_with_and_without_the_kernels(family, layout):
     n_linear = 4 * cfg.n_layer + 1
     prefill_blocks = [3 * 16] * (n_linear - 1) if packed else []
     if bf16:
-        assert stack.calls == [3] * 4  # every decode step, every block in one call
-        assert kernel.calls == prefill_blocks + [3] * 5  # otherwise only the lm_head: prefill's, then each step's
+        assert stack.calls == [3] * 4  # every decode step in one call, its lm_head included
+        assert kernel.calls == prefill_blocks + [3]  # otherwise only prefill: its blocks, its lm_head
         model.decode_stack = None
     kernel.calls.clear()
     steps = []
