@@ -56,12 +56,17 @@ def extension(name: str = "gemv_bf16", portable: bool = False):
         return None
 
 
-def _headers(source: Path) -> list[Path]:
-    """The kernels/ headers a source includes (`#include "x.h"`)."""
+def _headers(source: Path, seen: set | None = None) -> list[Path]:
+    """The kernels/ headers a source includes (`#include "x.h"`), and those they include."""
     import re
 
-    names = re.findall(r'^#include "([^"]+)"', source.read_text(), re.M)
-    return [source.parent / n for n in names if (source.parent / n).exists()]
+    seen = set() if seen is None else seen
+    for n in re.findall(r'^#include "([^"]+)"', source.read_text(), re.M):
+        h = source.parent / n
+        if h.exists() and h not in seen:
+            seen.add(h)
+            _headers(h, seen)
+    return sorted(seen)
 
 
 _why: dict[str, str] = {}

@@ -19,6 +19,9 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "vec_math.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -57,13 +60,30 @@ inline void rotate(const uint16_t* src, uint16_t* dst, const float* cos, const f
   if (rd < hd) std::memcpy(dst + rd, src + rd, (hd - rd) * sizeof(uint16_t));
 }
 
-// out (g, hd) bf16 = softmax(q (g, hd) . k (S, hd)^T * scale) . v (S, hd), rows of k/v k_row/v_row apart
+constexpr int64_t kAheadRows = 8;  // K rows prefetched ahead of the one scored
+
+// Touches the lines of `rows` rows of hd bf16 (hd a multiple of 32: whole lines) into L2
+inline void prefetch_rows(const uint16_t* p, int64_t rows, int64_t row, int64_t hd) {
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t d = 0; d < hd; d += 32) _mm_prefetch(reinterpret_cast<const char*>(p + s * row + d), _MM_HINT_T1);
+}
+
+// out (g, hd) bf16 = softmax(q (g, hd) . k (S, hd)^T * scale) . v (S, hd), rows of k/v k_row/v_row
+// apart. The cache is cold at every call (a decode step streams the weights between two layers'
+// attention), so the reads are prefetched: K a few rows ahead of the scores, each V row as its K
+// row is scored (for the second pass), and during the second pass the K rows of the next task
+// (`next_k`, S rows k_row apart, or null). Measured on a Zen 4 core, one gptj-1b layer (16 heads
+// of 128) at 100 cached positions after a 64 MB read: 49.8 us before this and the vectorized
+// softmax, against 13.5 us with the cache warm.
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t g, int64_t S,
-                    int64_t hd, int64_t k_row, int64_t v_row, float scale, float* scores) {
+                    int64_t hd, int64_t k_row, int64_t v_row, float scale, float* scores, const uint16_t* next_k) {
   // scores (g, S)
+  prefetch_rows(k, std::min(S, kAheadRows), k_row, hd);
   for (int64_t s = 0; s < S; ++s) {
     const uint16_t* kr = k + s * k_row;
+    if (s + kAheadRows < S) prefetch_rows(kr + kAheadRows * k_row, 1, k_row, hd);
+    prefetch_rows(v + s * v_row, 1, v_row, hd);
     for (int64_t h = 0; h < g; ++h) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t d = 0; d < hd; d += 32)
@@ -71,14 +91,26 @@ void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
       scores[h * S + s] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
-  for (int64_t h = 0; h < g; ++h) {  // softmax in fp32
+  for (int64_t h = 0; h < g; ++h) {  // softmax in fp32, 16 scores at a time
     float* sc = scores + h * S;
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) mx = std::max(mx, sc[s]);
-    float sum = 0.f;
-    for (int64_t s = 0; s < S; ++s) sum += (sc[s] = std::exp(sc[s] - mx));
-    const float inv = 1.f / sum;
-    for (int64_t s = 0; s < S; ++s) sc[s] *= inv;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 t = S - s >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (S - s)) - 1);
+      m = _mm512_mask_max_ps(m, t, m, _mm512_maskz_loadu_ps(t, sc + s));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 t = S - s >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (S - s)) - 1);
+      const __m512 e = cpugen_vec::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, sc + s), mx));
+      sum = _mm512_mask_add_ps(sum, t, sum, e);
+      _mm512_mask_storeu_ps(sc + s, t, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 t = S - s >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (S - s)) - 1);
+      _mm512_mask_storeu_ps(sc + s, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, sc + s), inv));
+    }
   }
   for (int64_t h = 0; h < g; ++h) {  // out = p . V, 16 dims at a time, hd <= 256
     __m512 acc[16];
@@ -86,6 +118,7 @@ void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
     for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_setzero_ps();
     const float* sc = scores + h * S;
     for (int64_t s = 0; s < S; ++s) {
+      if (next_k && h == 0) prefetch_rows(next_k + s * k_row, 1, k_row, hd);
       const __m512 p = _mm512_set1_ps(sc[s]);
       const uint16_t* vr = v + s * v_row;
       for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_fmadd_ps(p, load_bf16x16(vr + 16 * i), acc[i]);
@@ -127,9 +160,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     std::vector<float> scores(g * S);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nkv, h = t % nkv;
+      const uint16_t* next_k = t + 1 < t1 ? kp + (t + 1) / nkv * k.stride(0) + (t + 1) % nkv * k.stride(1) : nullptr;
       one_head_group(qp + (b * nh + h * g) * hd, kp + b * k.stride(0) + h * k.stride(1),
                      vp + b * v.stride(0) + h * v.stride(1), op + (b * nh + h * g) * hd, g, S, hd, k.stride(2),
-                     v.stride(2), scale, scores.data());
+                     v.stride(2), scale, scores.data(), next_k);
     }
   });
   return out;
@@ -182,7 +216,8 @@ torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, co
       for (int64_t j = 0; j < g; ++j) rotate(x + (h * g + j) * hd, q.data() + j * hd, c, s, rd, hd);
       rotate(x + (nh + h) * hd, kh + index * hd, c, s, rd, hd);
       std::memcpy(vh + index * hd, x + (nh + nkv + h) * hd, hd * sizeof(uint16_t));
-      one_head_group(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data());
+      const uint16_t* next_k = t + 1 < t1 ? kp + (t + 1) * S_max * hd : nullptr;  // task t + 1's cache
+      one_head_group(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data(), next_k);
     }
   });
   return out;
