@@ -88,11 +88,12 @@ class Norm(nn.Module):
         self.kind, self.eps = cfg.norm, cfg.norm_eps
         self.weight = nn.Parameter(torch.empty(cfg.n_embd))
         self.bias = nn.Parameter(torch.empty(cfg.n_embd)) if cfg.norm == "layernorm" else None
-        self.impl = None  # a backend's fused kernel for the same computation
+        self.impl = None  # a backend's fused kernel for the same computation (native.NativeNorm, IPEX's)
 
     def forward(self, x):  # (B, T, h)
-        if self.impl is not None:
-            return self.impl(x)
+        return self.impl(x) if self.impl is not None else self.reference(x)
+
+    def reference(self, x):  # torch's ops
         if self.kind == "layernorm":
             if x.dtype == self.weight.dtype == torch.bfloat16:
                 # PyTorch's CPU kernel computes bf16 in fp32 and rounds once: the same numbers as

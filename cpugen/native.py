@@ -125,7 +125,7 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
     twice. Otherwise the gemv takes decode's skinny matmuls on the plain weights."""
     from cpugen.env import cpu_info
     from cpugen.memory import release_freed
-    from cpugen.model import Attention, Linear
+    from cpugen.model import Attention, Linear, Norm
 
     if os.environ.get("CPUGEN_NATIVE", "1") == "0":
         return False
@@ -138,6 +138,8 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
             m.kernel = ext.gemv
         elif isinstance(m, Attention) and attn is not None and m.hd % 32 == 0 and m.hd <= 256:
             m.decode_step = attn.decode_step
+        elif type(m) is Norm and m.weight.dtype == torch.bfloat16 and m.impl is None:
+            m.impl = NativeNorm(ext, m)
     if (packing_wanted() if pack is None else pack) and ext.packed_available():
         tied = model.wte.weight
         for part in [*model.blocks, model]:  # the model last: its lm_head (the blocks are done by then)
@@ -149,6 +151,21 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
     if all(b.attn.decode_step is not None for b in model.blocks):
         install_stack(model)
     return True
+
+
+class NativeNorm:
+    """A Norm's computation through kernels/norm.h (bf16 rows, fp32 math), which the decode stack
+    runs too: the Python blocks and the stack then agree bit for bit. Other dtypes take the
+    module's torch path."""
+
+    def __init__(self, ext, norm):
+        self.ext, self.norm = ext, norm
+
+    def __call__(self, x):
+        n = self.norm
+        if x.dtype != torch.bfloat16:
+            return n.reference(x)
+        return self.ext.norm(x, n.weight, n.bias, n.eps, n.kind == "rmsnorm")
 
 
 def install_stack(model) -> bool:
@@ -164,12 +181,12 @@ def install_stack(model) -> bool:
     cfg, blocks, outs = model.cfg, [], []
     head = model.lm_head
     if (type(head) is not Linear or (head.weight is None and head.panels is None)
-            or type(model.ln_f) is not Norm or model.ln_f.impl is not None):
+            or type(model.ln_f) is not Norm or not isinstance(model.ln_f.impl, NativeNorm)):
         return False
     for b in model.blocks:
         mods = (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)
         if (any(type(m) is not Linear or (m.weight is None and m.panels is None) for m in mods)
-                or any(type(n) is not Norm or n.impl is not None for n in (b.ln_1, b.ln_2) if n is not None)):
+                or any(type(n) is not Norm or not isinstance(n.impl, NativeNorm) for n in (b.ln_1, b.ln_2) if n is not None)):
             return False
         ln_2 = (b.ln_2.weight, b.ln_2.bias) if b.ln_2 is not None else (None, None)
         blocks.append([b.ln_1.weight, b.ln_1.bias, *ln_2,

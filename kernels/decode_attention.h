@@ -169,6 +169,32 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+// decode_step on raw pointers, checked by the caller: qkv (B, ld) rows, cos/sin (B, rd / 2) fp32
+// or null (rd = 0), caches (B, nkv, S_max, hd) contiguous, out (B, nh hd), all bf16 but the angles
+inline void decode_step_raw(const uint16_t* xp, int64_t ld, const float* cp, const float* sp, uint16_t* kp,
+                            uint16_t* vp, int64_t B, int64_t nkv, int64_t S_max, int64_t hd, int64_t index, int64_t nh,
+                            int64_t rd, uint16_t* op) {
+  const int64_t g = nh / nkv, S = index + 1;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(g * S);
+    std::vector<uint16_t> q(g * hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nkv, h = t % nkv;
+      const uint16_t* x = xp + b * ld;
+      const float* c = cp ? cp + b * rd / 2 : nullptr;
+      const float* s = sp ? sp + b * rd / 2 : nullptr;
+      uint16_t* kh = kp + (b * nkv + h) * S_max * hd;  // this sequence's cache for kv head h
+      uint16_t* vh = vp + (b * nkv + h) * S_max * hd;
+      for (int64_t j = 0; j < g; ++j) rotate(x + (h * g + j) * hd, q.data() + j * hd, c, s, rd, hd);
+      rotate(x + (nh + h) * hd, kh + index * hd, c, s, rd, hd);
+      std::memcpy(vh + index * hd, x + (nh + nkv + h) * hd, hd * sizeof(uint16_t));
+      const uint16_t* next_k = t + 1 < t1 ? kp + (t + 1) * S_max * hd : nullptr;  // task t + 1's cache
+      one_head_group(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data(), next_k);
+    }
+  });
+}
+
 // qkv (B, (nh + 2 nkv) hd) bf16: the step's fused projection, q heads then k then v; cos, sin
 // (B, rd / 2) fp32, each sequence's angles (rd = 0: no rotary, empty tables); k_cache, v_cache
 // (B, nkv, S_max, hd) bf16, contiguous; index: this token's cache position, the same for every
@@ -193,33 +219,11 @@ torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, co
     sc = sin.to(at::kFloat).contiguous();
     TORCH_CHECK(cc.numel() == B * rd / 2 && sc.numel() == B * rd / 2, "cpugen decode_step: cos/sin (B, rd / 2)");
   }
-  const int64_t g = nh / nkv, S = index + 1;
   auto out = torch::empty({B, nh * hd}, qkv.options());
-  const auto* xp = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
-  auto* kp = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
-  auto* vp = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const float* cp = rd ? cc.data_ptr<float>() : nullptr;
-  const float* sp = rd ? sc.data_ptr<float>() : nullptr;
-  const int64_t ld = qkv.stride(0);
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(g * S);
-    std::vector<uint16_t> q(g * hd);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nkv, h = t % nkv;
-      const uint16_t* x = xp + b * ld;
-      const float* c = cp ? cp + b * rd / 2 : nullptr;
-      const float* s = sp ? sp + b * rd / 2 : nullptr;
-      uint16_t* kh = kp + (b * nkv + h) * S_max * hd;  // this sequence's cache for kv head h
-      uint16_t* vh = vp + (b * nkv + h) * S_max * hd;
-      for (int64_t j = 0; j < g; ++j) rotate(x + (h * g + j) * hd, q.data() + j * hd, c, s, rd, hd);
-      rotate(x + (nh + h) * hd, kh + index * hd, c, s, rd, hd);
-      std::memcpy(vh + index * hd, x + (nh + nkv + h) * hd, hd * sizeof(uint16_t));
-      const uint16_t* next_k = t + 1 < t1 ? kp + (t + 1) * S_max * hd : nullptr;  // task t + 1's cache
-      one_head_group(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data(), next_k);
-    }
-  });
+  decode_step_raw(reinterpret_cast<const uint16_t*>(qkv.data_ptr()), qkv.stride(0), rd ? cc.data_ptr<float>() : nullptr,
+                  rd ? sc.data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(k_cache.data_ptr()),
+                  reinterpret_cast<uint16_t*>(v_cache.data_ptr()), B, nkv, S_max, hd, index, nh, rd,
+                  reinterpret_cast<uint16_t*>(out.data_ptr()));
   return out;
 }
 

@@ -8,20 +8,24 @@
 //   sequential: x = x + a;  x = x + mlp(norm_2(x))
 //   mlp(h) = w_out(act(w_in(h)))  or, GLU,  w_out(act(gate) * up) with [gate; up] = w_13(h)
 // The matmuls are gemv_bf16.h's kernels, on the plain weights or on cpugen's packed layout (bias and
-// a plain MLP's activation in their epilogue); norms,
-// the GLU product and the residual adds are the same ATen ops the Python blocks call, in the same
-// order, so the numbers are those of the per-op path. What this saves is the time between the
-// kernels: measured on 2 Zen 4 cores, a 24-block model 256 wide (compute negligible) took 3.8 ms
-// a decode step through the Python blocks, about 160 us a block. The head (embedding, positions,
-// final norm, lm_head) came in later for the same reason at a larger scale: streaming gigabytes of
-// weights a step leaves nothing of the interpreter in cache, and the dozen small torch calls
-// around the blocks took 0.8 ms of a 48 ms batch-1 gptj-1b step (each op 10-60 us cold against
-// 1-4 us warm).
+// a plain MLP's activation in their epilogue); the norms are norm.h's, which the Python blocks call
+// too (Norm.impl); the residual adds round to bf16 after each add, as torch's do; the GLU product
+// is torch's ops on the same values. So the logits are those of the Python blocks, bit for bit.
+//
+// Why one call: measured on 2 Zen 4 cores, a 24-block model 256 wide (compute negligible) took
+// 3.8 ms a decode step through the Python blocks, about 160 us a block. And why no torch op
+// inside it: streaming gigabytes of weights a step leaves nothing in cache, so each small torch
+// op (its dispatch, allocation and checks) ran at 10-60 us cold against 1-4 us warm; a batch-1
+// gptj-1b step spent 0.8 ms in the dozen ops around the blocks and about as much in the norms and
+// adds between the matmuls. The step's kernels run on raw pointers into a workspace the stack
+// keeps, so the blocks' code is a few kernels that stay in the instruction cache.
 // Reference: the Python blocks (cpugen/model.py); check: tests/test_kernels.py.
 
 #include "decode_attention.h"
 #include "gemv_bf16.h"
+#include "norm.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -33,22 +37,72 @@ using Opt = c10::optional<Tensor>;
 enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 };  // as gemv_bf16.h
 
 Tensor defined_or_empty(const Opt& t) { return t.has_value() ? *t : Tensor(); }
-Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : c10::nullopt; }
 
-struct Head {  // what a step does around the blocks (model.py's Transformer.forward)
-  Tensor wte, wpe, cos, sin, lnf_w, lnf_b, lm_w, lm_b;  // wpe / cos, sin / biases undefined where absent
-  int64_t pos_offset = 0, n_vocab = 0;
+const uint16_t* bf16_ptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<const uint16_t*>(t.data_ptr()) : nullptr;
+}
+
+// A weight, plain (n, K) or packed (gemv_bf16.h's layout, 3-d), and its bias, held by reference
+struct Matrix {
+  Tensor w, b;
+  const uint16_t *wp = nullptr, *bp = nullptr;
+  int64_t n = 0, K = 0;
+  bool packed = false;
+
+  Matrix() = default;
+  Matrix(const Tensor& weight, const Tensor& bias, int64_t outs) : w(weight), b(bias), n(outs) {
+    TORCH_CHECK(w.defined() && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && (w.dim() == 2 || w.dim() == 3),
+                "cpugen decode_layer: a weight must be contiguous bf16, plain or packed");
+    packed = w.dim() == 3;
+    K = packed ? 2 * w.size(1) : w.size(1);
+    TORCH_CHECK(packed ? (n + 63) / 64 == w.size(0) : n == w.size(0), "cpugen decode_layer: ", n,
+                " outputs for a weight of ", w.sizes());
+    TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kBFloat16 && b.is_contiguous() && b.numel() == n),
+                "cpugen decode_layer: a bias must be contiguous bf16, one per output");
+    wp = bf16_ptr(w), bp = bf16_ptr(b);
+  }
+
+  // y (M, n) = act(x (M, K) w^T + b); sums: M x n floats of scratch for the plain gemv
+  void operator()(const uint16_t* x, int64_t M, uint16_t* y, int64_t act, float* sums) const {
+    if (packed)
+      cpugen_gemv::linear_packed_raw(x, M, K, wp, n, bp, act, y);
+    else
+      cpugen_gemv::gemv_raw(x, M, K, wp, n, bp, act, y, sums);
+  }
+};
+
+struct NormW {
+  Tensor w, b;  // b undefined for RMSNorm
+  const uint16_t *wp = nullptr, *bp = nullptr;
+  NormW() = default;
+  NormW(const Tensor& weight, const Tensor& bias) : w(weight), b(bias) {
+    TORCH_CHECK(!w.defined() || (w.scalar_type() == at::kBFloat16 && w.is_contiguous()),
+                "cpugen decode_layer: norm weights must be contiguous bf16");
+    TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kBFloat16 && b.is_contiguous()),
+                "cpugen decode_layer: norm biases must be contiguous bf16");
+    wp = bf16_ptr(w), bp = bf16_ptr(b);
+  }
 };
 
 struct Block {
-  Tensor ln1_w, ln1_b, ln2_w, ln2_b;  // ln2 undefined with a parallel residual; biases with RMSNorm
-  Tensor wqkv, bqkv, wo, bo, w_in, b_in, w_out, b_out;  // biases undefined where the model has none
-  int64_t n_qkv, n_o, n_in, n_out;  // outputs of each matmul (a packed weight's shape rounds them up)
+  NormW ln1, ln2;  // ln2 undefined with a parallel residual
+  Matrix wqkv, wo, w_in, w_out;
 };
 
-// y = act(x w^T + bias), w plain (N, K) or packed (gemv_bf16.h's packed layout, 3-d)
-Tensor matmul(const Tensor& x, const Tensor& w, int64_t n, const Tensor& bias, int64_t act) {
-  return w.dim() == 3 ? cpugen_gemv::linear_packed(x, w, n, opt(bias), act) : cpugen_gemv::gemv(x, w, opt(bias), act);
+struct Head {  // what a step does around the blocks (model.py's Transformer.forward)
+  Tensor wte, wpe, cos, sin;  // wpe / cos, sin undefined where absent
+  NormW lnf;
+  Matrix lm;
+  int64_t pos_offset = 0;
+};
+
+// x = bf16(x + a), element by element (torch's bf16 add: fp32 sum, rounded once)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void add_into(uint16_t* x, const uint16_t* a, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = cpugen_vec::lanes(n, i);
+    const __m512 s = _mm512_add_ps(cpugen_vec::load_bf16(x + i, m), cpugen_vec::load_bf16(a + i, m));
+    _mm256_mask_storeu_epi16(x + i, m, cpugen_vec::round_bf16(s));
+  }
 }
 
 class Stack {
@@ -58,89 +112,173 @@ class Stack {
   // w_out. Holds references to the model's own tensors: no weight is copied.
   Stack(const std::vector<std::vector<Opt>>& blocks, const std::vector<std::vector<int64_t>>& outs,
         const std::string& norm, double eps, bool parallel, bool glu, int64_t act, int64_t nh, int64_t rd)
-      : rms_(norm == "rmsnorm"), eps_(eps), parallel_(parallel), glu_(glu), act_(act), nh_(nh), rd_(rd) {
+      : rms_(norm == "rmsnorm"), eps_(static_cast<float>(eps)), parallel_(parallel), glu_(glu), act_(act), nh_(nh),
+        rd_(rd) {
     TORCH_CHECK(norm == "rmsnorm" || norm == "layernorm", "cpugen decode_layer: unknown norm ", norm);
     TORCH_CHECK(act >= kNone && act <= kSilu, "cpugen decode_layer: unknown activation ", act);
-    TORCH_CHECK(outs.size() == blocks.size(), "cpugen decode_layer: one list of outputs per block");
+    TORCH_CHECK(outs.size() == blocks.size() && !blocks.empty(), "cpugen decode_layer: one list of outputs per block");
     for (size_t i = 0; i < blocks.size(); ++i) {
       const auto& b = blocks[i];
       TORCH_CHECK(b.size() == 12 && outs[i].size() == 4, "cpugen decode_layer: 12 tensors and 4 outputs a block");
-      Block k;
-      Tensor* slots[12] = {&k.ln1_w, &k.ln1_b, &k.ln2_w, &k.ln2_b, &k.wqkv, &k.bqkv,
-                           &k.wo,    &k.bo,    &k.w_in,  &k.b_in,  &k.w_out, &k.b_out};
-      for (int j = 0; j < 12; ++j) *slots[j] = defined_or_empty(b[j]);
-      k.n_qkv = outs[i][0], k.n_o = outs[i][1], k.n_in = outs[i][2], k.n_out = outs[i][3];
-      TORCH_CHECK(k.wqkv.defined() && k.wo.defined() && k.w_in.defined() && k.w_out.defined() && k.ln1_w.defined(),
+      std::vector<Tensor> t;
+      for (const auto& o : b) t.push_back(defined_or_empty(o));
+      TORCH_CHECK(t[4].defined() && t[6].defined() && t[8].defined() && t[10].defined() && t[0].defined(),
                   "cpugen decode_layer: a block without its weights");
-      TORCH_CHECK(parallel || k.ln2_w.defined(), "cpugen decode_layer: a sequential block needs its second norm");
+      TORCH_CHECK(parallel || t[2].defined(), "cpugen decode_layer: a sequential block needs its second norm");
+      Block k{NormW(t[0], t[1]), NormW(t[2], t[3]), Matrix(t[4], t[5], outs[i][0]), Matrix(t[6], t[7], outs[i][1]),
+              Matrix(t[8], t[9], outs[i][2]), Matrix(t[10], t[11], outs[i][3])};
+      TORCH_CHECK(k.wqkv.K == k.wo.n && k.w_in.K == k.wo.n && k.w_out.n == k.wo.n &&
+                      k.w_out.K == (glu ? k.w_in.n / 2 : k.w_in.n),
+                  "cpugen decode_layer: the matrices of block ", i, " do not chain");
       blocks_.push_back(std::move(k));
     }
-  }
-
-  // x (B, h) bf16, cos/sin (B, rd/2) fp32 (empty without rotary), the blocks' caches
-  // (B, nkv, S_max, hd), index: this token's cache position -> x after every block (B, h)
-  Tensor forward(Tensor x, const Tensor& cos, const Tensor& sin, std::vector<Tensor> k_caches,
-                 std::vector<Tensor> v_caches, int64_t index) const {
-    TORCH_CHECK(k_caches.size() == blocks_.size() && v_caches.size() == blocks_.size(),
-                "cpugen decode_layer: one cache per block");
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "cpugen decode_layer: x (B, h) bf16");
-    for (size_t i = 0; i < blocks_.size(); ++i) {
-      const Block& b = blocks_[i];
-      const Tensor h = norm(x, b.ln1_w, b.ln1_b);
-      const Tensor qkv = matmul(h, b.wqkv, b.n_qkv, b.bqkv, kNone);  // (B, (nh + 2 nkv) hd)
-      const Tensor y = cpugen_attn::decode_step(qkv, cos, sin, k_caches[i], v_caches[i], index, nh_, rd_);
-      const Tensor a = matmul(y, b.wo, b.n_o, b.bo, kNone);  // (B, h)
-      if (parallel_) {
-        x = at::add(at::add(x, a), mlp(b, h));
-      } else {
-        x = at::add(x, a);
-        x = at::add(x, mlp(b, norm(x, b.ln2_w, b.ln2_b)));
-      }
-    }
-    return x;
+    h_ = blocks_[0].wo.n;
   }
 
   // wte (V, h); wpe (P, h) or none, read at pos + pos_offset; cos/sin tables (P, rd/2) fp32 or
   // none; the final norm; lm_w plain (n_vocab, h) or packed, lm_b or none
   void set_head(const Tensor& wte, const Opt& wpe, int64_t pos_offset, const Opt& cos, const Opt& sin,
                 const Tensor& lnf_w, const Opt& lnf_b, const Tensor& lm_w, const Opt& lm_b, int64_t n_vocab) {
-    TORCH_CHECK(wte.dim() == 2 && (lm_w.dim() == 2 || lm_w.dim() == 3), "cpugen decode_layer: a head needs wte and lm_head");
+    TORCH_CHECK(wte.dim() == 2 && wte.size(1) == h_ && wte.scalar_type() == at::kBFloat16 && wte.is_contiguous(),
+                "cpugen decode_layer: wte (V, h) contiguous bf16");
+    const Tensor pe = defined_or_empty(wpe);
+    TORCH_CHECK(!pe.defined() || (pe.dim() == 2 && pe.size(1) == h_ && pe.scalar_type() == at::kBFloat16 &&
+                                  pe.is_contiguous()), "cpugen decode_layer: wpe (P, h) contiguous bf16");
     TORCH_CHECK(cos.has_value() == sin.has_value() && cos.has_value() == (rd_ > 0),
                 "cpugen decode_layer: rotary tables where the blocks rotate, none where they do not");
-    head_ = Head{wte, defined_or_empty(wpe), defined_or_empty(cos), defined_or_empty(sin), lnf_w,
-                 defined_or_empty(lnf_b), lm_w, defined_or_empty(lm_b), pos_offset, n_vocab};
+    if (rd_) TORCH_CHECK(cos->scalar_type() == at::kFloat && cos->is_contiguous() && cos->dim() == 2 &&
+                             cos->size(1) == rd_ / 2 && sin->sizes() == cos->sizes() && sin->is_contiguous() &&
+                             sin->scalar_type() == at::kFloat,
+                         "cpugen decode_layer: rotary tables (P, rd / 2) contiguous fp32");
+    head_ = Head{wte, pe, defined_or_empty(cos), defined_or_empty(sin), NormW(lnf_w, defined_or_empty(lnf_b)),
+                 Matrix(lm_w, defined_or_empty(lm_b), n_vocab), pos_offset};
+    TORCH_CHECK(head_.lm.K == h_, "cpugen decode_layer: an lm_head of ", head_.lm.K, " inputs for a model ", h_, " wide");
     has_head_ = true;
   }
 
-  // tokens, pos (B,) int64: each sequence's new token and its position -> logits (B, n_vocab)
-  Tensor step(const Tensor& tokens, const Tensor& pos, std::vector<Tensor> k_caches, std::vector<Tensor> v_caches,
-              int64_t index) const {
+  // tokens, pos (B,) int64: each sequence's new token and its position; the blocks' caches (B, nkv,
+  // S_max, hd) bf16; index: this token's cache position -> logits (B, n_vocab)
+  Tensor step(const Tensor& tokens, const Tensor& pos, const std::vector<Tensor>& k_caches,
+              const std::vector<Tensor>& v_caches, int64_t index) {
     TORCH_CHECK(has_head_, "cpugen decode_layer: step needs set_head first");
-    TORCH_CHECK(tokens.dim() == 1 && pos.dim() == 1 && tokens.size(0) == pos.size(0), "cpugen decode_layer: tokens, pos (B,)");
-    const Head& hd = head_;
-    Tensor x = at::embedding(hd.wte, tokens);  // (B, h)
-    if (hd.wpe.defined()) x = at::add(x, at::embedding(hd.wpe, at::add(pos, hd.pos_offset)));
-    Tensor cos = empty_, sin = empty_;
-    if (hd.cos.defined()) cos = at::index_select(hd.cos, 0, pos), sin = at::index_select(hd.sin, 0, pos);  // (B, rd/2)
-    x = forward(x, cos, sin, std::move(k_caches), std::move(v_caches), index);
-    return matmul(norm(x, hd.lnf_w, hd.lnf_b), hd.lm_w, hd.n_vocab, hd.lm_b, kNone);  // (B, n_vocab)
+    TORCH_CHECK(tokens.dim() == 1 && pos.dim() == 1 && tokens.size(0) == pos.size(0) &&
+                    tokens.scalar_type() == at::kLong && pos.scalar_type() == at::kLong,
+                "cpugen decode_layer: tokens, pos (B,) int64");
+    TORCH_CHECK(k_caches.size() == blocks_.size() && v_caches.size() == blocks_.size(),
+                "cpugen decode_layer: one cache per block");
+    const int64_t B = tokens.size(0), h = h_;
+    TORCH_CHECK(B >= 1 && B <= 16, "cpugen decode_layer: 1 to 16 sequences a step, not ", B);
+    const auto tc = tokens.contiguous(), pc = pos.contiguous();
+    const int64_t* tok = tc.data_ptr<int64_t>();
+    const int64_t* ps = pc.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tok[b] >= 0 && tok[b] < head_.wte.size(0), "cpugen decode_layer: token ", tok[b],
+                  " outside the vocabulary");
+      const int64_t rows = head_.wpe.defined() ? head_.wpe.size(0) - head_.pos_offset
+                                               : (rd_ ? head_.cos.size(0) : ps[b] + 1);
+      TORCH_CHECK(ps[b] >= 0 && ps[b] < rows, "cpugen decode_layer: position ", ps[b], " outside the model's ", rows);
+    }
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const Tensor &k = k_caches[i], &v = v_caches[i];
+      TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.is_contiguous() && v.is_contiguous() && v.sizes() == k.sizes() &&
+                      k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+                      nh_ % k.size(1) == 0 && k.size(3) % 32 == 0 && k.size(3) <= 256 &&
+                      blocks_[i].wqkv.n == (nh_ + 2 * k.size(1)) * k.size(3) && index >= 0 && index < k.size(2),
+                  "cpugen decode_layer: block ", i, "'s cache does not fit its heads or position ", index);
+    }
+    reserve(B);
+    uint16_t* x = bf(kX);
+    const int64_t row = h * static_cast<int64_t>(sizeof(uint16_t));
+    for (int64_t b = 0; b < B; ++b)  // the token embedding (and learned positions)
+      std::memcpy(x + b * h, bf16_ptr(head_.wte) + tok[b] * h, row);
+    if (head_.wpe.defined())
+      for (int64_t b = 0; b < B; ++b) add_into(x + b * h, bf16_ptr(head_.wpe) + (ps[b] + head_.pos_offset) * h, h);
+    float *cos = nullptr, *sin = nullptr;
+    if (rd_) {  // each sequence's angles, (B, rd/2)
+      cos = f32(kCos), sin = f32(kSin);
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(cos + b * rd_ / 2, head_.cos.data_ptr<float>() + ps[b] * rd_ / 2, rd_ / 2 * sizeof(float));
+        std::memcpy(sin + b * rd_ / 2, head_.sin.data_ptr<float>() + ps[b] * rd_ / 2, rd_ / 2 * sizeof(float));
+      }
+    }
+    for (size_t i = 0; i < blocks_.size(); ++i) block(blocks_[i], B, x, cos, sin, k_caches[i], v_caches[i], index);
+    cpugen_norm::norm_raw(x, head_.lnf.wp, head_.lnf.bp, eps_, rms_, bf(kH), B, h);
+    auto logits = torch::empty({B, head_.lm.n}, head_.wte.options());
+    head_.lm(bf(kH), B, reinterpret_cast<uint16_t*>(logits.data_ptr()), kNone, f32(kSums));
+    return logits;
   }
 
   int64_t size() const { return static_cast<int64_t>(blocks_.size()); }
 
  private:
-  Tensor norm(const Tensor& x, const Tensor& w, const Tensor& bias) const {  // as model.py's Norm
-    if (!rms_) return at::layer_norm(x, {x.size(-1)}, w, bias, eps_);
-    Tensor xf = x.to(at::kFloat);
-    xf = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps_);
-    return w * xf.to(x.scalar_type());
+  // The workspace: bf16 buffers of B rows each, then fp32 ones
+  enum Buf { kX, kH, kQkv, kY, kA, kM1, kGlu, kM, kBf16Bufs };
+  enum FBuf { kSums, kCos, kSin, kF32Bufs };
+
+  void reserve(int64_t B) {
+    if (B == rows_) return;
+    int64_t widest = head_.lm.n;  // the plain gemv's sums: the widest matrix's outputs
+    int64_t width[kBf16Bufs] = {h_, h_, 0, 0, h_, 0, 0, h_};
+    for (const Block& b : blocks_) {
+      width[kQkv] = std::max(width[kQkv], b.wqkv.n);
+      width[kY] = std::max(width[kY], b.wo.K);
+      width[kM1] = std::max(width[kM1], b.w_in.n);
+      width[kGlu] = std::max(width[kGlu], b.w_out.K);
+      for (const Matrix* m : {&b.wqkv, &b.wo, &b.w_in, &b.w_out}) widest = std::max(widest, m->n);
+    }
+    int64_t at = 0;
+    for (int i = 0; i < kBf16Bufs; ++i) bf_at_[i] = at, at += (B * width[i] + 31) / 32 * 32;  // 64-byte aligned
+    bf16_.assign(at, 0);
+    const int64_t fw[kF32Bufs] = {widest, rd_ / 2, rd_ / 2};
+    at = 0;
+    for (int i = 0; i < kF32Bufs; ++i) f32_at_[i] = at, at += (B * fw[i] + 15) / 16 * 16;
+    f32_.assign(at, 0.f);
+    rows_ = B;
+  }
+  uint16_t* bf(int i) { return bf16_.data() + bf_at_[i]; }
+  float* f32(int i) { return f32_.data() + f32_at_[i]; }
+
+  void norm(const NormW& n, const uint16_t* x, uint16_t* y, int64_t B) {
+    cpugen_norm::norm_raw(x, n.wp, n.bp, eps_, rms_, y, B, h_);
   }
 
-  Tensor mlp(const Block& b, const Tensor& h) const {
-    if (!glu_) return matmul(matmul(h, b.w_in, b.n_in, b.b_in, act_), b.w_out, b.n_out, b.b_out, kNone);
-    const Tensor gu = matmul(h, b.w_in, b.n_in, b.b_in, kNone);  // (B, 2 ffn): [gate; up]
+  void block(const Block& b, int64_t B, uint16_t* x, const float* cos, const float* sin, const Tensor& kc,
+             const Tensor& vc, int64_t index) {
+    float* sums = f32(kSums);
+    uint16_t *hn = bf(kH), *a = bf(kA), *m = bf(kM);
+    norm(b.ln1, x, hn, B);
+    b.wqkv(hn, B, bf(kQkv), kNone, sums);  // (B, (nh + 2 nkv) hd)
+    cpugen_attn::decode_step_raw(bf(kQkv), b.wqkv.n, cos, sin, reinterpret_cast<uint16_t*>(kc.data_ptr()),
+                                 reinterpret_cast<uint16_t*>(vc.data_ptr()), B, kc.size(1), kc.size(2), kc.size(3),
+                                 index, nh_, rd_, bf(kY));
+    b.wo(bf(kY), B, a, kNone, sums);  // (B, h)
+    if (parallel_) {
+      mlp(b, hn, m, B);
+      add_into(x, a, B * h_);  // x = (x + a) + mlp(h), rounded after each add
+      add_into(x, m, B * h_);
+    } else {
+      add_into(x, a, B * h_);
+      norm(b.ln2, x, hn, B);
+      mlp(b, hn, m, B);
+      add_into(x, m, B * h_);
+    }
+  }
+
+  void mlp(const Block& b, const uint16_t* hn, uint16_t* out, int64_t B) {
+    float* sums = f32(kSums);
+    if (!glu_) {
+      b.w_in(hn, B, bf(kM1), act_, sums);
+      b.w_out(bf(kM1), B, out, kNone, sums);
+      return;
+    }
+    b.w_in(hn, B, bf(kM1), kNone, sums);  // (B, 2 ffn): [gate; up]
+    const int64_t ffn = b.w_out.K;
+    const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+    const Tensor gu = at::from_blob(bf(kM1), {B, 2 * ffn}, opts);
+    Tensor prod = at::from_blob(bf(kGlu), {B, ffn}, opts);
     const auto halves = gu.chunk(2, -1);
-    return matmul(activate(halves[0]) * halves[1], b.w_out, b.n_out, b.b_out, kNone);
+    at::mul_out(prod, activate(halves[0]), halves[1]);  // torch's ops, as the Python blocks compute it
+    b.w_out(bf(kGlu), B, out, kNone, sums);
   }
 
   Tensor activate(const Tensor& v) const {  // model.py's ACTIVATIONS
@@ -156,11 +294,14 @@ class Stack {
   std::vector<Block> blocks_;
   Head head_;
   bool has_head_ = false;
-  Tensor empty_ = at::empty({0}, at::kFloat);
   bool rms_;
-  double eps_;
+  float eps_;
   bool parallel_, glu_;
-  int64_t act_, nh_, rd_;
+  int64_t act_, nh_, rd_, h_ = 0;
+  int64_t rows_ = 0;  // the batch the workspace is laid out for
+  std::vector<uint16_t> bf16_;
+  std::vector<float> f32_;
+  int64_t bf_at_[kBf16Bufs] = {}, f32_at_[kF32Bufs] = {};
 };
 
 }  // namespace cpugen_layer
@@ -169,10 +310,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<cpugen_layer::Stack>(m, "Stack")
       .def(py::init<const std::vector<std::vector<cpugen_layer::Opt>>&, const std::vector<std::vector<int64_t>>&,
                     const std::string&, double, bool, bool, int64_t, int64_t, int64_t>(),
-           py::arg("blocks"), py::arg("outs"), py::arg("norm"), py::arg("eps"), py::arg("parallel"), py::arg("glu"), py::arg("act"),
-           py::arg("nh"), py::arg("rd"))
-      .def("forward", &cpugen_layer::Stack::forward, "x (B, h) through every block for one decode step",
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("blocks"), py::arg("outs"), py::arg("norm"), py::arg("eps"), py::arg("parallel"), py::arg("glu"),
+           py::arg("act"), py::arg("nh"), py::arg("rd"))
       .def("set_head", &cpugen_layer::Stack::set_head, "what a step does around the blocks", py::arg("wte"), py::arg("wpe"),
            py::arg("pos_offset"), py::arg("cos"), py::arg("sin"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("lm_w"),
            py::arg("lm_b"), py::arg("n_vocab"))

@@ -1,7 +1,8 @@
-// Python bindings of gemv_bf16.h and argmax.h (the kernels and their notes are there).
+// Python bindings of gemv_bf16.h, argmax.h and norm.h (the kernels and their notes are there).
 
 #include "argmax.h"
 #include "gemv_bf16.h"
+#include "norm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &cpugen_gemv::gemv, "y = act(x @ w.T + bias) for small M, bf16 in/out, fp32 accumulation", py::arg("x"),
@@ -15,5 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("p"), py::arg("n"), py::arg("bias"), py::arg("act") = 0);
   m.def("argmax", &cpugen_argmax::argmax, "argmax of each row of logits (B, V), as torch.argmax answers",
         py::arg("logits"));
+  m.def("norm", &cpugen_norm::norm, "LayerNorm (or RMSNorm, rms=True) of each row of x (..., h), bf16, fp32 math",
+        py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"), py::arg("rms"));
   m.def("isa", &cpugen_gemv::isa, "the instruction set the kernel dispatched to");
 }

@@ -103,13 +103,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) __m256i to_bf16_native(__
   return (__m256i)_mm512_cvtneps_pbh(v);
 }
 
-__attribute__((target("avx512f,avx512bw"))) __m256i to_bf16_avx512(__m512 v) {  // nearest even, NaN kept
-  __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(u);
-}
+__attribute__((target("avx512f,avx512bw"))) __m256i to_bf16_avx512(__m512 v) { return cpugen_vec::round_bf16(v); }
 
 // The rows of the block after [n, n + kRows) to prefetch while this one is read; past the end of
 // this thread's range, the current rows again (harmless: already in cache)
@@ -344,6 +338,23 @@ std::string isa() {
   }
 }
 
+// The gemv on raw pointers, checked by the caller: x (M, K), w (N, K), bias (N) or null, out
+// (M, N), all bf16 and contiguous; sums: M x N floats of scratch
+inline void gemv_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, int64_t N, const uint16_t* bp,
+                     int64_t act, uint16_t* op, float* sums) {
+  const Sums ep{sums, N};
+  const bool bf16 = kIsa == Isa::kAvx512Bf16;
+  // grain: at least 64 rows (a few hundred KB of W) per task; each task finishes its own outputs
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kRows, n1 = std::min(N, b1 * kRows);
+    if (bf16 && M == 1)
+      row_stream_bf16(xp, wp, ep, K, n0, n1);
+    else
+      rows(bf16 ? kBf16Blocks : kAvx512Blocks, xp, wp, ep, M, K, n0, n1);
+    finish(ep, bp, act, op, M, n0, n1, bf16 ? to_bf16_native : to_bf16_avx512);
+  });
+}
+
 // x (M, K) bf16, w (N, K) bf16, bias (N,) or none, act (Act) -> act(x w^T + bias) (M, N) bf16
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
                    int64_t act) {
@@ -362,21 +373,9 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
   }
   auto out = torch::empty({M, N}, x.options());
   auto sums = torch::empty({M, N}, x.options().dtype(at::kFloat));
-  const Sums ep{sums.data_ptr<float>(), N};
-  const auto* bp = bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr;
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
-  const bool bf16 = kIsa == Isa::kAvx512Bf16;
-  // grain: at least 64 rows (a few hundred KB of W) per task; each task finishes its own outputs
-  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * kRows, n1 = std::min(N, b1 * kRows);
-    if (bf16 && M == 1)
-      row_stream_bf16(xp, wp, ep, K, n0, n1);
-    else
-      rows(bf16 ? kBf16Blocks : kAvx512Blocks, xp, wp, ep, M, K, n0, n1);
-    finish(ep, bp, act, op, M, n0, n1, bf16 ? to_bf16_native : to_bf16_avx512);
-  });
+  gemv_raw(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, reinterpret_cast<const uint16_t*>(wc.data_ptr()), N,
+           bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr, act,
+           reinterpret_cast<uint16_t*>(out.data_ptr()), sums.data_ptr<float>());
   return out;
 }
 
@@ -411,29 +410,12 @@ void pack_into(const torch::Tensor& w, torch::Tensor& p) {
   });
 }
 
-// x (M, K) bf16 (any M), p: pack_into's form of an (n, K) weight, bias (n,) or none, act ->
-// act(x W^T + bias) (M, n) bf16
-torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int64_t n,
-                            const c10::optional<torch::Tensor>& bias, int64_t act) {
-  TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU has no AVX512-BF16");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && p.scalar_type() == at::kBFloat16, "cpugen linear_packed: bf16 only");
-  TORCH_CHECK(x.dim() == 2 && p.dim() == 3 && p.size(2) == 2 * kPanel && x.size(1) == 2 * p.size(1) &&
-                  (n + kPanel - 1) / kPanel == p.size(0) && p.is_contiguous(),
-              "cpugen linear_packed: x (M, K) and a packed (n, K) weight");
-  TORCH_CHECK(act >= kNone && act <= kSilu, "cpugen linear_packed: unknown activation ", act);
-  const auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), K2 = K / 2, np = p.size(0);
-  torch::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "cpugen linear_packed: bias of ", bias->numel(), " for ", n, " outputs");
-    bc = bias->to(at::kBFloat16).contiguous();
-  }
-  auto out = torch::empty({M, n}, x.options());
-  if (M == 0) return out;
-  const auto* bp = bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr;
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  const auto* pp = reinterpret_cast<const uint16_t*>(p.data_ptr());
+// The packed kernel on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
+// weight, bias (n) or null, out (M, n), all bf16 and contiguous
+inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, int64_t n,
+                              const uint16_t* bp, int64_t act, uint16_t* op) {
+  if (M == 0) return;
+  const int64_t K2 = K / 2, np = (n + kPanel - 1) / kPanel;
   // Up to kMicroRows rows: one pass over all of K per panel, the sums in registers. More rows: a
   // block of up to kRowBlock rows at a time against each panel, K in chunks so that the chunk of
   // W (64 KB) and the block's rows of x (kRowBlock KB) stay in L2 while the micro-kernel walks
@@ -446,7 +428,9 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int6
   const int64_t ahead = M <= kMicroRows ? kAhead : chunk * 2 * kPanel * 2;
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     const char* end = reinterpret_cast<const char*>(pp + p1 * K * kPanel);
-    std::vector<float> tile(std::min(M, kRowBlock) * kPanel);
+    std::vector<float> big(M > kMicroRows ? std::min(M, kRowBlock) * kPanel : 0);
+    float small[kMicroRows * kPanel];
+    float* tile = M > kMicroRows ? big.data() : small;
     for (int64_t m1 = 0; m1 < M; m1 += kRowBlock) {
       const int64_t rows = std::min(kRowBlock, M - m1);
       for (int64_t q = p0; q < p1; ++q) {
@@ -454,14 +438,38 @@ torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int6
         const int64_t cols = std::min(kPanel, n - q * kPanel);
         for (int64_t c0 = 0; c0 < K2; c0 += chunk)
           for (int64_t m0 = 0; m0 < rows; m0 += kMicroRows)
-            kPanelMicros[std::min(kMicroRows, rows - m0) - 1](xp + (m1 + m0) * K, K, panel, tile.data() + m0 * kPanel,
+            kPanelMicros[std::min(kMicroRows, rows - m0) - 1](xp + (m1 + m0) * K, K, panel, tile + m0 * kPanel,
                                                               kPanel, cols, c0, std::min(K2, c0 + chunk), c0 > 0, end,
                                                               m0 == 0 ? ahead : 0);
-        finish_tile(tile.data(), kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols,
+        finish_tile(tile, kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols,
                     to_bf16_native);
       }
     }
   });
+}
+
+// x (M, K) bf16 (any M), p: pack_into's form of an (n, K) weight, bias (n,) or none, act ->
+// act(x W^T + bias) (M, n) bf16
+torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int64_t n,
+                            const c10::optional<torch::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU has no AVX512-BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && p.scalar_type() == at::kBFloat16, "cpugen linear_packed: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && p.dim() == 3 && p.size(2) == 2 * kPanel && x.size(1) == 2 * p.size(1) &&
+                  (n + kPanel - 1) / kPanel == p.size(0) && p.is_contiguous(),
+              "cpugen linear_packed: x (M, K) and a packed (n, K) weight");
+  TORCH_CHECK(act >= kNone && act <= kSilu, "cpugen linear_packed: unknown activation ", act);
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "cpugen linear_packed: bias of ", bias->numel(), " for ", n, " outputs");
+    bc = bias->to(at::kBFloat16).contiguous();
+  }
+  auto out = torch::empty({M, n}, x.options());
+  linear_packed_raw(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K,
+                    reinterpret_cast<const uint16_t*>(p.data_ptr()), n,
+                    bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr, act,
+                    reinterpret_cast<uint16_t*>(out.data_ptr()));
   return out;
 }
 

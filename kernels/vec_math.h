@@ -1,10 +1,36 @@
 #pragma once
-// Vectorized fp32 math shared by the kernels (16 lanes of AVX-512F): the epilogue's activations
-// (gemv_bf16.h) and attention's softmax (decode_attention.h).
+// Vectorized fp32 math shared by the kernels (16 lanes of AVX-512): the epilogue's activations
+// (gemv_bf16.h), attention's softmax (decode_attention.h), and bf16 loads and rounding.
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace cpugen_vec {
+
+// 16 bf16 widened to fp32 (exact)
+__attribute__((target("avx512f"))) inline __m512 widen_bf16(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// 16 bf16 from p (the lanes of m; the others 0), widened to fp32
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// fp32 -> bf16, nearest even, NaN kept quiet: torch's rounding, without AVX512-BF16
+__attribute__((target("avx512f,avx512bw"))) inline __m256i round_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(u);
+}
+
+// The first min(16, n - i) lanes
+inline __mmask16 lanes(int64_t n, int64_t i) {
+  return n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
 
 // e^x in fp32: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), ~1 ulp
 __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {

@@ -110,7 +110,10 @@ def test_apply_eager_leaves_the_model_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert backends.apply(model, "eager", torch.bfloat16) is model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(n.impl is None for n in (model.ln_f, *(b.ln_1 for b in model.blocks)))
+    # the norms are torch's, or cpugen's native kernel for the same computation (no IPEX fusion)
+    from cpugen.native import NativeNorm
+
+    assert all(n.impl is None or isinstance(n.impl, NativeNorm) for n in (model.ln_f, *(b.ln_1 for b in model.blocks)))
 
 
 def test_auto_takes_eager_where_ipex_cannot_do_bf16(fake_ipex, monkeypatch):

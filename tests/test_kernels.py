@@ -142,6 +142,39 @@ def test_argmax_answers_as_torch_does(dtype):
 
 
 @needs_avx512
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_native_norm_matches_torch(kind):
+    """kernels/norm.h against the module's torch path (model.py's Norm.reference): rows of 3 to
+    2050 values (off the 16-wide vectors), a (B, T, h) input, rows far from zero mean; within one
+    bf16 rounding (the fp32 sums run in another order). Non-bf16 input takes the torch path."""
+    import dataclasses
+
+    from cpugen.model import Norm
+
+    g = torch.Generator().manual_seed(0)
+    for h, shape in [(3, (1, 3)), (17, (4, 17)), (256, (2, 5, 256)), (2050, (3, 2050))]:
+        cfg = dataclasses.replace(from_name("tiny-gptj"), n_embd=h, norm=kind)
+        n = Norm(cfg).to(torch.bfloat16)
+        with torch.no_grad():
+            n.weight.copy_(torch.randn(h, generator=g) + 1)
+            if n.bias is not None:
+                n.bias.copy_(torch.randn(h, generator=g))
+        x = (torch.randn(shape, generator=g) * 3 + 5).to(torch.bfloat16)
+        want = n.reference(x)
+        n.impl = native.NativeNorm(native.extension(), n)
+        got = n(x)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        # one bf16 ulp of the larger value, where the two fp32 results round to neighbours
+        ulp = want.float().abs().clamp(min=2 ** -20) * 2 ** -7
+        assert ((got.float() - want.float()).abs() <= ulp).all(), (h, (got.float() - want.float()).abs().max())
+        assert (got == want).float().mean() > 0.9  # mostly the very same value
+        assert torch.equal(n(x.float()), n.reference(x.float()))  # fp32 input: torch's ops
+    with pytest.raises(RuntimeError, match="weight and bias"):
+        native.extension().norm(torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(7, dtype=torch.bfloat16), None,
+                                1e-5, True)
+
+
+@needs_avx512
 @pytest.mark.parametrize("layout", ["plain", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_decode_with_and_without_the_kernels(family, layout):
@@ -254,7 +287,7 @@ def test_decode_stack_holds_the_weights_without_copying_them():
 
     model = random_model(from_name("gptj-1b").with_layers(4), torch.bfloat16, 0)
     blocks = weight_bytes(model.blocks)
-    native.extension("decode_layer")  # loaded (and built) before measuring
+    assert native.install(model, pack=False)  # the native norms the stack asks for; the stack itself built
     model.decode_stack = None
     before = rss_bytes()
     assert native.install_stack(model)
