@@ -194,7 +194,7 @@ def decode_matmul(model: Transformer, backend: str) -> str:
 def decode_blocks(model: Transformer, batch: int) -> str:
     """How decode ran the blocks at `batch`, for the record: all in one native call, or one by one."""
     stack = getattr(model, "decode_stack", None)
-    return "native-stack" if stack is not None and batch <= Linear.kernel_rows else "python"
+    return "native-stack" if stack is not None and batch <= model.decode_stack_rows else "python"
 
 
 def apply(model: Transformer, backend: str, dtype: torch.dtype) -> Transformer:

@@ -237,8 +237,9 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
         # a backend's native decode stack (kernels/decode_layer.cpp): an unpadded decode step of
-        # at most Linear.kernel_rows sequences in one call, from the tokens to the logits
+        # at most decode_stack_rows sequences in one call, from the tokens to the logits
         self.decode_stack = None
+        self.decode_stack_rows = 0
         self._caches = ([], [])  # every block's k and v cache, as the stack takes them
 
     def tie_weights(self):
@@ -268,7 +269,7 @@ class Transformer(nn.Module):
         and start == 0 (plain causal) or T == 1 (attend everything)."""
         B, T = tokens.shape
         if (self.decode_stack is not None and T == 1 and mask is None and rows == slice(None)
-                and B <= Linear.kernel_rows and self.wte.weight.dtype == torch.bfloat16):
+                and B <= self.decode_stack_rows and self.wte.weight.dtype == torch.bfloat16):
             logits = self.decode_stack.step(tokens.view(B), pos.view(B), *self._caches, start)  # (B, V)
             return logits if last_only else logits.view(B, 1, -1)
         x = self.wte(tokens)  # (B, T, h)

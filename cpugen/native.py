@@ -153,6 +153,8 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
     return True
 
 
+STACK_ANY_BATCH = 1 << 20  # the stack's rows where every weight is packed
+
 class NativeNorm:
     """A Norm's computation through kernels/norm.h (bf16 rows, fp32 math), which the decode stack
     runs too: the Python blocks and the stack then agree bit for bit. Other dtypes take the
@@ -169,9 +171,10 @@ class NativeNorm:
 
 
 def install_stack(model) -> bool:
-    """Gives the model a native decode stack (kernels/decode_layer.cpp): a whole decode step at
-    gemv batch sizes in one call (embedding, every block, final norm, lm_head), holding references
-    to the model's own weights, plain or packed (no copy).
+    """Gives the model a native decode stack (kernels/decode_layer.cpp): a whole decode step in one
+    call (embedding, every block, final norm, lm_head), holding references to the model's own
+    weights, plain or packed (no copy). It serves any batch where every weight is packed (the
+    packed kernel takes any number of rows), the gemv's batches (Linear.kernel_rows) otherwise.
     False where it does not build or the modules are not all plain cpugen modules."""
     from cpugen.model import KERNEL_ACT, Linear, Norm
 
@@ -195,6 +198,8 @@ def install_stack(model) -> bool:
     model.decode_stack = ext.Stack(blocks, outs, cfg.norm, cfg.norm_eps, cfg.parallel_residual, cfg.mlp == "glu",
                                    KERNEL_ACT[cfg.activation], cfg.n_head,
                                    cfg.rotary_dim if cfg.position == "rotary" else 0)
+    every = [*(m for b in model.blocks for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)), head]
+    model.decode_stack_rows = STACK_ANY_BATCH if all(m.panels is not None for m in every) else Linear.kernel_rows
     rope = model.rotary
     model.decode_stack.set_head(model.wte.weight, model.wpe.weight if model.wpe is not None else None,
                                 cfg.position_offset, rope.cos if rope else None, rope.sin if rope else None,

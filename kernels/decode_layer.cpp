@@ -1,6 +1,7 @@
-// A decode step in one native call: for batches the gemv serves (at most a few rows), the token
-// embedding, every block of the model one after the other, the final norm and the lm_head run
-// here, without returning to Python between their operations.
+// A decode step in one native call: the token embedding, every block of the model one after the
+// other, the final norm and the lm_head run here, without returning to Python between their
+// operations; at any batch with the weights in cpugen's packed layout, at the gemv's few rows
+// with them plain.
 //
 // Per block (pre-norm; GPT-J's parallel residual or the sequential one):
 //   h = norm_1(x); a = wo(attention(wqkv(h)))             attention: decode_attention.h's decode_step
@@ -167,7 +168,8 @@ class Stack {
     TORCH_CHECK(k_caches.size() == blocks_.size() && v_caches.size() == blocks_.size(),
                 "cpugen decode_layer: one cache per block");
     const int64_t B = tokens.size(0), h = h_;
-    TORCH_CHECK(B >= 1 && B <= 16, "cpugen decode_layer: 1 to 16 sequences a step, not ", B);
+    TORCH_CHECK(B >= 1 && (B <= cpugen_gemv::kMaxM || all_packed()), "cpugen decode_layer: ", B,
+                " sequences a step: the plain weights' gemv takes at most ", cpugen_gemv::kMaxM);
     const auto tc = tokens.contiguous(), pc = pos.contiguous();
     const int64_t* tok = tc.data_ptr<int64_t>();
     const int64_t* ps = pc.data_ptr<int64_t>();
@@ -211,20 +213,28 @@ class Stack {
   int64_t size() const { return static_cast<int64_t>(blocks_.size()); }
 
  private:
+  bool all_packed() const {
+    for (const Block& b : blocks_)
+      if (!b.wqkv.packed || !b.wo.packed || !b.w_in.packed || !b.w_out.packed) return false;
+    return head_.lm.packed;
+  }
+
   // The workspace: bf16 buffers of B rows each, then fp32 ones
   enum Buf { kX, kH, kQkv, kY, kA, kM1, kGlu, kM, kBf16Bufs };
   enum FBuf { kSums, kCos, kSin, kF32Bufs };
 
   void reserve(int64_t B) {
     if (B == rows_) return;
-    int64_t widest = head_.lm.n;  // the plain gemv's sums: the widest matrix's outputs
+    const bool plain = !all_packed();
+    int64_t widest = plain ? head_.lm.n : 0;  // the plain gemv's sums: the widest matrix's outputs
     int64_t width[kBf16Bufs] = {h_, h_, 0, 0, h_, 0, 0, h_};
     for (const Block& b : blocks_) {
       width[kQkv] = std::max(width[kQkv], b.wqkv.n);
       width[kY] = std::max(width[kY], b.wo.K);
       width[kM1] = std::max(width[kM1], b.w_in.n);
       width[kGlu] = std::max(width[kGlu], b.w_out.K);
-      for (const Matrix* m : {&b.wqkv, &b.wo, &b.w_in, &b.w_out}) widest = std::max(widest, m->n);
+      if (plain)
+        for (const Matrix* m : {&b.wqkv, &b.wo, &b.w_in, &b.w_out}) widest = std::max(widest, m->n);
     }
     int64_t at = 0;
     for (int i = 0; i < kBf16Bufs; ++i) bf_at_[i] = at, at += (B * width[i] + 31) / 32 * 32;  // 64-byte aligned

@@ -297,20 +297,32 @@ def test_decode_stack_holds_the_weights_without_copying_them():
 
 
 @pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="the decode stack needs AVX512-BF16")
-def test_decode_stack_is_not_used_where_it_does_not_apply():
-    """Padded batches (a mask), prefill and batches above the gemv's rows take the Python blocks."""
-    cfg = FAMILIES["gptj"]()
-    model = random_model(cfg, torch.bfloat16, 0)
-    assert native.install(model)
-    model.decode_stack = stack = _Counted(model.decode_stack)
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_decode_stack_is_not_used_where_it_does_not_apply(layout):
+    """Padded batches (a mask) and prefill take the Python blocks; so do batches above the gemv's
+    rows where the weights are plain. With every weight packed the stack takes any batch, and its
+    logits are the Python blocks' (the packed kernel takes any number of rows)."""
     from cpugen.generate import generate
     from cpugen.sampling import Sampling
 
+    cfg = FAMILIES["gptj"]()
+    model = random_model(cfg, torch.bfloat16, 0)
+    assert native.install(model, pack=layout == "packed")
+    model.decode_stack = stack = _Counted(model.decode_stack)
     generate(model, [[1, 2, 3], [4, 5]], 3, Sampling(), torch.bfloat16)  # left-padded: masked
-    generate(model, [[1, 2, 3]] * 5, 3, Sampling(), torch.bfloat16)  # 5 rows > 4
     assert stack.calls == []
     generate(model, [[1, 2, 3]] * 2, 3, Sampling(), torch.bfloat16)
     assert stack.calls == [2, 2]
+    stack.calls.clear()
+    generate(model, [[1, 2, 3]] * 5, 3, Sampling(), torch.bfloat16)  # 5 rows > 4
+    assert stack.calls == ([5, 5] if layout == "packed" else [])
+    if layout == "packed":  # 17 rows, past the gemv's 16: the same logits as the Python blocks
+        prompts = Prompts(torch.randint(1000, (17, 8), generator=torch.Generator().manual_seed(1)),
+                          torch.ones(17, 8, dtype=torch.bool))
+        stacked = _decode(model, prompts, steps=2)
+        assert stack.calls[-2:] == [17, 17]
+        model.decode_stack = None
+        assert torch.equal(stacked, _decode(model, prompts, steps=2))
 
 
 def test_model_and_reference_agree_on_activation_codes():
