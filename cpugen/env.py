@@ -24,8 +24,10 @@ def cpu_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags}
+    # "avx512": what cpugen's kernels use, AVX-512 F, BW and VL (every AVX-512 server CPU since
+    # Skylake-SP has all three; the first Xeon Phis had F alone)
+    return {"cpu": model, "avx512": {"avx512f", "avx512bw", "avx512vl"} <= flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
 def usable_cores() -> int:

@@ -33,7 +33,7 @@ def extension(name: str = "gemv_bf16", portable: bool = False):
     from cpugen.env import cpu_info
 
     if not portable and not cpu_info()["avx512"]:
-        _why[name] = "the CPU has no AVX-512"
+        _why[name] = "the CPU lacks AVX-512 (F, BW and VL)"
         return None
     try:
         from torch.utils import cpp_extension
