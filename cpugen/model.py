@@ -198,14 +198,19 @@ class MLP(nn.Module):
         width = 2 * cfg.intermediate_size if self.glu else cfg.intermediate_size
         self.w_in = Linear(cfg.n_embd, width, bias=cfg.mlp_bias)  # fc_in, or [gate; up]
         self.w_out = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+        self.product = None  # a backend's kernel for a GLU's act(gate) * up (native.NativeGlu)
 
     def forward(self, x):  # (B, T, h)
         if self.glu:
-            gate, up = self.w_in(x).chunk(2, dim=-1)  # (B, T, ffn) each
-            return self.w_out(ACTIVATIONS[self.act](gate) * up)
+            gu = self.w_in(x)  # (B, T, 2 ffn): [gate; up]
+            return self.w_out(self.product(gu) if self.product is not None else self.glu_reference(gu))
         if isinstance(self.w_in, Linear):  # the activation fused into the matmul where it can be
             return self.w_out(self.w_in(x, self.act))  # (B, T, ffn) -> (B, T, h)
         return self.w_out(ACTIVATIONS[self.act](self.w_in(x)))  # a backend's own linear module
+
+    def glu_reference(self, gu):  # torch's ops: (..., 2 ffn) -> (..., ffn)
+        gate, up = gu.chunk(2, dim=-1)
+        return ACTIVATIONS[self.act](gate) * up
 
 
 class Block(nn.Module):

@@ -125,7 +125,7 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
     twice. Otherwise the gemv takes decode's skinny matmuls on the plain weights."""
     from cpugen.env import cpu_info
     from cpugen.memory import release_freed
-    from cpugen.model import Attention, Linear, Norm
+    from cpugen.model import MLP, Attention, Linear, Norm
 
     if os.environ.get("CPUGEN_NATIVE", "1") == "0":
         return False
@@ -140,6 +140,8 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
             m.decode_step = attn.decode_step
         elif type(m) is Norm and m.weight.dtype == torch.bfloat16 and m.impl is None:
             m.impl = NativeNorm(ext, m)
+        elif type(m) is MLP and m.glu and m.product is None:
+            m.product = NativeGlu(ext, m)
     if (packing_wanted() if pack is None else pack) and ext.packed_available():
         tied = model.wte.weight
         for part in [*model.blocks, model]:  # the model last: its lm_head (the blocks are done by then)
@@ -170,6 +172,21 @@ class NativeNorm:
         return self.ext.norm(x, n.weight, n.bias, n.eps, n.kind == "rmsnorm")
 
 
+class NativeGlu:
+    """A GLU MLP's act(gate) * up through kernels/glu.h (bf16), which the decode stack runs too;
+    other dtypes take the module's torch path."""
+
+    def __init__(self, ext, mlp):
+        from cpugen.model import KERNEL_ACT
+
+        self.ext, self.mlp, self.code = ext, mlp, KERNEL_ACT[mlp.act]
+
+    def __call__(self, gu):
+        if gu.dtype != torch.bfloat16:
+            return self.mlp.glu_reference(gu)
+        return self.ext.glu(gu, self.code)
+
+
 def install_stack(model) -> bool:
     """Gives the model a native decode stack (kernels/decode_layer.cpp): a whole decode step in one
     call (embedding, every block, final norm, lm_head), holding references to the model's own
@@ -189,7 +206,8 @@ def install_stack(model) -> bool:
     for b in model.blocks:
         mods = (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)
         if (any(type(m) is not Linear or (m.weight is None and m.panels is None) for m in mods)
-                or any(type(n) is not Norm or not isinstance(n.impl, NativeNorm) for n in (b.ln_1, b.ln_2) if n is not None)):
+                or any(type(n) is not Norm or not isinstance(n.impl, NativeNorm) for n in (b.ln_1, b.ln_2) if n is not None)
+                or (b.mlp.glu and not isinstance(b.mlp.product, NativeGlu))):
             return False
         ln_2 = (b.ln_2.weight, b.ln_2.bias) if b.ln_2 is not None else (None, None)
         blocks.append([b.ln_1.weight, b.ln_1.bias, *ln_2,

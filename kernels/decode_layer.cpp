@@ -9,9 +9,9 @@
 //   sequential: x = x + a;  x = x + mlp(norm_2(x))
 //   mlp(h) = w_out(act(w_in(h)))  or, GLU,  w_out(act(gate) * up) with [gate; up] = w_13(h)
 // The matmuls are gemv_bf16.h's kernels, on the plain weights or on cpugen's packed layout (bias and
-// a plain MLP's activation in their epilogue); the norms are norm.h's, which the Python blocks call
-// too (Norm.impl); the residual adds round to bf16 after each add, as torch's do; the GLU product
-// is torch's ops on the same values. So the logits are those of the Python blocks, bit for bit.
+// a plain MLP's activation in their epilogue); the norms are norm.h's and a GLU's product glu.h's,
+// which the Python blocks call too (Norm.impl, MLP.glu); the residual adds round to bf16 after each
+// add, as torch's do. So the logits are those of the Python blocks, bit for bit.
 //
 // Why one call: measured on 2 Zen 4 cores, a 24-block model 256 wide (compute negligible) took
 // 3.8 ms a decode step through the Python blocks, about 160 us a block. And why no torch op
@@ -24,6 +24,7 @@
 
 #include "decode_attention.h"
 #include "gemv_bf16.h"
+#include "glu.h"
 #include "norm.h"
 
 #include <algorithm>
@@ -35,7 +36,8 @@ namespace cpugen_layer {
 using torch::Tensor;
 using Opt = c10::optional<Tensor>;
 
-enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 };  // as gemv_bf16.h
+using cpugen_vec::kNone;
+using cpugen_vec::kSilu;
 
 Tensor defined_or_empty(const Opt& t) { return t.has_value() ? *t : Tensor(); }
 
@@ -282,23 +284,8 @@ class Stack {
       return;
     }
     b.w_in(hn, B, bf(kM1), kNone, sums);  // (B, 2 ffn): [gate; up]
-    const int64_t ffn = b.w_out.K;
-    const auto opts = at::TensorOptions().dtype(at::kBFloat16);
-    const Tensor gu = at::from_blob(bf(kM1), {B, 2 * ffn}, opts);
-    Tensor prod = at::from_blob(bf(kGlu), {B, ffn}, opts);
-    const auto halves = gu.chunk(2, -1);
-    at::mul_out(prod, activate(halves[0]), halves[1]);  // torch's ops, as the Python blocks compute it
+    cpugen_glu::glu_raw(bf(kM1), B, b.w_out.K, act_, bf(kGlu));  // (B, ffn)
     b.w_out(bf(kGlu), B, out, kNone, sums);
-  }
-
-  Tensor activate(const Tensor& v) const {  // model.py's ACTIVATIONS
-    switch (act_) {
-      case kGeluTanh: return at::gelu(v, "tanh");
-      case kGelu: return at::gelu(v);
-      case kRelu: return at::relu(v);
-      case kSilu: return at::silu(v);
-      default: return v;
-    }
   }
 
   std::vector<Block> blocks_;

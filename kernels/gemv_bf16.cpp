@@ -1,7 +1,8 @@
-// Python bindings of gemv_bf16.h, argmax.h and norm.h (the kernels and their notes are there).
+// Python bindings of gemv_bf16.h, argmax.h, norm.h and glu.h (the kernels and their notes are there).
 
 #include "argmax.h"
 #include "gemv_bf16.h"
+#include "glu.h"
 #include "norm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,5 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"));
   m.def("norm", &cpugen_norm::norm, "LayerNorm (or RMSNorm, rms=True) of each row of x (..., h), bf16, fp32 math",
         py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"), py::arg("rms"));
+  m.def("glu", &cpugen_glu::glu, "act(gate) * up over the halves [gate; up] of the last dim, bf16", py::arg("gu"),
+        py::arg("act"));
   m.def("isa", &cpugen_gemv::isa, "the instruction set the kernel dispatched to");
 }

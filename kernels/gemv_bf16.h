@@ -32,8 +32,12 @@
 
 namespace cpugen_gemv {
 
-using cpugen_vec::erf16;
-using cpugen_vec::exp16;
+using cpugen_vec::activate;
+using cpugen_vec::kGelu;
+using cpugen_vec::kGeluTanh;
+using cpugen_vec::kNone;
+using cpugen_vec::kRelu;
+using cpugen_vec::kSilu;
 
 namespace {
 
@@ -48,8 +52,6 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 };
-
 // Where the blocks leave each output's fp32 sum, (M, N); the epilogue (finish_*) reads them back.
 struct Sums {
   float* s;
@@ -58,23 +60,6 @@ struct Sums {
 };
 
 // ---- the epilogue, 16 outputs at a time ---------------------------------------------------------
-__attribute__((target("avx512f"))) inline __m512 activate(__m512 v, int64_t act) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  switch (act) {
-    case kGeluTanh: {  // 0.5 v (1 + tanh(u)) = v / (1 + e^(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3)
-      const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f), _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
-      return _mm512_div_ps(v, _mm512_add_ps(one, exp16(u)));
-    }
-    case kGelu:
-      return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
-                           _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f)))));
-    case kRelu: return _mm512_max_ps(v, _mm512_setzero_ps());
-    case kSilu: return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
-    default: return v;
-  }
-}
-
 // rows x cols fp32 sums (row stride lds) + bias, activation, rounded to bf16 (nearest even) into
 // out (row stride ldo); bias points at the first column's
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void finish_tile(const float* s, int64_t lds,

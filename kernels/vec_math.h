@@ -63,4 +63,24 @@ __attribute__((target("avx512f"))) inline __m512 erf16(__m512 x) {
   return _mm512_mask_sub_ps(y, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), y);
 }
 
+// The activations the kernels apply, by code (model.py's KERNEL_ACT)
+enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 };
+
+__attribute__((target("avx512f"))) inline __m512 activate(__m512 v, int64_t act) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  switch (act) {
+    case kGeluTanh: {  // 0.5 v (1 + tanh(u)) = v / (1 + e^(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3)
+      const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f), _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
+      return _mm512_div_ps(v, _mm512_add_ps(one, exp16(u)));
+    }
+    case kGelu:
+      return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
+                           _mm512_add_ps(one, erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f)))));
+    case kRelu: return _mm512_max_ps(v, _mm512_setzero_ps());
+    case kSilu: return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    default: return v;
+  }
+}
+
 }  // namespace cpugen_vec

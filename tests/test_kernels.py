@@ -175,6 +175,37 @@ def test_native_norm_matches_torch(kind):
 
 
 @needs_avx512
+@pytest.mark.parametrize("act", ["silu", "gelu_new", "gelu", "relu"])
+def test_native_glu_matches_torch(act):
+    """kernels/glu.h against model.py's MLP.glu_reference (torch's activation rounded to bf16, then
+    the product rounded): every activation, widths off the 16-wide vectors, a (B, T, 2 ffn) input.
+    The activation's fp32 value may differ from torch's in its last bits, so a result may land one
+    bf16 rounding away; most are the very same. Non-bf16 input takes the torch path."""
+    import dataclasses
+
+    from cpugen.model import MLP
+
+    g = torch.Generator().manual_seed(0)
+    same = total = 0
+    for ffn, shape in [(5, (1, 10)), (40, (3, 80)), (1376, (2, 3, 2752))]:
+        cfg = dataclasses.replace(from_name("llama-3-8b"), n_embd=64, intermediate_size=ffn, activation=act)
+        mlp = MLP(cfg)
+        gu = (torch.randn(shape, generator=g) * 3).to(torch.bfloat16)
+        want = mlp.glu_reference(gu)
+        mlp.product = native.NativeGlu(native.extension(), mlp)
+        got = mlp.product(gu)
+        assert got.shape == want.shape == (*shape[:-1], ffn) and got.dtype == torch.bfloat16
+        # two bf16 roundings (activation, product); where the activation's tail is near zero
+        # (gelu of a large negative input, ~1e-12) its fp32 value differs in more than its last bits
+        tol = want.float().abs() * 2 ** -6 + 1e-6 * want.float().abs().max()
+        assert ((got.float() - want.float()).abs() <= tol).all(), (ffn, (got.float() - want.float()).abs().max())
+        same += int((got == want).sum())
+        total += got.numel()
+        assert torch.equal(mlp.product(gu.float()), mlp.glu_reference(gu.float()))
+    assert same > 0.9 * total, same / total
+
+
+@needs_avx512
 @pytest.mark.parametrize("layout", ["plain", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_decode_with_and_without_the_kernels(family, layout):
