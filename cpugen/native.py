@@ -157,6 +157,7 @@ def install(model: torch.nn.Module, pack: bool | None = None) -> bool:
 
 STACK_ANY_BATCH = 1 << 20  # the stack's rows where every weight is packed
 
+
 class NativeNorm:
     """A Norm's computation through kernels/norm.h (bf16 rows, fp32 math), which the decode stack
     runs too: the Python blocks and the stack then agree bit for bit. Other dtypes take the
@@ -206,7 +207,8 @@ def install_stack(model) -> bool:
     for b in model.blocks:
         mods = (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)
         if (any(type(m) is not Linear or (m.weight is None and m.panels is None) for m in mods)
-                or any(type(n) is not Norm or not isinstance(n.impl, NativeNorm) for n in (b.ln_1, b.ln_2) if n is not None)
+                or any(type(n) is not Norm or not isinstance(n.impl, NativeNorm)
+                       for n in (b.ln_1, b.ln_2) if n is not None)
                 or (b.mlp.glu and not isinstance(b.mlp.product, NativeGlu))):
             return False
         ln_2 = (b.ln_2.weight, b.ln_2.bias) if b.ln_2 is not None else (None, None)

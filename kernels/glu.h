@@ -17,12 +17,15 @@
 
 namespace cpugen_glu {
 
+using cpugen_vec::load_bf16;
+using cpugen_vec::round_bf16;
+
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline void glu_row(const uint16_t* gu, int64_t ffn, int64_t act, uint16_t* y) {
   for (int64_t i = 0; i < ffn; i += 16) {
     const __mmask16 m = cpugen_vec::lanes(ffn, i);
-    const __m512 a = cpugen_vec::widen_bf16(cpugen_vec::round_bf16(cpugen_vec::activate(cpugen_vec::load_bf16(gu + i, m), act)));
-    _mm256_mask_storeu_epi16(y + i, m, cpugen_vec::round_bf16(_mm512_mul_ps(a, cpugen_vec::load_bf16(gu + ffn + i, m))));
+    const __m512 a = cpugen_vec::widen_bf16(round_bf16(cpugen_vec::activate(load_bf16(gu + i, m), act)));  // bf16
+    _mm256_mask_storeu_epi16(y + i, m, round_bf16(_mm512_mul_ps(a, load_bf16(gu + ffn + i, m))));
   }
 }
 

@@ -61,7 +61,8 @@ if engine.startswith("cpugen"):
         backends.for_batch(model, backend, torch.bfloat16, B)  # as `cpugen run` does
         e = Engine(model, B, P + G, torch.bfloat16, fwd)
         with compute_context(torch.bfloat16):
-            t0 = time.perf_counter(); tok = native.argmax(e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))))
+            t0 = time.perf_counter()
+            tok = native.argmax(e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))))
             tp = time.perf_counter() - t0
             t0 = time.perf_counter()
             for _ in range(G - 1):
