@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "vec_math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -25,10 +27,7 @@ namespace {
 
 template <bool kBf16>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const void* p, int64_t i, __mmask16 m) {
-  if (kBf16) {
-    const __m256i v = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-  }
+  if (kBf16) return cpugen_vec::load_bf16(static_cast<const uint16_t*>(p) + i, m);
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 

@@ -31,11 +31,7 @@ namespace cpugen_attn {
 
 namespace {
 
-__attribute__((target("avx512f,avx512bw")))
-inline __m512 load_bf16x16(const uint16_t* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
+using cpugen_vec::load_bf16x16;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;

@@ -13,6 +13,11 @@ __attribute__((target("avx512f"))) inline __m512 widen_bf16(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
+// 16 bf16 from p, widened to fp32
+__attribute__((target("avx512f"))) inline __m512 load_bf16x16(const uint16_t* p) {
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // 16 bf16 from p (the lanes of m; the others 0), widened to fp32
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
   return widen_bf16(_mm256_maskz_loadu_epi16(m, p));
