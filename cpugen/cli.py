@@ -1,5 +1,6 @@
-"""`python -m cpugen`: run, bench, plan, roofline, generate. Results to stdout, diagnostics and progress to stderr; a
-user error is one line on stderr and exit status 2."""
+"""`python -m cpugen`: run, plan, bench, generate, roofline, build, probe, nightly (scripts/ hold thin
+entry points to probe and nightly). Results to stdout, diagnostics and progress to stderr; a user
+error is one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
-def _common(p: argparse.ArgumentParser, default_model: str | None = "gptj-1b"):
-    p.add_argument("--model", default=default_model, required=default_model is None,
-                   help="preset name, config JSON path or Hugging Face checkpoint directory")
+def _common(p: argparse.ArgumentParser, default_model: str | None = "gptj-1b", defaults: bool = True):
+    """The options every model command takes. Without `defaults` (bench), an option left out is None,
+    so that a sweep's own value stands."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--model", default=d(default_model), required=defaults and default_model is None,
+                   help="preset name, config JSON path or Hugging Face checkpoint directory"
+                   + (f" (default {default_model})" if default_model else ""))
     p.add_argument("--layers", type=int, help="run only the first N blocks")
-    p.add_argument("--backend", default="auto", help="auto | eager | ipex (default auto)")
+    p.add_argument("--backend", default=d("auto"), help="auto | eager | ipex (default auto)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=d("bfloat16"), choices=("bfloat16", "float32"))
+    p.add_argument("--seed", type=int, default=d(0))
     p.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
 
 
@@ -44,60 +49,58 @@ def _batch(s: str):
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {s!r}") from None
 
 
-def _memory(p: argparse.ArgumentParser):
+def _memory(p: argparse.ArgumentParser, cap: bool = True):
     p.add_argument("--memory-budget", metavar="SIZE", help="memory this process may use, e.g. 20GiB "
                    "(default: available memory and the cgroup limit)")
     p.add_argument("--host-memory", metavar="SIZE", help="plan for a host of this size, e.g. 512GiB")
-    p.add_argument("--max-batch-size", type=int, help="never plan a batch above this")
+    if cap:
+        p.add_argument("--max-batch-size", type=int, help="never plan a batch above this")
+
+
+def _setting(p: argparse.ArgumentParser):
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--gen-len", type=int, default=100)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="cpugen", description="bf16 text generation with large decoder-only models on CPUs")
+    from cpugen.knobs import help_text
+
+    ap = _Parser(prog="cpugen", description="bf16 text generation with large decoder-only models on CPUs",
+                 epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", parser_class=_Parser)
 
-    r = sub.add_parser("run", help="time prompt and decode on synthetic tokens (the reference's table)")
+    def command(name, help_):
+        return sub.add_parser(name, help=help_, epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    r = command("run", "time prompt and decode on synthetic tokens (the reference's table)")
     _common(r)
-    r.add_argument("--prompt-len", type=int, default=1024)
-    r.add_argument("--gen-len", type=int, default=100)
+    _setting(r)
     r.add_argument("--batch-size", type=_batch, default=1, help="N, or auto: the largest batch that fits")
     _memory(r)
     r.add_argument("--json", metavar="PATH|-", help="write the result record as JSON (- for stdout)")
 
-    pl = sub.add_parser("plan", help="what a run needs, term by term, and the largest batch that fits")
+    pl = command("plan", "what a run needs, term by term, and the largest batch that fits")
     _common(pl, default_model=None)
-    pl.add_argument("--prompt-len", type=int, default=1024)
-    pl.add_argument("--gen-len", type=int, default=100)
+    _setting(pl)
     pl.add_argument("--batch-size", type=int, help="plan this batch instead of the largest")
     _memory(pl)
     pl.add_argument("--json", metavar="-", help="print the plan as JSON")
 
-    b = sub.add_parser("bench", help="batch sweep: a row per batch size and setting, the model loaded once")
+    b = command("bench", "batch sweep: a row per batch size and setting, the model loaded once")
     b.add_argument("--sweep", metavar="FILE|NAME", help="a sweep definition: a JSON path or a name in "
                    "configs/bench (options given beside it override its values)")
-    b.add_argument("--model", help="preset name, config JSON path or Hugging Face checkpoint directory "
-                   "(default gptj-1b)")
+    _common(b, defaults=False)
     b.add_argument("--prompt-len", type=_int_list, help="prompt lengths, e.g. 1024,512 (default 1024)")
     b.add_argument("--gen-len", type=_int_list, help="generation lengths, paired with --prompt-len (default 100)")
     b.add_argument("--batch-sizes", help="e.g. 1,4,8,16,auto (default 1,4,8,16,auto)")
     b.add_argument("--repeat", type=int, help="timed prefill+decode runs per batch; figures are their median "
                    "(default 1)")
     b.add_argument("--warmup", type=int, help="warm-up passes per batch before timing (default 1)")
-    b.add_argument("--layers", type=int, help="run only the first N blocks")
-    b.add_argument("--backend", help="auto | eager | ipex (default auto)")
-    b.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
-    b.add_argument("--dtype", choices=("bfloat16", "float32"))
-    b.add_argument("--seed", type=int)
     _memory(b)
     b.add_argument("--format", default="md", choices=("md", "csv", "jsonl"), help="the view of the records")
     b.add_argument("--out", metavar="FILE", help="write the results here instead of stdout")
-    b.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
 
-    rf = sub.add_parser("roofline", help="measure this machine's read bandwidth and bf16 matmul peak")
-    rf.add_argument("--threads", type=int, help="threads to measure with (default: the usable cores)")
-    rf.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
-    rf.add_argument("--json", metavar="-", help="print the result as JSON")
-
-    g = sub.add_parser("generate", help="generate tokens for one or more prompts")
+    g = command("generate", "generate tokens for one or more prompts")
     _common(g, default_model=None)
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (needs tokenizer.json)")
     g.add_argument("--prompt-ids", action="append", default=[], type=_int_list, help="token ids, e.g. 1,2,3")
@@ -108,29 +111,44 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop-ids", type=_int_list, default=[], help="extra token ids that end a sequence")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
-    g.add_argument("--memory-budget", metavar="SIZE", help="memory this process may use, e.g. 20GiB")
-    g.add_argument("--host-memory", metavar="SIZE", help="plan as if on a host of this size")
+    _memory(g, cap=False)
     g.add_argument("--json", metavar="-", help="print {tokens, text} as JSON")
+
+    rf = command("roofline", "measure this machine's read bandwidth and bf16 matmul peak")
+    rf.add_argument("--threads", type=int, help="threads to measure with (default: the usable cores)")
+    rf.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    rf.add_argument("--json", metavar="-", help="print the result as JSON")
+
+    command("build", "build the native kernels for this machine (once; `run` would otherwise build them first)")
+
+    pr = command("probe", "the real largest batch under a hard memory limit, beside the planner's answer")
+    _common(pr, default_model=None)
+    _setting(pr)
+    pr.add_argument("--memory-limit", required=True, help="hard limit for each try, e.g. 3GiB")
+    pr.add_argument("--decode-steps", type=int, default=3, help="decode steps each try runs")
+    pr.add_argument("--limit-kind", default="auto", choices=("auto", "cgroup", "rlimit", "watchdog"))
+    pr.add_argument("--max-batch", type=int, help="never try a batch above this")
+    pr.add_argument("--json", metavar="PATH|-", help="write the report as JSON")
+
+    n = command("nightly", "run performance sweeps, keep their history, flag regressions")
+    n.add_argument("--sweep", action="append", required=True, metavar="FILE",
+                   help="a sweep definition (JSON path or a name in configs/bench); repeat for several")
+    n.add_argument("--history", required=True, metavar="PATH", help="the history file (JSONL, appended to)")
+    n.add_argument("--report-dir", required=True, metavar="DIR", help="where report.md and the charts go")
+    n.add_argument("--threshold", type=float, default=0.10,
+                   help="a change beyond this share is a regression (default 0.10: 10%%)")
+    n.add_argument("--window", type=int, default=5, help="compare with the median of the last N runs (default 5)")
+    n.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
     return ap
 
 
-def _resolve_model(args):
-    from cpugen.config import resolve
-
-    cfg, ckpt = resolve(args.model)
-    if args.layers is not None:
-        cfg = cfg.with_layers(args.layers)
-    return cfg, ckpt
-
-
 def cmd_run(args) -> int:
-    from cpugen.record import markdown, summary
-    from cpugen.runner import RunSpec, run
+    from cpugen.perf.measure import RunSpec, run
+    from cpugen.perf.record import markdown, summary
 
-    cfg, ckpt = _resolve_model(args)
     json_out = args.json
-    rec = run(RunSpec(cfg, ckpt, args.batch_size, args.prompt_len, args.gen_len, args.backend, args.dtype,
-                      args.seed, args.threads, quiet=args.quiet or json_out == "-",
+    rec = run(RunSpec(args.model, args.batch_size, args.prompt_len, args.gen_len, args.layers, args.backend,
+                      args.dtype, args.seed, args.threads, quiet=args.quiet or json_out == "-",
                       memory_budget=args.memory_budget, host_memory=args.host_memory,
                       max_batch_size=args.max_batch_size))
     if json_out == "-":
@@ -145,19 +163,18 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from cpugen import backends, planner
-    from cpugen.runner import DTYPES
+    from cpugen.runtime import planner
+    from cpugen.runtime.session import DTYPES, check_lengths
+    from cpugen.runtime.backends import resolve as resolve_backend
+    from cpugen.model.source import resolve
 
-    cfg, _ = _resolve_model(args)
+    cfg, _ = resolve(args.model, args.layers)
     if args.batch_size is not None and args.batch_size < 1:
         raise CpugenError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if args.prompt_len + args.gen_len > cfg.max_positions:
-        raise CpugenError(f"prompt {args.prompt_len} + generation {args.gen_len} exceeds {cfg.name}'s "
-                          f"{cfg.max_positions} positions: shorten either")
+    check_lengths(cfg, args.prompt_len, args.gen_len)
     itemsize = DTYPES[args.dtype].itemsize
-    backend = backends.resolve(args.backend, args.dtype)
-    p = planner.plan(cfg, args.prompt_len, args.gen_len, itemsize, backend, args.memory_budget,
-                     args.host_memory, args.max_batch_size, args.batch_size)
+    p = planner.plan(cfg, args.prompt_len, args.gen_len, itemsize, resolve_backend(args.backend, args.dtype),
+                     args.memory_budget, args.host_memory, args.max_batch_size, args.batch_size)
     if args.json:
         print(json.dumps(p.to_dict()))
     else:
@@ -168,8 +185,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from cpugen import bench
-    from cpugen.record import csv_text, jsonl, sweep_markdown
+    from cpugen.perf import bench
+    from cpugen.perf.record import csv_text, jsonl, sweep_markdown
 
     shape = {"--prompt-len": args.prompt_len, "--gen-len": args.gen_len, "--batch-sizes": args.batch_sizes}
     if args.sweep:
@@ -198,10 +215,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_roofline(args) -> int:
-    from cpugen import roofline
-    from cpugen.runner import set_threads
+    from cpugen.perf import roofline
+    from cpugen.runtime.session import place, set_threads
 
     threads = set_threads(args.threads)
+    place(threads)
     r = roofline.get(threads, refresh=args.refresh)
     if args.json:
         print(json.dumps(r.to_dict()))
@@ -210,57 +228,56 @@ def cmd_roofline(args) -> int:
         print(f"memory read bandwidth: {r.read_gbps:.1f} GB/s (min {r.read_spread[0]:.1f}, max {r.read_spread[1]:.1f})")
         print(f"bf16 matmul peak:      {r.bf16_tflops:.3f} TFLOP/s (min {r.tflops_spread[0]:.3f}, "
               f"max {r.tflops_spread[1]:.3f})")
-        print(f"cached in {roofline.CACHE}")
+        print(f"cached in {roofline.cache_file()}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from cpugen import knobs
+    from cpugen.runtime import native
+
+    knobs.current()
+    for name, what in native.build_all().items():
+        print(f"{name}: {what}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from cpugen import backends, planner
-    from cpugen.generate import generate
+    from cpugen.model.tokenizer import load_tokenizer
     from cpugen.progress import progress
-    from cpugen.runner import DTYPES, set_threads
-    from cpugen.sampling import Sampling
-    from cpugen.tokenizer import load_tokenizer
-    from cpugen.weights import load_model
+    from cpugen.runtime.engine import generate
+    from cpugen.runtime.sampling import Sampling
+    from cpugen.runtime.session import check_lengths, open_session
 
-    cfg, ckpt = _resolve_model(args)
     if not args.prompt and not args.prompt_ids:
         raise CpugenError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
-    tok = load_tokenizer(ckpt) if (args.prompt or ckpt) else None
+    if args.greedy and args.temperature:
+        raise CpugenError("--greedy and --temperature contradict each other: choose one")
+    s = open_session(args.model, layers=args.layers, backend=args.backend, dtype=args.dtype, threads=args.threads,
+                     seed=args.seed, quiet=args.quiet or args.json == "-")
+    cfg = s.cfg
+    tok = load_tokenizer(s.checkpoint) if (args.prompt or s.checkpoint) else None
     if args.prompt and tok is None:
         raise CpugenError(f"--prompt needs a tokenizer.json beside the checkpoint ({args.model}); "
                           "use --prompt-ids instead")
     prompts = [tok.encode(p) for p in args.prompt] + list(args.prompt_ids)
-    if args.greedy and args.temperature:
-        raise CpugenError("--greedy and --temperature contradict each other: choose one")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     longest = max(len(p) for p in prompts)
-    if longest + args.max_new_tokens > cfg.max_positions:
-        raise CpugenError(f"prompt {longest} + {args.max_new_tokens} new tokens exceeds {cfg.name}'s "
-                          f"{cfg.max_positions} positions: shorten the prompt or lower --max-new-tokens")
+    check_lengths(cfg, longest, args.max_new_tokens, prompt="the prompt", new="--max-new-tokens")
     for p in prompts:
         for t in p:
             if not 0 <= t < cfg.vocab_size:
                 raise CpugenError(f"token id {t} is outside the vocabulary (0..{cfg.vocab_size - 1})")
-    dtype = DTYPES[args.dtype]
-    backend = backends.resolve(args.backend, args.dtype)
-    set_threads(args.threads)
-    quiet = args.quiet or args.json == "-"
     # the batch is the prompts: the plan checks it fits before anything large is allocated, and
     # sizes prefill's chunks and micro-batches
-    plan = planner.plan(cfg, longest, args.max_new_tokens, dtype.itemsize, backend, args.memory_budget,
-                        args.host_memory, batch_size=len(prompts))
-    if planner.needed(plan) > plan.budget_bytes:
-        raise CpugenError(f"{len(prompts)} prompts of up to {longest} tokens + {args.max_new_tokens} new tokens need "
-                          f"{planner.fmt(planner.needed(plan))} with headroom but the budget is "
-                          f"{planner.fmt(plan.budget_bytes)} ({plan.budget_source}): give fewer or shorter prompts, "
-                          "fewer --max-new-tokens, or a larger --memory-budget")
-    model = load_model(cfg, ckpt, dtype, args.seed, progress("loading", quiet))
-    forward = backends.apply(model, backend, dtype)
-    backends.for_batch(model, backend, dtype, len(prompts))
-    bar = progress("generating", quiet)
-    out = generate(model, prompts, args.max_new_tokens, sampling, dtype, cfg.eos_ids + args.stop_ids,
-                   args.ignore_eos, forward, on_token=bar.update if bar else None,
+    plan = s.plan(longest, args.max_new_tokens, len(prompts), args.memory_budget, args.host_memory,
+                  what=f"{len(prompts)} prompts of up to {longest} tokens + {args.max_new_tokens} new tokens",
+                  hint="give fewer or shorter prompts, fewer --max-new-tokens, or a larger --memory-budget")
+    s.load()
+    s.ready_for(len(prompts))
+    bar = progress("generating", s.quiet)
+    out = generate(s.model, prompts, args.max_new_tokens, sampling, s.dtype, cfg.eos_ids + args.stop_ids,
+                   args.ignore_eos, s.forward, on_token=bar.update if bar else None,
                    prefill_chunk=plan.prefill_chunk, prefill_micro_batch=plan.prefill_micro_batch)
     text = [tok.decode(ids) for ids in out] if tok else None
     if args.json:
@@ -271,6 +288,45 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from cpugen.model.source import resolve
+    from cpugen.perf.probe import probe
+    from cpugen.runtime.planner import fmt, parse_bytes
+
+    cfg, _ = resolve(args.model, args.layers)
+    limit = parse_bytes(args.memory_limit)
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(f"{'batch':>6} {'predicted peak':>15} {'measured peak':>14} {'result':>7} {'pred/meas':>9}  note",
+          file=out, flush=True)
+
+    def row(t):
+        meas = fmt(t.measured_peak_bytes) if t.measured_peak_bytes else "-"
+        ratio = f"{t.ratio:.3f}" if t.ratio else "-"
+        print(f"{t.batch_size:>6} {fmt(t.predicted_peak_bytes):>15} {meas:>14} {'fit' if t.fits else 'OOM':>7} "
+              f"{ratio:>9}  {t.why}", file=out, flush=True)
+
+    backend = "eager" if args.backend == "auto" else args.backend
+    try:
+        rep = probe(cfg, args.model, args.prompt_len, args.gen_len, limit, backend, args.dtype, args.decode_steps,
+                    args.threads, args.limit_kind, args.max_batch, row)
+    except RuntimeError as e:  # a try that failed for another reason than memory, or no cgroup to make
+        raise CpugenError(str(e)) from None
+    print(f"planner: batch {rep['planner_batch']}; probe: batch {rep['probe_batch']} "
+          f"(limit {fmt(rep['limit_bytes'])} by {rep['limit_kind']}"
+          + (", the top of the searched range" if rep["probe_batch"] == rep["search_top"] else "") + ")", file=out)
+    if args.json == "-":
+        print(json.dumps(rep))
+    elif args.json:
+        _write(Path(args.json), json.dumps(rep, indent=1) + "\n")
+    return 0
+
+
+def cmd_nightly(args) -> int:
+    from cpugen.perf import nightly
+
+    return nightly.main(args)
+
+
 def _write(path: Path, text: str):
     try:
         path.write_text(text)
@@ -278,7 +334,8 @@ def _write(path: Path, text: str):
         raise CpugenError(f"cannot write {path}: {e.strerror}") from None
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench, "roofline": cmd_roofline, "generate": cmd_generate}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench, "roofline": cmd_roofline, "generate": cmd_generate,
+            "build": cmd_build, "probe": cmd_probe, "nightly": cmd_nightly}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen import native  # noqa: E402
-from cpugen.config import from_name  # noqa: E402
-from cpugen.generate import Engine, Prompts, compute_context  # noqa: E402
-from cpugen.model import Linear  # noqa: E402
-from cpugen.roofline import measure_bandwidth  # noqa: E402
-from cpugen.weights import random_model  # noqa: E402
+from cpugen.runtime import eager, sampling  # noqa: E402
+from cpugen.runtime import native  # noqa: E402
+from cpugen.model.config import from_name  # noqa: E402
+from cpugen.runtime.engine import Engine, Prompts, compute_context  # noqa: E402
+from cpugen.model.transformer import Linear  # noqa: E402
+from cpugen.perf.roofline import measure_bandwidth  # noqa: E402
+from cpugen.model.weights import random_model  # noqa: E402
 
 
 def main():
@@ -37,7 +38,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     a = ap.parse_args()
     cfg = from_name(a.model).with_layers(a.layers)
-    if not native.packing_wanted():
+    if not eager.panels_wanted():
         sys.exit("no packed decode stack here (it needs AVX512-BF16 without AMX)")
     # the plain weights' stack takes the gemv's few rows; above them only the packed layout is timed
     layouts = ("packed", "plain") if a.batch <= Linear.kernel_rows else ("packed",)
@@ -48,7 +49,7 @@ def main():
     models = {}
     for layout in layouts:
         model = random_model(cfg, torch.bfloat16, 0)
-        native.install(model, pack=layout == "packed")
+        eager.install(model, pack=layout == "packed")
         if model.decode_stack is None:
             sys.exit("no decode stack here (it needs AVX512-BF16)")
         linears = list({id(m): m for m in model.modules() if type(m) is Linear}.values())
@@ -63,7 +64,7 @@ def main():
                   if n.split()[-1] in layouts)
     rounds = []  # per round: (read GB/s before it, after it, {name: median step time})
     with compute_context(torch.bfloat16):
-        toks = {k: native.argmax(v["engine"].prefill(prompt)) for k, v in models.items()}
+        toks = {k: sampling.argmax(v["engine"].prefill(prompt)) for k, v in models.items()}
         for r in range(a.rounds):
             read = measure_bandwidth(3)[0]
             times = {name: [] for name in names}
@@ -80,7 +81,7 @@ def main():
                                 ext.gemv(v["xs"][m.in_features], w, m.bias, 0)
                     else:
                         v["model"].decode_stack = v["stack"] if name.startswith("stack") else None
-                        toks[layout] = native.argmax(v["engine"].decode_one_token(toks[layout]))
+                        toks[layout] = sampling.argmax(v["engine"].decode_one_token(toks[layout]))
                     times[name].append(time.perf_counter() - t0)
             after = measure_bandwidth(3)[0]
             med = {name: statistics.median(ts) for name, ts in times.items()}

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen.memory import empty_huge  # noqa: E402
-from cpugen.native import extension  # noqa: E402
-from cpugen.roofline import measure_bandwidth  # noqa: E402
+from cpugen.host.memory import empty_huge  # noqa: E402
+from cpugen.runtime.native import extension  # noqa: E402
+from cpugen.perf.roofline import measure_bandwidth  # noqa: E402
 
 
 def _weight(n: int, k: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen import native  # noqa: E402
+from cpugen.runtime import native  # noqa: E402
 
 
 def rms_torch(x, w, eps):  # model.py's Norm.reference for RMSNorm

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen.native import extension  # noqa: E402
+from cpugen.runtime.native import extension  # noqa: E402
 from kernels import reference  # noqa: E402
 
 # (B, nh, nkv, S, S_max, hd)

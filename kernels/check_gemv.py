@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen.native import extension  # noqa: E402
+from cpugen.runtime.native import extension  # noqa: E402
 from kernels import reference  # noqa: E402
 
 # (M, K, N): decode shapes, K not a multiple of 32, N not a

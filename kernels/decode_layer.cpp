@@ -20,7 +20,7 @@
 // gptj-1b step spent 0.8 ms in the dozen ops around the blocks and about as much in the norms and
 // adds between the matmuls. The step's kernels run on raw pointers into a workspace the stack
 // keeps, so the blocks' code is a few kernels that stay in the instruction cache.
-// Reference: the Python blocks (cpugen/model.py); check: tests/test_kernels.py.
+// Reference: the Python blocks (cpugen/model/transformer.py); refusal of what it lacks: cpugen/runtime/stack.py; check: tests/test_kernels.py.
 
 #include "decode_attention.h"
 #include "gemv_bf16.h"
@@ -92,7 +92,7 @@ struct Block {
   Matrix wqkv, wo, w_in, w_out;
 };
 
-struct Head {  // what a step does around the blocks (model.py's Transformer.forward)
+struct Head {  // what a step does around the blocks (transformer.py's Transformer.forward)
   Tensor wte, wpe, cos, sin;  // wpe / cos, sin undefined where absent
   NormW lnf;
   Matrix lm;

@@ -1,11 +1,11 @@
 #pragma once
 // A GLU MLP's product: y (..., ffn) = bf16(bf16(act(gate)) * up), [gate; up] = the halves of the
-// last dim of gu (..., 2 ffn) bf16: what model.py's MLP computes with torch's ops (the activation
+// last dim of gu (..., 2 ffn) bf16: what cpugen/model/transformer.py's MLP computes with torch's ops (the activation
 // rounded to bf16, then the product rounded), with the epilogue's vectorized activations.
 // The decode stack calls it between a GLU model's two MLP matmuls, where torch's two ops ran cold
 // (docs/performance.md, "The rest of the step"); the eager backend installs it as every GLU MLP's
 // `glu`, so the Python blocks compute the same numbers.
-// Reference: model.py's ACTIVATIONS[act](gate) * up; check: tests/test_kernels.py.
+// Reference: kernels/reference.py's glu (MLP.glu_reference); check: kernels/check_step_ops.py, tests/test_kernels.py.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -36,7 +36,7 @@ inline void glu_raw(const uint16_t* gu, int64_t M, int64_t ffn, int64_t act, uin
   });
 }
 
-// gu (..., 2 ffn) bf16, act (model.py's KERNEL_ACT) -> (..., ffn)
+// gu (..., 2 ffn) bf16, act (cpugen/model/activations.py's KERNEL_CODE) -> (..., ffn)
 inline torch::Tensor glu(const torch::Tensor& gu, int64_t act) {
   TORCH_CHECK(gu.scalar_type() == at::kBFloat16 && gu.dim() >= 1 && gu.size(-1) % 2 == 0,
               "cpugen glu: bf16 gu (..., 2 ffn)");

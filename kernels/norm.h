@@ -1,14 +1,14 @@
 #pragma once
-// LayerNorm and RMSNorm over rows of bf16, in fp32, as model.py's Norm defines them:
+// LayerNorm and RMSNorm over rows of bf16, in fp32, as cpugen/model/transformer.py's Norm defines them:
 //   layernorm: y = bf16((x - mean) * rstd * w + b), mean and (biased) variance over the row
-//   rmsnorm:   y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))   (model.py's two roundings)
+//   rmsnorm:   y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))   (Norm.reference's two roundings)
 //
 // A decode step calls a norm once or twice a layer on a few rows. torch's op took 10-15 us a
 // call there against 3.5 us warm: each step streams the weights through every cache, and the
 // op's dispatch code and data come back from DRAM. This touches the rows, the norm's weights and
 // its own few hundred bytes of code. Sums run 16 lanes wide, so the last bits of the mean can
 // differ from torch's order of summation: within a bf16 rounding of torch's output.
-// Reference: torch's layer_norm and model.py's RMSNorm; check: tests/test_kernels.py.
+// Reference: kernels/reference.py's norm (Norm.reference); check: kernels/check_step_ops.py, tests/test_kernels.py.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>

@@ -1,17 +1,13 @@
 """Reference implementations the native kernels are checked against: plain torch, fp32 math."""
 
 import torch
-import torch.nn.functional as F
+
+from cpugen.model.activations import KERNEL_CODE, TORCH
 
 
-# the gemv's activation codes (kernels/gemv_bf16.cpp, enum Act)
-ACTIVATIONS = {None: 0, "gelu_new": 1, "gelu": 2, "relu": 3, "silu": 4}
-_ACT_FN = {
-    "gelu_new": lambda y: F.gelu(y, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
+# the kernels' activation codes and torch functions: cpugen's one table
+ACTIVATIONS = KERNEL_CODE
+_ACT_FN = TORCH
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
@@ -53,3 +49,18 @@ def decode_step(qkv, cos, sin, k_cache, v_cache, index: int, nh: int, rd: int) -
     v_cache[:, :, index] = v
     y = decode_attention(rotate(q, cos, sin, rd), k_cache[:, :, : index + 1], v_cache[:, :, : index + 1])
     return y.reshape(B, nh * hd)
+
+
+def norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float, rms: bool) -> torch.Tensor:
+    """LayerNorm (or RMSNorm) of each row of x in fp32, rounded as cpugen's Norm rounds: LayerNorm
+    once; RMSNorm the normalized row to x's dtype, then times the weight."""
+    xf = x.float()
+    if not rms:
+        return torch.nn.functional.layer_norm(xf, xf.shape[-1:], w.float(), b.float(), eps).to(x.dtype)
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def glu(gu: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up over the halves [gate; up] of the last dim, each rounded to gu's dtype."""
+    gate, up = gu.chunk(2, dim=-1)
+    return _ACT_FN[act](gate) * up

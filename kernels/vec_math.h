@@ -68,7 +68,7 @@ __attribute__((target("avx512f"))) inline __m512 erf16(__m512 x) {
   return _mm512_mask_sub_ps(y, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), y);
 }
 
-// The activations the kernels apply, by code (model.py's KERNEL_ACT)
+// The activations the kernels apply, by code (cpugen/model/activations.py's KERNEL_CODE)
 enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 };
 
 __attribute__((target("avx512f"))) inline __m512 activate(__m512 v, int64_t act) {

@@ -48,25 +48,24 @@ def say(**kw):
     sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
 
 if engine.startswith("cpugen"):
-    from cpugen import backends, native
-    from cpugen.config import resolve
-    from cpugen.generate import Engine, Prompts, compute_context
-    from cpugen.weights import load_model
-    cfg, ck = resolve(ckpt)
-    model = load_model(cfg, ck, torch.bfloat16, 0)
-    backend = backends.resolve("auto")
-    fwd = backends.apply(model, backend, torch.bfloat16)
-    name = f"cpugen ({backend}, {'plain' if os.environ.get('CPUGEN_LAYOUT') == 'plain' else 'packed where the CPU takes it'} layout)"
+    # the same path as `cpugen run`: the session resolves, plans nothing here, pins the threads, loads
+    from cpugen import knobs
+    from cpugen.runtime.engine import Engine, Prompts, compute_context
+    from cpugen.runtime.sampling import argmax
+    from cpugen.runtime.session import open_session
+    s = open_session(ckpt, threads=threads, quiet=True).load()
+    model = s.model
+    name = f"cpugen ({s.backend}, {'plain' if knobs.current().layout == 'plain' else 'packed where the CPU takes it'} layout)"
     def work(B, P, G, tokens):
-        backends.for_batch(model, backend, torch.bfloat16, B)  # as `cpugen run` does
-        e = Engine(model, B, P + G, torch.bfloat16, fwd)
-        with compute_context(torch.bfloat16):
+        s.ready_for(B)
+        e = Engine(model, B, P + G, s.dtype, s.forward)
+        with compute_context(s.dtype):
             t0 = time.perf_counter()
-            tok = native.argmax(e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))))
+            tok = argmax(e.prefill(Prompts(tokens, torch.ones_like(tokens, dtype=torch.bool))))
             tp = time.perf_counter() - t0
             t0 = time.perf_counter()
             for _ in range(G - 1):
-                tok = native.argmax(e.decode_one_token(tok))
+                tok = argmax(e.decode_one_token(tok))
             td = time.perf_counter() - t0
         model.free_caches()
         return tp, td / (G - 1)
@@ -136,7 +135,7 @@ class Worker:
 
 def checkpoint_for(preset: str, layers: int | None) -> Path:
     """The preset with random weights as an HF bf16 checkpoint, written once and cached."""
-    from cpugen.config import from_name
+    from cpugen.model.config import from_name
 
     cfg = from_name(preset).with_layers(layers)
     d = Path.home() / ".cache" / "cpugen" / "bench" / f"{preset}-L{cfg.n_layer}-random"
@@ -170,7 +169,7 @@ def checkpoint_for(preset: str, layers: int | None) -> Path:
 
 
 def limits(threads: int) -> tuple[float, float]:
-    from cpugen import roofline
+    from cpugen.perf import roofline
 
     r = roofline.measure(threads, repeats=5)
     return r.read_gbps, r.bf16_tflops
@@ -181,7 +180,7 @@ def read_now(threads: int) -> float:
     regime within minutes, so a round's weight GB/s is also set against the readings around it."""
     import torch
 
-    from cpugen import roofline
+    from cpugen.perf import roofline
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -223,8 +222,8 @@ def main() -> int:
     ap.add_argument("--out", help="also write the markdown report here")
     a = ap.parse_args()
 
-    from cpugen import flops
-    from cpugen.config import from_name
+    from cpugen.perf import flops
+    from cpugen.model.config import from_name
 
     cfg = from_name(a.model).with_layers(a.layers)
     ckpt = checkpoint_for(a.model, a.layers)
@@ -256,7 +255,7 @@ def main() -> int:
 
     import platform
 
-    from cpugen.env import cpu_info
+    from cpugen.host.cpu import cpu_info
 
     lines = [f"## {a.model} ({cfg.n_layer} layers, {flops.n_params(cfg) / 1e9:.2f}e9 parameters, bf16), "
              f"prompt {a.prompt_len}, {a.gen_len} new tokens, {a.threads} threads",

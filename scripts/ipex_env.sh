@@ -88,8 +88,8 @@ import os, sys
 torch_v, ipex_v, tf_v, repo = sys.argv[1:]
 import torch, transformers, safetensors, tokenizers, numpy, psutil, pytest  # noqa: F401
 import cpugen
-from cpugen import backends
-ipex, why = backends._import_ipex()  # quiet: IPEX's import prints kernel-override notices
+from cpugen.runtime import ipex as ipex_backend
+ipex, why = ipex_backend.import_ipex()  # quiet: IPEX's import prints kernel-override notices
 problems = []
 if ipex is None:
     problems.append(f"intel_extension_for_pytorch does not import: {why}")

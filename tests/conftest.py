@@ -146,8 +146,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [11, 12, 13], [20, 21, 22, 23, 2
 
 
 def load(path: Path, dtype=torch.float32, layers: int | None = None):
-    from cpugen.config import resolve
-    from cpugen.weights import load_model
+    from cpugen.model.source import resolve
+    from cpugen.model.weights import load_model
 
     cfg, ck = resolve(str(path))
     assert ck == Path(path)
@@ -157,7 +157,7 @@ def load(path: Path, dtype=torch.float32, layers: int | None = None):
 
 
 def cpugen_prefill_logits(model, prompts, dtype=torch.float32):
-    from cpugen.generate import Engine, Prompts, compute_context
+    from cpugen.runtime.engine import Engine, Prompts, compute_context
 
     pb = Prompts.left_pad(prompts, PAD)
     eng = Engine(model, len(prompts), pb.tokens.shape[1] + 4, dtype)
@@ -168,7 +168,7 @@ def cpugen_prefill_logits(model, prompts, dtype=torch.float32):
 
 
 def hf_last_logits(hf, prompts):
-    from cpugen.generate import Prompts
+    from cpugen.runtime.engine import Prompts
 
     pb = Prompts.left_pad(prompts, PAD)
     with torch.no_grad():
@@ -209,3 +209,13 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "cpugen", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(autouse=True)
+def _knobs_as_the_environment_says():
+    """cpugen reads its CPUGEN_* knobs once per process; a test that changes one (monkeypatch.setenv,
+    then knobs.reload()) leaves the next test the environment's own values."""
+    yield
+    from cpugen import knobs
+
+    knobs.reload()

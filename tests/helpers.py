@@ -27,17 +27,17 @@ def assert_one_line_error(p, *fragments):
 
 
 def fake_roofline(cache_dir: Path) -> dict:
-    """A roofline cache (cpugen/roofline.py) for this machine at every thread count, so runs compare
+    """A roofline cache (cpugen/perf/roofline.py) for this machine at every thread count, so runs compare
     with fixed limits instead of measuring them (a 1 GiB read and a large matmul). Returns the env
     for a child process: CPUGEN_CACHE pointing at it, and CPUGEN_NATIVE=0, since CPUGEN_CACHE also
-    holds the native kernels' build (cpugen/native.py), which a fresh cache would compile afresh in
-    every child. In-process, monkeypatch cpugen.roofline.CACHE."""
+    holds the native kernels' build (cpugen/runtime/native.py), which a fresh cache would compile afresh in
+    every child. In-process, monkeypatch cpugen.perf.roofline.cache_file."""
     import json
 
     import torch
 
-    from cpugen import roofline
-    from cpugen.env import cpu_info, usable_cores
+    from cpugen.perf import roofline
+    from cpugen.host.cpu import cpu_info, usable_cores
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     data = {roofline._key(t): dict(read_gbps=20.0, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],

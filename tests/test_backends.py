@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpugen import backends
+from cpugen import knobs
+from cpugen.runtime import eager
+from cpugen.runtime import ipex as ipex_backend
+from cpugen.runtime import backends
 from cpugen.cli import main
-from cpugen.config import from_name
-from cpugen.env import cpu_info
+from cpugen.model.config import from_name
+from cpugen.host.cpu import cpu_info
 from cpugen.errors import CpugenError
-from cpugen.weights import random_model
+from cpugen.model.weights import random_model
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = ["run", "--model", "tiny-gptj", "--prompt-len", "8", "--gen-len", "3"]
@@ -32,14 +35,14 @@ GENERATE = ["generate", "--model", "tiny-gptj", "--prompt-ids", "5,6,7", "--max-
 def no_ipex(monkeypatch):
     """This process behaves as if IPEX were not installed."""
     monkeypatch.setitem(sys.modules, "intel_extension_for_pytorch", None)  # import -> ImportError
-    monkeypatch.setattr(backends, "_ipex_import", None)
+    monkeypatch.setattr(ipex_backend, "_import", None)
 
 
 @pytest.fixture
 def fake_ipex(monkeypatch):
-    """Sets what `_import_ipex` returns, without importing anything."""
+    """Sets what `import_ipex` returns, without importing anything."""
     def install(module, why=None):
-        monkeypatch.setattr(backends, "_ipex_import", (module, why))
+        monkeypatch.setattr(ipex_backend, "_import", (module, why))
     return install
 
 
@@ -101,7 +104,7 @@ def test_unknown_backend_is_one_line(capfd, argv):
 def test_resolve_eager_never_imports_ipex(monkeypatch):
     def boom():
         raise AssertionError("eager must not import IPEX")
-    monkeypatch.setattr(backends, "_import_ipex", boom)
+    monkeypatch.setattr(ipex_backend, "import_ipex", boom)
     assert backends.resolve("eager") == "eager"
 
 
@@ -111,13 +114,13 @@ def test_apply_eager_leaves_the_model_alone():
     assert backends.apply(model, "eager", torch.bfloat16) is model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the norms are torch's, or cpugen's native kernel for the same computation (no IPEX fusion)
-    from cpugen.native import NativeNorm
+    from cpugen.runtime.eager import NativeNorm
 
     assert all(n.impl is None or isinstance(n.impl, NativeNorm) for n in (model.ln_f, *(b.ln_1 for b in model.blocks)))
 
 
 def test_auto_takes_eager_where_ipex_cannot_do_bf16(fake_ipex, monkeypatch):
-    monkeypatch.setattr(backends, "native_decode_available", lambda: False)  # a CPU without AVX512-BF16
+    monkeypatch.setattr(eager, "available", lambda build=True: False)  # a CPU without AVX512-BF16
     no_bf16 = types.SimpleNamespace(_C=types.SimpleNamespace(onednn_has_bf16_support=lambda: False))
     fake_ipex(no_bf16)
     assert backends.resolve("auto") == "eager"
@@ -127,9 +130,9 @@ def test_auto_takes_eager_where_ipex_cannot_do_bf16(fake_ipex, monkeypatch):
 
 
 def test_auto_prefers_the_native_kernels_over_ipex_for_bf16(fake_ipex, monkeypatch):
-    """Measured faster than ipex at batch 1, 4 and 16 (backends.py); fp32 has no native kernels."""
+    """Measured faster than ipex at batch 1, 4 and 16 (docs/performance.md); fp32 has no native kernels."""
     fake_ipex(types.SimpleNamespace(_C=types.SimpleNamespace(onednn_has_bf16_support=lambda: True)))
-    monkeypatch.setattr(backends, "native_decode_available", lambda: True)
+    monkeypatch.setattr(eager, "available", lambda build=True: True)
     assert backends.resolve("auto", "bfloat16") == "eager"
     assert backends.resolve("auto", "float32") == "ipex"
     assert backends.resolve("ipex", "bfloat16") == "ipex"  # asked for by name: given
@@ -137,9 +140,10 @@ def test_auto_prefers_the_native_kernels_over_ipex_for_bf16(fake_ipex, monkeypat
 
 @pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="without AVX512-BF16 there are no native kernels to find")
 def test_native_kernels_are_found_where_the_cpu_has_them(monkeypatch):
-    assert backends.native_decode_available()
+    assert eager.available()
     monkeypatch.setenv("CPUGEN_NATIVE", "0")
-    assert not backends.native_decode_available()
+    knobs.reload()
+    assert not eager.available()
 
 
 def test_optimize_failure_is_one_line(fake_ipex):

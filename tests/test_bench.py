@@ -7,6 +7,8 @@ import statistics
 
 import pytest
 
+from cpugen import knobs
+
 from helpers import ROOT, assert_one_line_error, cli, fake_roofline
 from test_cli import RUN_KEYS
 
@@ -66,15 +68,25 @@ def test_a_batch_that_cannot_fit_is_a_row_not_a_crash(swept):
     assert "batch 100000000: does not fit" in p.stderr  # said as it happens, on stderr
 
 
-def test_the_model_loads_once_per_sweep(monkeypatch, tmp_path):
-    from cpugen import bench, roofline
+def _fixed_limits(monkeypatch, tmp_path):
+    """This process compares with fixed limits (helpers.fake_roofline) and runs no native kernel."""
+    from cpugen.perf import roofline
 
     for k, v in fake_roofline(tmp_path).items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(roofline, "CACHE", tmp_path / "roofline.json")
+    knobs.reload()
+    monkeypatch.setattr(roofline, "cache_file", lambda: tmp_path / "roofline.json")
+
+
+def test_the_model_loads_once_per_sweep(monkeypatch, tmp_path):
+    from cpugen.perf import bench
+
+    _fixed_limits(monkeypatch, tmp_path)
+    from cpugen.runtime.session import Session
+
     loads = []
-    real = bench.load
-    monkeypatch.setattr(bench, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = Session.load
+    monkeypatch.setattr(Session, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
     sweep = bench.from_dict({"name": "t", "model": "tiny-gptj", "backend": "eager", "repeat": 2, "settings": [
         {"prompt_len": 8, "gen_len": 3, "batch_sizes": [1, 2]}, {"prompt_len": 4, "gen_len": 2, "batch_sizes": [2]}]})
     seen = []
@@ -84,7 +96,7 @@ def test_the_model_loads_once_per_sweep(monkeypatch, tmp_path):
 
 
 def _record(**kw):
-    from cpugen.record import RunRecord
+    from cpugen.perf.record import RunRecord
 
     base = dict(model="gptj-1b", backend="eager", dtype="bfloat16", batch_size=4, prompt_len=32, gen_len=4, n_layer=1,
                 n_params=10**9, weight_bytes=2 * 10**9, kv_cache_bytes=10**6, prompt_time_s=0.5, prompt_flops=1e11,
@@ -102,8 +114,8 @@ def _record(**kw):
 
 
 def test_record_schema_round_trips_and_every_view_shows_the_same_record():
-    from cpugen.env import environment
-    from cpugen.record import ENV_KEYS, RunRecord, csv_text, jsonl, markdown, sweep_markdown
+    from cpugen.host.environment import environment
+    from cpugen.perf.record import ENV_KEYS, RunRecord, csv_text, jsonl, markdown, sweep_markdown
 
     ok = _record()
     nofit = _record(batch_size=64, status="does not fit (needs 30.00 GiB, budget 20.00 GiB)", prompt_time_s=None,
@@ -130,7 +142,7 @@ def test_record_schema_round_trips_and_every_view_shows_the_same_record():
 
 
 def test_shipped_sweeps_load_by_name_and_path():
-    from cpugen.bench import load_sweep, sweep_names
+    from cpugen.perf.bench import load_sweep, sweep_names
 
     assert {"smoke", "small-host", "reference-setting1", "reference-setting2"} <= set(sweep_names())
     s1 = load_sweep("reference-setting1")
@@ -175,7 +187,7 @@ def test_bad_bench_input_is_one_line(args, fragments):
 
 
 def test_bad_sweep_files_say_what_is_wrong(tmp_path):
-    from cpugen.bench import from_dict, load_sweep, parse_batch_sizes
+    from cpugen.perf.bench import from_dict, load_sweep, parse_batch_sizes
     from cpugen.errors import CpugenError
 
     bad = tmp_path / "bad.json"
@@ -214,11 +226,9 @@ class _Tty:
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_progress_on_a_terminal_and_silence_with_quiet(quiet, monkeypatch, tmp_path):
-    from cpugen import bench, roofline
+    from cpugen.perf import bench
 
-    for k, v in fake_roofline(tmp_path).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(roofline, "CACHE", tmp_path / "roofline.json")
+    _fixed_limits(monkeypatch, tmp_path)
     tty = _Tty()
     monkeypatch.setattr("sys.stderr", tty)
     sweep = bench.from_dict({"name": "t", "model": "tiny-gptj", "backend": "eager", "settings": [

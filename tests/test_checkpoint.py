@@ -190,40 +190,23 @@ def _error_line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_error_missing_tensor(cli_errors):
-    msg = _error_line(cli_errors["missing"])
-    assert "missing" in msg and "model.layers.1.mlp.down_proj.weight" in msg and "(64, 96)" in msg
+# each bad checkpoint: the fragments its one-line error must hold
+ERRORS = {
+    "missing": ["missing", "model.layers.1.mlp.down_proj.weight", "(64, 96)"],
+    "unexpected": ["unexpected", "model.layers.0.self_attn.extra_proj.weight", "(3, 4)"],
+    # not a --layers skip: without --layers a block beyond config.json's count is a mismatch
+    "extra_layer": ["unexpected", "model.layers.2."],
+    "misshaped": ["model.layers.0.self_attn.k_proj.weight", "(32, 64)", "(48, 64)"],
+    "truncated": ["truncated", "model.safetensors"],
+    "config_cut_short": ["config.json", "not valid JSON"],
+    "config_wrong_value": ["config.json", "num_attention_heads", "'four'"],
+}
 
 
-def test_error_unexpected_tensor(cli_errors):
-    msg = _error_line(cli_errors["unexpected"])
-    assert "unexpected" in msg and "model.layers.0.self_attn.extra_proj.weight" in msg and "(3, 4)" in msg
-
-
-def test_error_tensor_of_a_block_the_config_does_not_have(cli_errors):
-    """Not a --layers skip: without --layers a block beyond config.json's count is a mismatch."""
-    msg = _error_line(cli_errors["extra_layer"])
-    assert "unexpected" in msg and "model.layers.2." in msg
-
-
-def test_error_misshaped_tensor(cli_errors):
-    msg = _error_line(cli_errors["misshaped"])
-    assert "model.layers.0.self_attn.k_proj.weight" in msg and "(32, 64)" in msg and "(48, 64)" in msg
-
-
-def test_error_truncated_safetensors(cli_errors):
-    msg = _error_line(cli_errors["truncated"])
-    assert "truncated" in msg and "model.safetensors" in msg
-
-
-def test_error_malformed_config(cli_errors):
-    msg = _error_line(cli_errors["config_cut_short"])
-    assert "config.json" in msg and "not valid JSON" in msg
-
-
-def test_error_config_value_of_the_wrong_type(cli_errors):
-    msg = _error_line(cli_errors["config_wrong_value"])
-    assert "config.json" in msg and "num_attention_heads" in msg and "'four'" in msg
+@pytest.mark.parametrize("case", ERRORS)
+def test_a_bad_checkpoint_is_one_line_naming_what_is_wrong(cli_errors, case):
+    msg = _error_line(cli_errors[case])
+    assert all(f in msg for f in ERRORS[case]), (ERRORS[case], msg)
 
 
 @pytest.mark.parametrize("case,arch", [("bert", "BertForMaskedLM"), ("gpt2", "GPT2LMHeadModel")])
@@ -344,8 +327,8 @@ start = maxrss()
 import torch
 """
 _CPUGEN_LOADER = _PRELUDE + """
-from cpugen.config import resolve
-from cpugen.weights import load_model, weight_bytes
+from cpugen.model.source import resolve
+from cpugen.model.weights import load_model, weight_bytes
 base = maxrss()
 cfg, ck = resolve(sys.argv[1])
 model = load_model(cfg, ck, torch.bfloat16, 0)
@@ -357,7 +340,7 @@ with safe_open(str(ck / "model.safetensors"), "pt") as f:
           and torch.equal(model.lm_head.bias, f.get_tensor("lm_head.bias").to(torch.bfloat16))
           and torch.equal(model.blocks[5].mlp.w_in.weight, f.get_tensor("transformer.h.5.mlp.fc_in.weight").to(torch.bfloat16))
           and torch.equal(model.blocks[3].attn.wqkv.weight[2 * 2048:], f.get_tensor("transformer.h.3.attn.v_proj.weight").to(torch.bfloat16)))
-from cpugen.memory import huge_page_bytes, thp_mode
+from cpugen.host.memory import huge_page_bytes, thp_mode
 print(json.dumps(dict(start=start, base=base, peak=peak, hwm=hwm, weights=weight_bytes(model),
                       huge=huge_page_bytes(), thp=thp_mode(),
                       dtypes=sorted({str(p.dtype) for p in model.parameters()}), values_ok=ok)))

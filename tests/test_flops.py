@@ -6,10 +6,11 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
-from cpugen import flops
-from cpugen.config import from_name
-from cpugen.generate import Engine, Prompts, compute_context
-from cpugen.weights import random_model
+from cpugen.model import shapes
+from cpugen.perf import flops
+from cpugen.model.config import from_name
+from cpugen.runtime.engine import Engine, Prompts, compute_context
+from cpugen.model.weights import random_model
 
 
 def test_reference_figures_for_gpt_175b():
@@ -18,7 +19,7 @@ def test_reference_figures_for_gpt_175b():
     assert flops.prompt_flops(cfg, 1024) / 1e12 == pytest.approx(361.19, abs=0.005)
     assert flops.prompt_flops(cfg, 512) / 1e12 == pytest.approx(179.36, abs=0.005)
     assert flops.mean_token_flops(cfg, 1024, 100) / 1e12 == pytest.approx(0.35, abs=0.005)
-    assert flops.n_params(cfg) == pytest.approx(174e9, rel=0.01)  # "~174e9 params" (origin notes)
+    assert shapes.n_params(cfg) == pytest.approx(174e9, rel=0.01)  # "~174e9 params" (origin notes)
 
 
 HF = {
@@ -39,7 +40,7 @@ def test_parameter_count_matches_transformers(preset):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(HF[preset]())
     # transformers counts a tied lm_head once, like cpugen
-    assert flops.n_params(from_name(preset)) == sum(p.numel() for p in hf.parameters())
+    assert shapes.n_params(from_name(preset)) == sum(p.numel() for p in hf.parameters())
 
 
 @pytest.mark.parametrize("preset", ["tiny-gptj", "opt-125m", "llama-2-7b"])

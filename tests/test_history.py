@@ -21,7 +21,7 @@ def rec(i=0, **kw):
 
 
 def test_append_then_read_round_trips(tmp_path):
-    from cpugen import history
+    from cpugen.perf import history
 
     path = tmp_path / "h.jsonl"
     assert history.read(path).records == []  # no file yet: an empty history
@@ -33,7 +33,7 @@ def test_append_then_read_round_trips(tmp_path):
 
 
 def test_a_truncated_last_line_is_reported_and_skipped_and_earlier_records_stay(tmp_path):
-    from cpugen import history
+    from cpugen.perf import history
 
     path = tmp_path / "h.jsonl"
     history.append(path, [rec(0), rec(1)])
@@ -52,7 +52,7 @@ def test_a_truncated_last_line_is_reported_and_skipped_and_earlier_records_stay(
 
 
 def test_corrupt_lines_in_the_middle_are_skipped(tmp_path):
-    from cpugen import history
+    from cpugen.perf import history
 
     path = tmp_path / "h.jsonl"
     history.append(path, [rec(0)])
@@ -68,7 +68,7 @@ def test_corrupt_lines_in_the_middle_are_skipped(tmp_path):
 
 WRITER = """
 import sys
-from cpugen import history
+from cpugen.perf import history
 i = 0
 while True:
     history.append(sys.argv[1], [{**%r, "token_throughput": float(i), "pad": "x" * 5000}])
@@ -80,7 +80,7 @@ while True:
 
 def test_a_writer_killed_mid_run_never_corrupts_earlier_lines(tmp_path):
     """SIGKILL a process appending as fast as it can: every line before the last is whole, in order."""
-    from cpugen import history
+    from cpugen.perf import history
 
     path = tmp_path / "h.jsonl"
     p = subprocess.Popen([sys.executable, "-c", WRITER % (CONFIG,), str(path)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -112,7 +112,7 @@ def by_figure(findings):
 
 
 def test_a_20_percent_throughput_drop_regresses():
-    from cpugen import history
+    from cpugen.perf import history
 
     base = 100.0 * sorted(NOISE[1:6])[2]  # median of the last five
     f = by_figure(history.compare([rec(9, token_throughput=0.8 * base)], past(), 0.10, 5))
@@ -125,7 +125,7 @@ def test_a_20_percent_throughput_drop_regresses():
 
 
 def test_noise_within_the_threshold_passes():
-    from cpugen import history
+    from cpugen.perf import history
 
     for factor in (0.92, 0.95, 1.0, 1.08, 1.5):  # up to 8% worse, or better by any amount
         new = rec(9, token_throughput=100.0 * factor, prompt_flops=1e11 * factor, peak_rss_bytes=int(3e9 / factor))
@@ -133,7 +133,7 @@ def test_noise_within_the_threshold_passes():
 
 
 def test_prompt_flops_drop_and_memory_growth_regress_and_the_threshold_is_configurable():
-    from cpugen import history
+    from cpugen.perf import history
 
     f = by_figure(history.compare([rec(9, prompt_flops=0.85e11, peak_rss_bytes=int(3.45e9))], past(), 0.10, 5))
     assert f["prompt_flops"].regressed and f["peak_rss_bytes"].regressed and not f["token_throughput"].regressed
@@ -142,7 +142,7 @@ def test_prompt_flops_drop_and_memory_growth_regress_and_the_threshold_is_config
 
 
 def test_a_new_configuration_passes_with_a_note():
-    from cpugen import history
+    from cpugen.perf import history
 
     findings = history.compare([rec(9, batch_size=16, token_throughput=1.0)], past(), 0.10, 5)
     assert len(findings) == 3 and not any(f.regressed for f in findings)
@@ -151,7 +151,7 @@ def test_a_new_configuration_passes_with_a_note():
 
 
 def test_only_the_same_machine_and_the_last_n_runs_count():
-    from cpugen import history
+    from cpugen.perf import history
 
     old_fast = [rec(i, token_throughput=1000.0) for i in range(10)]  # long ago, on a faster build
     other_cpu = [rec(i, cpu="Other CPU", token_throughput=1000.0) for i in range(10)]
@@ -163,7 +163,7 @@ def test_only_the_same_machine_and_the_last_n_runs_count():
 
 
 def test_rows_that_did_not_run_are_neither_compared_nor_baselines():
-    from cpugen import history
+    from cpugen.perf import history
 
     nofit = rec(5, status="does not fit (needs 30.00 GiB, budget 20.00 GiB)", token_throughput=None,
                 prompt_flops=None, peak_rss_bytes=None)
@@ -175,7 +175,7 @@ def test_rows_that_did_not_run_are_neither_compared_nor_baselines():
 @pytest.mark.parametrize("threshold, window, fragment", [(0, 5, "--threshold"), (1.5, 5, "--threshold"),
                                                          (0.1, 0, "--window")])
 def test_bad_threshold_or_window(threshold, window, fragment):
-    from cpugen import history
+    from cpugen.perf import history
     from cpugen.errors import CpugenError
 
     with pytest.raises(CpugenError, match=fragment):

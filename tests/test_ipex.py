@@ -35,13 +35,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpugen import backends
-from cpugen.config import from_dict
-from cpugen.env import cpu_info
-from cpugen.generate import Engine, Prompts, compute_context, generate
-from cpugen.model import Linear, Norm
-from cpugen.sampling import Sampling
-from cpugen.weights import random_model, weight_bytes
+from cpugen.runtime import ipex as ipex_backend
+from cpugen.runtime import backends
+from cpugen.model.config import from_dict
+from cpugen.host.cpu import cpu_info
+from cpugen.runtime.engine import Engine, Prompts, compute_context, generate
+from cpugen.model.transformer import Linear, Norm
+from cpugen.runtime.sampling import Sampling
+from cpugen.model.weights import random_model, weight_bytes
 
 pytestmark = pytest.mark.ipex
 
@@ -147,7 +148,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ipex():
-    ipex, why = backends._import_ipex()
+    ipex, why = ipex_backend.import_ipex()
     if ipex is None:
         pytest.fail(f"the ipex tests need the IPEX environment (bash scripts/ipex_env.sh, then its python "
                     f"-m pytest -m ipex): {why}")
@@ -289,10 +290,10 @@ def test_cli_generate_ipex_equals_eager(tmp_path, ipex):
 # --- memory: prepacking replaces the weights, it does not copy them -------------------------------
 RSS_PROBE = """
 import gc, json, resource, sys, psutil, torch
-from cpugen import backends
-from cpugen.config import from_dict
-from cpugen.weights import random_model, weight_bytes
-backends._import_ipex()  # IPEX's own footprint is not the model's
+from cpugen.runtime import backends
+from cpugen.model.config import from_dict
+from cpugen.model.weights import random_model, weight_bytes
+ipex_backend.import_ipex()  # IPEX's own footprint is not the model's
 proc = psutil.Process()
 model = random_model(from_dict(json.loads(sys.argv[1]), "rss"), torch.bfloat16, 0)
 gc.collect()

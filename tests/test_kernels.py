@@ -5,16 +5,19 @@ import sys
 import pytest
 import torch
 
-from cpugen import native
-from cpugen.config import from_name
-from cpugen.env import cpu_info
-from cpugen.generate import Engine, Prompts, compute_context
-from cpugen.model import Linear
-from cpugen.weights import random_model
+from cpugen import knobs
+from cpugen.runtime import eager, sampling, stack
+from cpugen.runtime import native
+from cpugen.model.config import from_name
+from cpugen.host.cpu import cpu_info
+from cpugen.runtime.engine import Engine, Prompts, compute_context
+from cpugen.model.transformer import Linear
+from cpugen.model.weights import random_model
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT))
 from kernels import check_gemv, reference  # noqa: E402
+
 
 def _decode(model, prompts, steps=4):
     """Prefill then `steps` greedy decode steps; the logits of each, stacked (steps + 1, B, V)."""
@@ -51,7 +54,7 @@ def test_gemv_avx512f_path_matches_reference_too():
     import os
     import subprocess
 
-    code = ("import sys; sys.path.insert(0, '.'); from cpugen.native import extension; "
+    code = ("import sys; sys.path.insert(0, '.'); from cpugen.runtime.native import extension; "
             "from kernels import check_gemv; e = extension(); print(e.isa(), len(check_gemv.check(e, seed=4)))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
                        env={**os.environ, "CPUGEN_ISA": "avx512"})
@@ -115,25 +118,17 @@ def test_argmax_answers_as_torch_does(dtype):
     """Greedy decoding's argmax (kernels/argmax.h) against torch.argmax: random rows, rows of
     ties (the first maximum wins), rows with NaN (the first NaN wins, as torch orders it above
     everything) or +inf, rows of -inf only, and row lengths off the 16-wide vectors."""
+    from kernels.check_step_ops import argmax_cases
+
     ext = native.extension()
-    g = torch.Generator().manual_seed(0)
     cases = 0
-    for B, V in [(1, 1), (1, 15), (3, 17), (2, 31), (4, 50400), (33, 1000)]:
-        for kind in ("random", "ties", "nan", "inf", "-inf", "nan last"):
-            x = torch.randn(B, V, generator=g).to(dtype)
-            if kind == "ties":
-                x = (x * 2).round().clamp(-2, 2)
-            elif kind in ("nan", "inf"):
-                x[:, 1::3] = float(kind)
-            elif kind == "-inf":
-                x.fill_(float("-inf"))
-            elif kind == "nan last":
-                x[:, -1] = float("nan")
-            want = torch.argmax(x, dim=-1)
-            assert torch.equal(ext.argmax(x), want), (B, V, kind)
-            assert torch.equal(native.argmax(x), want)
-            cases += 1
+    for name, x in argmax_cases(dtype):
+        want = torch.argmax(x, dim=-1)
+        assert torch.equal(ext.argmax(x), want), name
+        assert torch.equal(sampling.argmax(x), want)
+        cases += 1
     assert cases == 36
+    g = torch.Generator().manual_seed(0)
     # a view that is not contiguous is read as its values
     x = torch.randn(8, 40, generator=g).to(dtype)[:, ::2]
     assert torch.equal(ext.argmax(x), torch.argmax(x, dim=-1))
@@ -149,7 +144,7 @@ def test_native_norm_matches_torch(kind):
     bf16 rounding (the fp32 sums run in another order). Non-bf16 input takes the torch path."""
     import dataclasses
 
-    from cpugen.model import Norm
+    from cpugen.model.transformer import Norm
 
     g = torch.Generator().manual_seed(0)
     for h, shape in [(3, (1, 3)), (17, (4, 17)), (256, (2, 5, 256)), (2050, (3, 2050))]:
@@ -161,7 +156,7 @@ def test_native_norm_matches_torch(kind):
                 n.bias.copy_(torch.randn(h, generator=g))
         x = (torch.randn(shape, generator=g) * 3 + 5).to(torch.bfloat16)
         want = n.reference(x)
-        n.impl = native.NativeNorm(native.extension(), n)
+        n.impl = eager.NativeNorm(native.extension(), n)
         got = n(x)
         assert got.shape == want.shape and got.dtype == torch.bfloat16
         # one bf16 ulp of the larger value, where the two fp32 results round to neighbours
@@ -183,7 +178,7 @@ def test_native_glu_matches_torch(act):
     bf16 rounding away; most are the very same. Non-bf16 input takes the torch path."""
     import dataclasses
 
-    from cpugen.model import MLP
+    from cpugen.model.transformer import MLP
 
     g = torch.Generator().manual_seed(0)
     same = total = 0
@@ -192,7 +187,7 @@ def test_native_glu_matches_torch(act):
         mlp = MLP(cfg)
         gu = (torch.randn(shape, generator=g) * 3).to(torch.bfloat16)
         want = mlp.glu_reference(gu)
-        mlp.product = native.NativeGlu(native.extension(), mlp)
+        mlp.product = eager.NativeGlu(native.extension(), mlp)
         got = mlp.product(gu)
         assert got.shape == want.shape == (*shape[:-1], ffn) and got.dtype == torch.bfloat16
         # two bf16 roundings (activation, product); where the activation's tail is near zero
@@ -228,7 +223,7 @@ def test_model_decode_with_and_without_the_kernels(family, layout):
     run = lambda: _decode(model, prompts)  # noqa: E731
 
     plain = run()
-    assert native.install(model, pack=packed)
+    assert eager.install(model, pack=packed)
     # every native matmul counted, in one list: the packed kernel where a weight was repacked, the
     # gemv where it stayed plain (a tied lm_head stays the embedding's)
     kernel = _Counted(None)
@@ -281,9 +276,9 @@ def test_packing_replaces_the_weights_in_place():
     """Repacking holds one matrix twice at most, never the model (the OS's count of resident
     memory, before, at its peak and after), and leaves nothing for a large batch to repack. (A
     tied lm_head stays the embedding's: test_model_decode_with_and_without_the_kernels[opt-packed].)"""
-    from cpugen import backends
-    from cpugen.memory import peak_rss_bytes, release_freed, reset_peak_rss, rss_bytes
-    from cpugen.weights import weight_bytes
+
+    from cpugen.host.memory import peak_rss_bytes, release_freed, reset_peak_rss, rss_bytes
+    from cpugen.model.weights import weight_bytes
 
     cfg = from_name("gptj-1b").with_layers(4)
     model = random_model(cfg, torch.bfloat16, 0)
@@ -294,7 +289,7 @@ def test_packing_replaces_the_weights_in_place():
     before = rss_bytes()
     if not reset_peak_rss():
         pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
-    assert native.install(model, pack=True)
+    assert eager.install(model, pack=True)
     peak, after = peak_rss_bytes(), rss_bytes()
     mib = {k: round(v / 2**20) for k, v in dict(before=before, peak=peak, after=after, largest=largest).items()}
     assert peak - before < largest + 0.05 * weights, mib
@@ -302,8 +297,8 @@ def test_packing_replaces_the_weights_in_place():
     pad = (-cfg.vocab_size % 64) * cfg.n_embd * 2  # the lm_head's last panel, filled out with zeros
     assert weight_bytes(model) == weights + pad
     assert all(m.weight is None for m in model.modules() if type(m) is Linear)
-    backends.for_batch(model, "eager", torch.bfloat16, backends.gemv_max_batch() + 1)
-    assert backends.decode_matmul(model, "eager") == "cpugen-packed"
+    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
+    assert eager.decode_matmul(model, "eager") == "cpugen-packed"
     assert model.decode_stack is not None and weight_bytes(model) == weights + pad
 
 
@@ -312,18 +307,18 @@ def test_decode_stack_holds_the_weights_without_copying_them():
     """The stack keeps references to the blocks' own tensors: building it allocates nothing the
     size of a weight (the OS's count of resident memory), and packing for a large batch drops it
     first, so the plain weights are freed as they are packed."""
-    from cpugen import backends
-    from cpugen.memory import rss_bytes
-    from cpugen.weights import weight_bytes
+
+    from cpugen.host.memory import rss_bytes
+    from cpugen.model.weights import weight_bytes
 
     model = random_model(from_name("gptj-1b").with_layers(4), torch.bfloat16, 0)
     blocks = weight_bytes(model.blocks)
-    assert native.install(model, pack=False)  # the native norms the stack asks for; the stack itself built
+    assert eager.install(model, pack=False)  # the native norms the stack asks for; the stack itself built
     model.decode_stack = None
     before = rss_bytes()
-    assert native.install_stack(model)
+    assert stack.install(model)
     assert rss_bytes() - before < blocks / 100, (rss_bytes() - before, blocks)
-    backends.for_batch(model, "eager", torch.bfloat16, backends.gemv_max_batch() + 1)
+    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
     assert model.decode_stack is None
 
 
@@ -333,12 +328,12 @@ def test_decode_stack_is_not_used_where_it_does_not_apply(layout):
     """Padded batches (a mask) and prefill take the Python blocks; so do batches above the gemv's
     rows where the weights are plain. With every weight packed the stack takes any batch, and its
     logits are the Python blocks' (the packed kernel takes any number of rows)."""
-    from cpugen.generate import generate
-    from cpugen.sampling import Sampling
+    from cpugen.runtime.engine import generate
+    from cpugen.runtime.sampling import Sampling
 
     cfg = FAMILIES["gptj"]()
     model = random_model(cfg, torch.bfloat16, 0)
-    assert native.install(model, pack=layout == "packed")
+    assert eager.install(model, pack=layout == "packed")
     model.decode_stack = stack = _Counted(model.decode_stack)
     generate(model, [[1, 2, 3], [4, 5]], 3, Sampling(), torch.bfloat16)  # left-padded: masked
     assert stack.calls == []
@@ -356,11 +351,17 @@ def test_decode_stack_is_not_used_where_it_does_not_apply(layout):
         assert torch.equal(stacked, _decode(model, prompts, steps=2))
 
 
-def test_model_and_reference_agree_on_activation_codes():
-    from cpugen.model import ACTIVATIONS, KERNEL_ACT
+def test_activation_codes_match_the_kernels_enum():
+    """cpugen's one activation table against the enum the kernels switch on (kernels/vec_math.h)."""
+    import re
 
-    assert KERNEL_ACT == reference.ACTIVATIONS
-    assert set(ACTIVATIONS) == {a for a in KERNEL_ACT if a}
+    from cpugen.model.activations import KERNEL_CODE, NAMES
+
+    enum = re.search(r"enum Act : int64_t \{([^}]*)\}", (ROOT / "kernels" / "vec_math.h").read_text()).group(1)
+    codes = {n.strip(): int(v) for n, v in (e.split("=") for e in enum.split(","))}
+    kernel_name = {None: "kNone", "gelu_new": "kGeluTanh", "gelu": "kGelu", "relu": "kRelu", "silu": "kSilu"}
+    assert set(NAMES) == set(kernel_name) - {None}
+    assert KERNEL_CODE == {a: codes[k] for a, k in kernel_name.items()}
 
 
 def test_reference_is_fp32_math_rounded_once():
@@ -372,8 +373,9 @@ def test_reference_is_fp32_math_rounded_once():
 
 def test_switched_off_kernel_leaves_torch_path(monkeypatch):
     monkeypatch.setenv("CPUGEN_NATIVE", "0")
+    knobs.reload()
     model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
-    assert native.install(model) is False
+    assert eager.install(model) is False
     assert all(getattr(m, "kernel", None) is None for m in model.modules())
 
 
@@ -381,10 +383,13 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
     """Where the weights stay plain (CPUs with AMX; here by CPUGEN_LAYOUT=plain), above the gemv's
     batches the eager backend reorders each weight once into oneDNN's layout, replacing it: same
     results as F.linear on the plain weights, same weight bytes."""
-    from cpugen import backends
-
+    from cpugen.runtime import backends
     monkeypatch.setenv("CPUGEN_LAYOUT", "plain")
-    from cpugen.weights import weight_bytes
+    knobs.reload()
+    monkeypatch.setenv("CPUGEN_LAYOUT", "plain")
+
+    knobs.reload()
+    from cpugen.model.weights import weight_bytes
 
     cfg = from_name("gptj-1b").with_layers(2)
     model = random_model(cfg, torch.bfloat16, 0)
@@ -395,11 +400,12 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
 
     before, plain = weight_bytes(model), run()
     backends.apply(model, "eager", torch.bfloat16)
-    backends.for_batch(model, "eager", torch.bfloat16, 1)
-    assert backends.decode_matmul(model, "eager") in ("cpugen-gemv", "torch")  # batch 1: plain weights
-    backends.for_batch(model, "eager", torch.bfloat16, backends.gemv_max_batch() + 1)
-    assert backends.decode_matmul(model, "eager") == "onednn-packed"
-    assert all(m.weight is None for m in model.blocks.modules() if hasattr(m, "packed") and m.packed is not None)
+    eager.for_batch(model, "eager", torch.bfloat16, 1)
+    widened = not cpu_info()["avx512"]  # oneDNN's bf16 reorder needs AVX-512; without it bf16 is widened
+    assert eager.decode_matmul(model, "eager") in (("torch-widened",) if widened else ("cpugen-gemv", "torch"))
+    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
+    assert eager.decode_matmul(model, "eager") == ("torch-widened" if widened else "onednn-packed")
+    assert all(m.weight is None for m in model.blocks.modules() if hasattr(m, "onednn") and m.onednn is not None)
     assert weight_bytes(model) == before
     packed = run()
     assert (packed - plain).abs().max() / plain.abs().max() < 1e-2
@@ -417,8 +423,73 @@ def test_decode_attention_matches_reference():
     steps = check_decode_attention.check_step(ext, seed=6)  # partial, full and no rotary; exact cache writes
     assert len(steps) == len(check_decode_attention.STEP_SHAPES)
     model = random_model(from_name("gptj-1b").with_layers(1), torch.bfloat16, 0)  # head dim 128
-    native.install(model)
+    eager.install(model)
     assert all(b.attn.decode_step is not None for b in model.blocks)
     tiny = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)  # head dim 16: not a multiple of 32
-    native.install(tiny)
+    eager.install(tiny)
     assert all(b.attn.decode_step is None for b in tiny.blocks)
+
+
+@needs_avx512
+def test_the_step_ops_check_passes_every_case():
+    from kernels import check_step_ops
+
+    ext = native.extension()
+    assert (check_step_ops.check_argmax(ext), check_step_ops.check_norm(ext), check_step_ops.check_glu(ext)) == (72, 6, 12)
+
+
+def test_the_step_ops_references_are_the_models_own_computation():
+    """kernels/reference.py's norm and glu, which the check holds the kernels to, give what the
+    model's torch path gives (Norm.reference, MLP.glu_reference), bit for bit."""
+    import dataclasses
+
+    from cpugen.model.transformer import MLP, Norm
+
+    g = torch.Generator().manual_seed(1)
+    for kind in ("layernorm", "rmsnorm"):
+        n = Norm(dataclasses.replace(from_name("tiny-gptj"), norm=kind)).to(torch.bfloat16)
+        with torch.no_grad():
+            n.weight.copy_(torch.randn(64, generator=g) + 1)
+            if n.bias is not None:
+                n.bias.copy_(torch.randn(64, generator=g))
+        x = (torch.randn(3, 64, generator=g) * 3 + 5).bfloat16()
+        assert torch.equal(reference.norm(x, n.weight, n.bias, n.eps, kind == "rmsnorm"), n.reference(x))
+    for act in ("silu", "gelu_new", "gelu", "relu"):
+        mlp = MLP(dataclasses.replace(from_name("llama-3-8b"), n_embd=64, intermediate_size=40, activation=act))
+        gu = (torch.randn(3, 80, generator=g) * 3).bfloat16()
+        assert torch.equal(reference.glu(gu, act), mlp.glu_reference(gu))
+
+
+def test_widened_linear_gives_the_bf16_gemms_answer():
+    """widened_linear (fp32 GEMM over weight blocks widened into a reused buffer, for CPUs without
+    AVX-512) against fp32 math rounded once and against torch's own bf16 F.linear: within one bf16
+    rounding, across block boundaries (N off the block's rows), with and without bias, 3-d input."""
+    import torch.nn.functional as F
+
+    from cpugen.model import transformer
+
+    g = torch.Generator().manual_seed(3)
+    for (M, K, N) in [(9, 64, 300), (17, 1024, 1100), (2, 5, 7)]:
+        rows = max(16, min(N, transformer.WIDEN_BLOCK_BYTES // (4 * K)))
+        assert N % rows or N == rows or M == 2  # the last block is partial in the first two
+        x = torch.randn(M, K, generator=g).bfloat16()
+        w = torch.randn(N, K, generator=g).bfloat16()
+        for b in (None, torch.randn(N, generator=g).bfloat16()):
+            want = x.float() @ w.float().T + (b.float() if b is not None else 0)
+            for got in (transformer.widened_linear(x, w, b), transformer.widened_linear(x.view(1, M, K), w, b)[0]):
+                assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+                ulp = want.abs().clamp(min=2 ** -20) * 2 ** -7
+                assert ((got.float() - want).abs() <= ulp).all()
+            torch_bf16 = F.linear(x, w, b)
+            assert ((transformer.widened_linear(x, w, b).float() - torch_bf16.float()).abs()
+                    <= 2 * torch_bf16.float().abs().clamp(min=2 ** -20) * 2 ** -7).all()
+
+
+def test_the_eager_backend_widens_only_where_the_cpu_lacks_avx512(monkeypatch):
+    model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
+    eager.prepare(model)
+    widened = {m.widen_above for m in model.modules() if isinstance(m, Linear)}
+    assert widened == ({None} if cpu_info()["avx512"] else {eager.WIDEN_ABOVE_ROWS})
+    monkeypatch.setenv("CPUGEN_WIDEN", "0")
+    knobs.reload()
+    assert not eager.widen_wanted()

@@ -3,7 +3,8 @@ what the kernel reports in /proc/self/smaps_rollup."""
 
 import torch
 
-from cpugen import memory
+from cpugen import knobs
+from cpugen.host import memory
 
 THP = memory.thp_mode() in ("always", "madvise")
 
@@ -25,7 +26,7 @@ def _fresh(code: str) -> dict:
 def test_advice_covers_the_aligned_interior_and_the_kernel_backs_it():
     r = _fresh("""
 import json, torch
-from cpugen import memory
+from cpugen.host import memory
 t = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, untouched
 start, end = t.data_ptr(), t.data_ptr() + t.numel()
 advised = memory.advise_huge(t)
@@ -49,15 +50,15 @@ def test_small_tensors_are_left_alone():
 def test_weights_and_kv_cache_land_on_huge_pages():
     r = _fresh("""
 import json, torch
-from cpugen import memory
-from cpugen.config import from_name
-from cpugen.kv_cache import KVCache
-from cpugen.weights import random_model, weight_bytes
+from cpugen.host import memory
+from cpugen.model.config import from_name
+from cpugen.model.kv_cache import KVCache
+from cpugen.model.weights import random_model, weight_bytes
 before = memory.huge_page_bytes()
 model = random_model(from_name("gptj-1b").with_layers(2), torch.bfloat16, 0)
 on_huge = memory.huge_page_bytes() - before
 cache = KVCache(4, 16, 2048, 128, torch.bfloat16)  # 2 x 32 MiB
-print(json.dumps(dict(weights=weight_bytes(model), on_huge=on_huge, cache=cache.nbytes,
+print(json.dumps(dict(weights=weight_bytes(model), on_huge=on_huge, cache=2 * cache.k.numel() * cache.k.element_size(),
                       cache_huge=memory.huge_page_bytes() - before - on_huge,
                       zeroed=int(torch.count_nonzero(cache.k)) == 0)))
 """)
@@ -72,13 +73,14 @@ print(json.dumps(dict(weights=weight_bytes(model), on_huge=on_huge, cache=cache.
 
 def test_switched_off_with_cpugen_hugepages_0(monkeypatch):
     monkeypatch.setenv("CPUGEN_HUGEPAGES", "0")
+    knobs.reload()
     assert memory.advise_huge(torch.empty(64 << 20, dtype=torch.uint8)) == 0
 
 
 def test_empty_huge_starts_on_a_huge_page_and_holds_no_extra_resident_memory():
     r = _fresh("""
 import json, torch
-from cpugen import memory
+from cpugen.host import memory
 warm = memory.empty_huge((8 << 20,), torch.bfloat16).fill_(1)  # torch sets itself up; kept
 before = memory.rss_bytes()
 t = memory.empty_huge((8 << 20,), torch.bfloat16)  # 16 MiB

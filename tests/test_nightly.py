@@ -131,22 +131,22 @@ def test_usage_errors_exit_2_in_one_line(tmp_path):
     (["--sweep", "smoke", "--history", "H", "--report-dir", "R", "--threshold", "x"], "invalid float"),
 ])
 def test_bad_arguments(args, fragment, tmp_path, capsys):
-    from cpugen import nightly as job
+    from cpugen.cli import main
 
     args = [str(tmp_path / a) if a in ("H", "R") else a for a in args]
-    assert job.main(args) == 2
+    assert main(["nightly", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cpugen: error: ") and fragment in err[0]
     assert not (tmp_path / "H").exists()  # nothing ran, nothing written
 
 
 def test_a_run_error_exits_2_and_still_reports(tmp_path, capsys):
-    from cpugen import nightly as job
+    from cpugen.cli import main
 
     sweep = tmp_path / "bad-model.json"
     sweep.write_text(json.dumps({"name": "bad", "model": "no-such-model", "settings": [
         {"prompt_len": 8, "gen_len": 3, "batch_sizes": [1]}]}))
-    assert job.main(["--sweep", str(sweep), "--history", str(tmp_path / "h"), "--report-dir", str(tmp_path / "r")]) == 2
+    assert main(["nightly", "--sweep", str(sweep), "--history", str(tmp_path / "h"), "--report-dir", str(tmp_path / "r")]) == 2
     out, err = capsys.readouterr()
     assert out.startswith("RUN ERROR: unknown model 'no-such-model'") and "unknown model" in err
     assert "RUN ERROR" in (tmp_path / "r" / "report.md").read_text()
@@ -171,7 +171,7 @@ def test_charts_are_pngs_holding_the_expected_series(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image
 
-    from cpugen import charts
+    from cpugen.perf import charts
 
     new, old = _records()
     drawn, why = charts.write_all(tmp_path, new, old + new)
@@ -201,7 +201,7 @@ def test_charts_are_pngs_holding_the_expected_series(tmp_path):
 
 
 def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch):
-    from cpugen import charts
+    from cpugen.perf import charts
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     new, old = _records()

@@ -1,5 +1,5 @@
 """cpugen's numerics against Hugging Face transformers, each family loaded through the checkpoint path
-(`cpugen.config.resolve(dir)` then `cpugen.weights.load_model`).
+(`cpugen.model.source.resolve(dir)` then `cpugen.model.weights.load_model`).
 
 Tolerances:
 - fp32 logits: max |cpugen - HF| <= 1e-4 * max |HF| (we see ~1e-6: only summation order differs).
@@ -23,9 +23,9 @@ import torch
 from conftest import (PAD, PROMPTS, SLIDING_WINDOW, WORDS, cpugen_prefill_logits, hf_greedy, hf_last_logits,
                       load, rel_err, run_cli)
 
-from cpugen.generate import Engine, Prompts, compute_context, generate
-from cpugen.sampling import Sampling
-from cpugen.weights import load_model
+from cpugen.runtime.engine import Engine, Prompts, compute_context, generate
+from cpugen.runtime.sampling import Sampling
+from cpugen.model.weights import load_model
 
 N_NEW = 20
 FP32_TOL = 1e-4

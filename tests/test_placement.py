@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cpugen import placement
+from cpugen.host import placement
 from helpers import ROOT
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -56,10 +56,11 @@ def test_plan_fills_the_node_with_most_allowed_cores_first():
 
 PIN_AND_READ_BACK = """
 import json, os, torch
-from cpugen import native, placement
+from cpugen.runtime import native
+from cpugen.host import placement
 torch.set_num_threads(len(os.sched_getaffinity(0)))
-p = placement.apply(torch.get_num_threads())
-tids = native.extension("threads", portable=True).worker_tids(torch.get_num_threads())
+p = placement.apply(torch.get_num_threads(), pin=native.pinner)
+tids = native.extension("threads").worker_tids(torch.get_num_threads())
 def allowed(tid):
     for line in open(f"/proc/self/task/{tid}/status"):
         if line.startswith("Cpus_allowed_list:"):
@@ -86,7 +87,7 @@ def test_switched_off_pinning_leaves_the_os_mask():
 def test_memory_policy_is_set_as_the_kernel_reports(tmp_path):
     code = """
 import torch
-from cpugen import placement
+from cpugen.host import placement
 placement.set_memory_policy([0])
 x = torch.ones(64 << 20, dtype=torch.uint8)  # fresh pages under the new policy
 print(open("/proc/self/numa_maps").read())
@@ -100,8 +101,9 @@ print(open("/proc/self/numa_maps").read())
     code = f"""
 import torch
 from pathlib import Path
-from cpugen import placement
-p = placement.apply({min(2, len(CORES))}, root=Path({str(root)!r}))
+from cpugen.host import placement
+from cpugen.runtime import native
+p = placement.apply({min(2, len(CORES))}, root=Path({str(root)!r}), pin=native.pinner)
 x = torch.ones(64 << 20, dtype=torch.uint8)
 print(p.describe())
 print(open("/proc/self/numa_maps").read())

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from cpugen import planner
-from cpugen.config import from_name
+from cpugen.host import cgroup
+from cpugen.runtime import planner
+from cpugen.model.config import from_name
 from cpugen.errors import CpugenError
-from cpugen.probe import probe
+from cpugen.perf.probe import probe
 from helpers import assert_one_line_error, cli
 
 GiB = 1024**3
@@ -82,7 +83,7 @@ def test_cgroup_v1_limit_minus_usage(tmp_path):
         "memory/job/7/memory.limit_in_bytes": f"{8 * GiB}\n",
         "memory/job/7/memory.usage_in_bytes": f"{3 * GiB}\n",
     })
-    assert planner.cgroup_room(root, proc) == 5 * GiB
+    assert cgroup.cgroup_room(root, proc) == 5 * GiB
 
 
 def test_cgroup_v1_parent_is_tighter(tmp_path):
@@ -92,7 +93,7 @@ def test_cgroup_v1_parent_is_tighter(tmp_path):
         "memory/job/7/memory.limit_in_bytes": f"{8 * GiB}\n",
         "memory/job/7/memory.usage_in_bytes": f"{1 * GiB}\n",
     })
-    assert planner.cgroup_room(root, proc) == 1 * GiB
+    assert cgroup.cgroup_room(root, proc) == 1 * GiB
 
 
 def test_cgroup_v2_max_minus_current(tmp_path):
@@ -101,12 +102,12 @@ def test_cgroup_v2_max_minus_current(tmp_path):
         "user.slice/run/memory.max": f"{6 * GiB}\n",
         "user.slice/run/memory.current": f"{2 * GiB}\n",
     })
-    assert planner.cgroup_room(root, proc) == 4 * GiB
+    assert cgroup.cgroup_room(root, proc) == 4 * GiB
 
 
 def test_cgroup_without_limit(tmp_path):
     root, proc = _fake_cgroup(tmp_path, ["0::/"], {"memory.max": "max\n", "memory.current": "100\n"})
-    assert planner.cgroup_room(root, proc) is None
+    assert cgroup.cgroup_room(root, proc) is None
 
 
 def test_plan_cli_json_keys_and_auto_batch():

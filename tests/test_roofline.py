@@ -2,13 +2,15 @@
 
 import torch
 
-from cpugen import flops, roofline
-from cpugen.config import from_name
-from cpugen.runner import decode_roofline_s
+from cpugen.model import shapes
+from cpugen.perf import flops
+from cpugen.perf import roofline
+from cpugen.model.config import from_name
+from cpugen.perf.measure import decode_roofline_s
 
 
 def test_measure_gives_plausible_limits_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setattr(roofline, "CACHE", tmp_path / "roofline.json")
+    monkeypatch.setattr(roofline, "cache_file", lambda: tmp_path / "roofline.json")
     monkeypatch.setattr(roofline, "measure_bandwidth", lambda repeats=7, nbytes=0: (31.0, 30.0, 32.0))
     r = roofline.get(torch.get_num_threads())
     assert r.read_gbps == 31.0 and r.read_spread == (30.0, 32.0) and r.bf16_tflops > 0.01
@@ -26,7 +28,7 @@ def test_decode_roofline_by_hand():
     cfg = from_name("gptj-1b")
     r = roofline.Roofline(read_gbps=30.0, bf16_tflops=0.4, threads=2, cpu="x", torch_version="t")
     B, P, G = 16, 128, 3
-    w = flops.streamed_params(cfg) * 2
+    w = shapes.streamed_params(cfg) * 2
     want = []
     for c in (P + 1, P + 2):  # the two decode steps of a 3-token generation
         kv = 2 * cfg.n_layer * B * cfg.n_kv_head * c * cfg.head_dim * 2

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cpugen.config import from_name
-from cpugen.generate import generate
-from cpugen.sampling import Sampling, sample
-from cpugen.weights import random_model
+from cpugen.model.config import from_name
+from cpugen.runtime.engine import generate
+from cpugen.runtime.sampling import Sampling, sample
+from cpugen.model.weights import random_model
 
 
 def _draws(logits, s, n=4000):

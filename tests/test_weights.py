@@ -8,9 +8,9 @@ import textwrap
 
 import torch
 
-from cpugen.config import from_name
-from cpugen.generate import Engine, Prompts, compute_context
-from cpugen.weights import random_model, weight_bytes
+from cpugen.model.config import from_name
+from cpugen.runtime.engine import Engine, Prompts, compute_context
+from cpugen.model.weights import random_model, weight_bytes
 from helpers import ROOT
 
 
@@ -56,9 +56,9 @@ def test_materialized_memory_is_the_weights_once():
     # fp32 copy (2x) or more. Measured in a fresh process.
     code = textwrap.dedent("""
         import torch
-        from cpugen.config import from_name
-        from cpugen.memory import peak_rss_bytes
-        from cpugen.weights import random_model, weight_bytes
+        from cpugen.model.config import from_name
+        from cpugen.host.memory import peak_rss_bytes
+        from cpugen.model.weights import random_model, weight_bytes
         base = peak_rss_bytes()  # the kernel's VmHWM
         m = random_model(from_name("gptj-1b").with_layers(8), torch.bfloat16, 0)
         peak = peak_rss_bytes()

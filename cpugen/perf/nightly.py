@@ -12,34 +12,15 @@ Exit status: 0 nothing regressed, 1 a figure regressed beyond the threshold, 2 a
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cpugen import history
+from cpugen.perf import history
 from cpugen.errors import CpugenError
-from cpugen.record import RunRecord, environment_line, sweep_markdown
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise CpugenError(f"{message} (see scripts/nightly --help)")
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="nightly", description="run CPU performance sweeps, keep their history, flag regressions")
-    ap.add_argument("--sweep", action="append", required=True, metavar="FILE",
-                    help="a sweep definition (JSON path or a name in configs/bench); repeat for several")
-    ap.add_argument("--history", required=True, metavar="PATH", help="the history file (JSONL, appended to)")
-    ap.add_argument("--report-dir", required=True, metavar="DIR", help="where report.md and the charts go")
-    ap.add_argument("--threshold", type=float, default=0.10,
-                    help="a change beyond this share is a regression (default 0.10: 10%%)")
-    ap.add_argument("--window", type=int, default=5, help="compare with the median of the last N runs (default 5)")
-    ap.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
-    return ap
+from cpugen.perf.record import RunRecord, environment_line, sweep_markdown
 
 
 def report(records: list[RunRecord], findings: list[history.Finding], args, past: history.History,
@@ -59,7 +40,7 @@ def report(records: list[RunRecord], findings: list[history.Finding], args, past
     md += [f"- Sweeps: {', '.join(args.sweep)}; {len(records)} records in {seconds:.0f} s",
            f"- History: `{args.history}` ({len(past.records)} earlier records); each figure is compared with the "
            f"median of the last {args.window} runs of its configuration (same CPU, model, layers, backend, dtype, "
-           f"setting, batch and threads)", ""]
+           f"setting, batch, threads and non-default CPUGEN_* knobs)", ""]
     md += ["## Comparison", "", "```", *(history.report_lines(findings, args.threshold) or ["(nothing ran)"]),
            "```", ""]
     if past.problems:
@@ -73,12 +54,12 @@ def report(records: list[RunRecord], findings: list[history.Finding], args, past
     return verdict, "\n".join(md)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from cpugen import bench, charts
+def main(args) -> int:
+    """The job, for options parsed by `cpugen nightly` (cli.py)."""
+    from cpugen.perf import bench, charts
 
     t0 = time.perf_counter()
     try:
-        args = parser().parse_args(argv)
         history.compare([], [], args.threshold, args.window)  # checks both before anything runs
         sweeps = [bench.load_sweep(s) for s in args.sweep]
         hist_path, out_dir = Path(args.history), Path(args.report_dir)

@@ -20,12 +20,8 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import psutil
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
+from cpugen.host.cgroup import Limit, make_limit
 
 @dataclass
 class Try:
@@ -41,124 +37,13 @@ class Try:
         return self.predicted_peak_bytes / self.measured_peak_bytes if self.measured_peak_bytes else None
 
 
-# --- hard limits ---------------------------------------------------------------------------------------
-class Limit:
-    """A way to hold one child process under `limit` bytes."""
-
-    kind = "none"
-
-    def __init__(self, limit: int):
-        self.limit = limit
-
-    def preexec(self):  # runs in the child before exec
-        pass
-
-    def watch(self, proc: subprocess.Popen) -> str | None:
-        """Waits for the child; returns why it was stopped, if the limit stopped it."""
-        proc.wait()
-        return None
-
-    def close(self):
-        pass
-
-
-class CgroupLimit(Limit):
-    kind = "cgroup"
-
-    def __init__(self, limit: int, group: Path, limit_file: str):
-        super().__init__(limit)
-        self.group, self.limit_file = group, limit_file
-
-    @classmethod
-    def create(cls, limit: int) -> "CgroupLimit | None":
-        name = f"cpugen-probe-{os.getpid()}-{time.monotonic_ns()}"
-        for base, limit_file in ((CGROUP_ROOT / "memory", "memory.limit_in_bytes"), (CGROUP_ROOT, "memory.max")):
-            if not (base / limit_file).exists() and not (base / "cgroup.controllers").exists():
-                continue
-            group = base / name
-            try:
-                group.mkdir()
-                (group / limit_file).write_text(str(limit))
-                swap = group / ("memory.memsw.limit_in_bytes" if limit_file == "memory.limit_in_bytes"
-                                else "memory.swap.max")
-                if swap.exists():
-                    try:
-                        swap.write_text(str(limit) if limit_file == "memory.limit_in_bytes" else "0")
-                    except OSError:
-                        pass
-                return cls(limit, group, limit_file)
-            except OSError:
-                try:
-                    group.rmdir()
-                except OSError:
-                    pass
-        return None
-
-    def preexec(self):
-        (self.group / "cgroup.procs").write_text(str(os.getpid()))
-
-    def watch(self, proc):
-        proc.wait()
-        return "killed by the cgroup's OOM killer" if proc.returncode == -signal.SIGKILL else None
-
-    def close(self):
-        for _ in range(50):
-            try:
-                self.group.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-class RlimitData(Limit):
-    kind = "rlimit_data"
-
-    def preexec(self):
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_DATA, (self.limit, self.limit))
-
-
-class Watchdog(Limit):
-    kind = "watchdog"
-
-    def watch(self, proc):
-        p = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                if p.memory_info().rss > self.limit:
-                    proc.kill()
-                    proc.wait()
-                    return f"resident memory passed {self.limit} bytes: stopped by the watchdog"
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.02)
-        proc.wait()
-        return None
-
-
-def make_limit(limit: int, prefer: str = "auto") -> Limit:
-    if prefer in ("auto", "cgroup"):
-        c = CgroupLimit.create(limit)
-        if c is not None:
-            return c
-        if prefer == "cgroup":
-            raise RuntimeError("cannot create a memory cgroup here (needs a writable cgroup memory controller)")
-    if prefer in ("auto", "rlimit"):
-        return RlimitData(limit)
-    return Watchdog(limit)
-
-
 # --- one try ---------------------------------------------------------------------------------------------
 CHILD = """
 import json, sys
-from cpugen.config import resolve
-from cpugen.runner import RunSpec, run
+from cpugen.perf.measure import RunSpec, run
 a = json.loads(sys.argv[1])
-cfg, ckpt = resolve(a["model"])
-cfg = cfg.with_layers(a["layers"])
-rec = run(RunSpec(cfg, ckpt, a["batch"], a["prompt_len"], a["gen_len"], a["backend"], a["dtype"], quiet=True,
-                  memory_budget=a["budget"], decode_steps=a["decode_steps"], check_fit=False,
+rec = run(RunSpec(a["model"], a["batch"], a["prompt_len"], a["gen_len"], a["layers"], a["backend"], a["dtype"],
+                  quiet=True, memory_budget=a["budget"], decode_steps=a["decode_steps"], check_fit=False,
                   threads=a["threads"]))
 print(json.dumps({"peak": rec.peak_rss_bytes, "predicted": rec.extra["predicted_peak_bytes"]}))
 """
@@ -194,9 +79,9 @@ def run_try(args: dict, batch: int, limit: Limit, timeout: float = 1800) -> tupl
 
 BASELINE = """
 import json
-import cpugen.runner
-from cpugen import planner
-from cpugen.memory import rss_file_bytes
+import cpugen.perf.measure
+from cpugen.runtime import planner
+from cpugen.host.memory import rss_file_bytes
 print(json.dumps([planner.runtime_overhead(), rss_file_bytes()]))
 """
 
@@ -215,7 +100,7 @@ def probe(cfg, model_spec: str, prompt_len: int, gen_len: int, limit_bytes: int,
     """Binary search for the largest batch that runs under limit_bytes; returns a report dict."""
     import torch
 
-    from cpugen import planner
+    from cpugen.runtime import planner
 
     itemsize = torch.finfo(getattr(torch, dtype)).bits // 8
     budget = f"{limit_bytes}B"
@@ -224,9 +109,9 @@ def probe(cfg, model_spec: str, prompt_len: int, gen_len: int, limit_bytes: int,
                         file_backed=file_backed)
     args = dict(model=model_spec, layers=cfg.n_layer, prompt_len=prompt_len, gen_len=gen_len, backend=backend,
                 dtype=dtype, budget=budget, decode_steps=decode_steps, threads=threads)
-    from cpugen import native
+    from cpugen.runtime import native
 
-    native.extension()  # build (or load) the native kernels here, not in a child under the limit
+    native.build_all()  # build (or load) the native kernels here, not in a child under the limit
     limit = make_limit(limit_bytes, prefer)
     tries: list[Try] = []
 

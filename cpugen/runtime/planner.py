@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import psutil
 
-from cpugen.config import ModelConfig
+from cpugen.model.config import ModelConfig
 from cpugen.errors import CpugenError
-from cpugen.flops import n_params
-from cpugen.kv_cache import kv_cache_bytes
-from cpugen.memory import rss_bytes, rss_file_bytes
+from cpugen.model.shapes import largest_matrix, n_params
+from cpugen.model.transformer import WIDEN_BLOCK_BYTES
+from cpugen.runtime.eager import widen_wanted
+from cpugen.model.kv_cache import kv_cache_bytes
+from cpugen.host.cgroup import cgroup_room
+from cpugen.host.memory import rss_bytes, rss_file_bytes
 
 GiB = 1024**3
 MiB = 1024**2
@@ -57,51 +59,6 @@ def fmt(n: float) -> str:
 
 
 # --- the budget --------------------------------------------------------------------------------------
-def _read_int(p: Path) -> int | None:
-    try:
-        text = p.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return None
-    try:
-        v = int(text)
-    except ValueError:
-        return None
-    return None if v >= 2**62 else v  # v1 writes ~2^63 for "no limit"
-
-
-def cgroup_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
-    """Bytes this process's memory cgroup still allows (limit - usage, the tightest level), or None.
-
-    cgroup v2: <root>/<path>/memory.max and memory.current; v1: <root>/memory/<path>/
-    memory.limit_in_bytes and memory.usage_in_bytes. Each level from the process's group up to the
-    mount root is read (a container sees its own group as the root)."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        lines = []
-    v1_path = v2_path = None
-    for line in lines:
-        hid, ctrls, path = line.split(":", 2)
-        if hid == "0" and ctrls == "":
-            v2_path = path
-        elif "memory" in ctrls.split(","):
-            v1_path = path
-    rooms = []
-    for base, path, limit_f, usage_f in ((root / "memory", v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes"),
-                                         (root, v2_path, "memory.max", "memory.current")):
-        if not (base / limit_f).exists() and path is None:
-            continue
-        parts = [p for p in (path or "/").split("/") if p]
-        for depth in range(len(parts), -1, -1):
-            d = base.joinpath(*parts[:depth])
-            limit, usage = _read_int(d / limit_f), _read_int(d / usage_f)
-            if limit is not None and usage is not None:
-                rooms.append(max(limit - usage, 0))
-    return min(rooms) if rooms else None
-
-
 @dataclass
 class Budget:
     bytes: int
@@ -126,20 +83,23 @@ def budget(memory_budget: str | None = None, host_memory: str | None = None) -> 
 
 
 # --- the memory model -------------------------------------------------------------------------------
-def token_activation_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """Scratch per token in flight through one block (the block's largest live set)."""
+def token_activation_bytes(cfg: ModelConfig, itemsize: int, widened: bool = False) -> int:
+    """Scratch per token in flight through one block (the block's largest live set); `widened`:
+    bf16 matmuls run as fp32 GEMM (widened_linear), with an fp32 copy of their input."""
     h, q, kv, ffn = cfg.n_embd, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+    widen = 4 * max(h, q, ffn) if widened else 0
     residual = 3 * h * itemsize  # x, the block's output, GPT-J's attention branch beside the MLP
     norm = h * (4 + itemsize)  # fp32 normalization, cast back
     attn = (q + 2 * kv) * itemsize + 2 * q * 4 + q * itemsize  # qkv, fp32 rotary of q/k, attention out
     mlp = (3 if cfg.mlp == "glu" else 2) * ffn * itemsize  # w_in out (2 ffn for glu), activation
-    return residual + norm + max(attn, mlp)
+    return residual + norm + max(attn, mlp) + widen
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, seqs: int, itemsize: int) -> int:
+def activation_bytes(cfg: ModelConfig, tokens: int, seqs: int, itemsize: int, widened: bool = False) -> int:
     """Activation peak of one forward over `seqs` sequences of `tokens` new tokens each."""
     logits = seqs * cfg.vocab_size * (itemsize + 4 + 4)  # lm_head output, fp32 copy for sampling, probs
-    return seqs * tokens * token_activation_bytes(cfg, itemsize) + logits
+    scratch = 2 * WIDEN_BLOCK_BYTES if widened else 0  # the widened weight block and its output block
+    return seqs * tokens * token_activation_bytes(cfg, itemsize, widened) + logits + scratch
 
 
 @dataclass
@@ -180,9 +140,10 @@ def runtime_overhead() -> int:
 PREFILL_TOKENS = 2048  # tokens per prefill forward: enough to keep the matmuls compute-bound
 
 
-def _prefill_shape(cfg: ModelConfig, batch: int, prompt_len: int, itemsize: int, cap: int) -> tuple[int, int]:
+def _prefill_shape(cfg: ModelConfig, batch: int, prompt_len: int, itemsize: int, cap: int,
+                   widened: bool = False) -> tuple[int, int]:
     """(chunk, micro_batch): prefill pieces of about PREFILL_TOKENS tokens whose scratch stays under cap."""
-    per_token = token_activation_bytes(cfg, itemsize)
+    per_token = token_activation_bytes(cfg, itemsize, widened)
     tokens = max(64, min(PREFILL_TOKENS, cap // max(per_token, 1)))
     chunk = min(prompt_len, tokens)
     micro = max(1, min(batch, tokens // chunk))
@@ -193,9 +154,10 @@ def memory_at(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, items
               overhead: int, file_backed: int, act_cap: int) -> dict:
     weights = int(n_params(cfg) * itemsize * BACKEND_WEIGHT_COPIES.get(backend, 1.0))
     kv_seq = kv_cache_bytes(cfg, 1, prompt_len + gen_len, itemsize)
-    chunk, micro = _prefill_shape(cfg, batch, prompt_len, itemsize, act_cap)
-    pre = activation_bytes(cfg, chunk, micro, itemsize)
-    dec = activation_bytes(cfg, 1, batch, itemsize)
+    widened = backend == "eager" and itemsize == 2 and widen_wanted()
+    chunk, micro = _prefill_shape(cfg, batch, prompt_len, itemsize, act_cap, widened)
+    pre = activation_bytes(cfg, chunk, micro, itemsize, widened)
+    dec = activation_bytes(cfg, 1, batch, itemsize, widened)
     act = max(pre, dec)
     kv = kv_seq * batch
     repack = largest_matrix_bytes(cfg, itemsize)
@@ -208,13 +170,9 @@ def memory_at(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, items
 
 
 def largest_matrix_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """The largest weight matrix (model.py's shapes): the eager backend's repacking into cpugen's
-    layout, IPEX's and oneDNN's all replace one matrix at a time, so for a moment it is held twice."""
-    h = cfg.n_embd
-    mlp_in = (2 if cfg.mlp == "glu" else 1) * cfg.intermediate_size
-    mats = [(cfg.q_dim + 2 * cfg.kv_dim) * h, cfg.q_dim * h, mlp_in * h, cfg.intermediate_size * h,
-            0 if cfg.tie_embeddings else cfg.vocab_size * h]
-    return max(mats) * itemsize
+    """The largest weight matrix: the eager backend's repacking into cpugen's layout, IPEX's and
+    oneDNN's all replace one matrix at a time, so for a moment it is held twice."""
+    return largest_matrix(cfg) * itemsize
 
 
 def needed(m) -> int:
@@ -261,6 +219,12 @@ def plan(cfg: ModelConfig, prompt_len: int, gen_len: int, itemsize: int = 2, bac
                 limited_by=limited_by, **m)
 
 
+def shortfall(p: Plan, what: str, hint: str) -> str:
+    """One line: what `what` needs against the budget, then what to change."""
+    return (f"{what} needs {fmt(needed(p))} with headroom but the budget is {fmt(p.budget_bytes)} "
+            f"({p.budget_source}): {hint}")
+
+
 def explain_no_fit(p: Plan, cfg: ModelConfig, itemsize: int) -> str:
     """One line: how much is missing and what would make batch 1 fit."""
     need = needed(p)
@@ -283,14 +247,6 @@ def explain_no_fit(p: Plan, cfg: ModelConfig, itemsize: int) -> str:
             f"{fmt(p.kv_cache_bytes_per_seq)} KV cache, {fmt(need - p.weight_bytes - p.kv_cache_bytes_per_seq)} "
             f"runtime, activations and margin) but the budget is {fmt(p.budget_bytes)} ({p.budget_source}): "
             f"{fmt(missing)} short; use " + ", or ".join(hints))
-
-
-def _non_block_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    h, V = cfg.n_embd, cfg.vocab_size
-    n = V * h + (0 if cfg.tie_embeddings else V * h)
-    if cfg.position == "learned":
-        n += (cfg.max_positions + cfg.position_offset) * h
-    return n * itemsize
 
 
 def report(p: Plan) -> str:

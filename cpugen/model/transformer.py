@@ -12,23 +12,17 @@ load, which leaves every score q.k unchanged.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpugen.config import ModelConfig
-from cpugen.kv_cache import KVCache
-
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
-# the native gemv's activation codes (kernels/gemv_bf16.cpp, enum Act)
-KERNEL_ACT = {None: 0, "gelu_new": 1, "gelu": 2, "relu": 3, "silu": 4}
+from cpugen.model.activations import KERNEL_CODE as KERNEL_ACT
+from cpugen.model.activations import TORCH as ACTIVATIONS
+from cpugen.model.config import ModelConfig
+from cpugen.model.kv_cache import KVCache
+from cpugen.model.shapes import block_matrices
 
 
 class Linear(nn.Linear):
@@ -36,28 +30,29 @@ class Linear(nn.Linear):
     - `panels`: the weight repacked once into cpugen's packed layout (kernels/gemv_bf16.h), which
       `panel_kernel` multiplies for any number of rows, decode and prefill alike;
     - `kernel`: the gemv on the plain weight, for skinny inputs (decode: at most `kernel_rows`);
-    - `packed`: the weight reordered into oneDNN's blocked layout (large decode batches);
+    - `onednn`: the weight reordered into oneDNN's blocked layout (large decode batches);
     otherwise F.linear (oneDNN on the plain weight). `act` names an activation applied to the
     output: inside the native kernels' epilogue where they run, after the matmul otherwise."""
 
     kernel = None  # (x (M, K), weight (N, K), bias, act code) -> (M, N), set per instance by a backend
     kernel_rows = 4  # measured: the gemv leads F.linear and oneDNN up to 4 rows (kernels/bench_gemv.py)
-    packed = None  # the weight in oneDNN's blocked layout, once pack() has replaced it
-    panels = None  # the weight in cpugen's packed layout (N/64, K/2, 128), once pack_panels() has replaced it
+    onednn = None  # the weight in oneDNN's blocked layout, once to_onednn() has replaced it
+    panels = None  # the weight in cpugen's packed layout (N/64, K/2, 128), once to_panels() has replaced it
     panel_kernel = None  # (x (M, K), panels, N, bias, act code) -> (M, N)
+    widen_above = None  # rows above which bf16 runs as fp32 GEMM on widened blocks (widened_linear)
 
-    def pack(self):
+    def to_onednn(self):
         """Reorders the weight once into oneDNN's blocked layout, replacing it (never two copies):
         faster than F.linear at every batch, slower than the gemv at 1-2 rows (bench_gemv.py)."""
-        if self.packed is None:
+        if self.onednn is None:
             w = self.weight.detach()
             self.weight = None
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            self.onednn = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
-    def pack_panels(self, ext):
+    def to_panels(self, ext):
         """Repacks the weight once into cpugen's layout through the native extension `ext`,
         replacing it: one matrix is held twice for the moment of the copy, never the model."""
-        from cpugen.memory import empty_huge
+        from cpugen.host.memory import empty_huge
 
         w = self.weight.detach()
         p = empty_huge(tuple(ext.packed_shape(*w.shape)), torch.bfloat16)
@@ -70,14 +65,57 @@ class Linear(nn.Linear):
             y = self.panel_kernel(x.reshape(-1, x.shape[-1]), self.panels, self.out_features, self.bias,
                                   KERNEL_ACT[act])  # (M, N)
             return y.view(*x.shape[:-1], y.shape[-1])
-        if self.packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.onednn is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.onednn, self.bias, "none", [], "")
         elif self.kernel is not None and x.dtype == torch.bfloat16 and x.numel() <= self.kernel_rows * x.shape[-1]:
             y = self.kernel(x.reshape(-1, x.shape[-1]), self.weight, self.bias, KERNEL_ACT[act])  # (M, N)
             return y.view(*x.shape[:-1], y.shape[-1])
+        elif (self.widen_above is not None and x.dtype == self.weight.dtype == torch.bfloat16
+              and x.numel() > self.widen_above * x.shape[-1]):
+            y = widened_linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
         return y if act is None else ACTIVATIONS[act](y)
+
+
+WIDEN_BLOCK_BYTES = 2 << 20  # fp32 rows of W widened at a time: a buffer reused by every call
+
+
+def widened_linear(x, w, bias):
+    """x (..., K) @ w (N, K)^T + bias in bf16 out, fp32 math through PyTorch's fp32 GEMM: W is
+    widened to fp32 a block of rows at a time into a reused buffer (no fp32 copy of W, no fresh
+    pages), each block's output rounded into the bf16 result. For CPUs without AVX-512, where
+    PyTorch's bf16 GEMM runs about 100x slower than its fp32 one (docs/performance.md, "CPUs
+    without AVX-512"); its answer is the bf16 GEMM's, up to the order of the fp32 sums."""
+    K, N = x.shape[-1], w.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    rows = max(16, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
+    out = torch.empty(M, N, dtype=torch.bfloat16)  # (M, N)
+    with torch.autocast("cpu", enabled=False):  # autocast would send the fp32 GEMM back to bf16
+        xf = x2.float()  # (M, K)
+        wf = _scratch(rows * K).view(rows, K)  # (rows, K) fp32
+        yf = torch.empty(M, rows)  # (M, rows) fp32
+        for n in range(0, N, rows):
+            e = min(N, n + rows)
+            wb, yb = wf[: e - n], yf[:, : e - n]
+            wb.copy_(w[n:e])
+            if bias is not None:
+                torch.addmm(bias[n:e].float(), xf, wb.t(), out=yb)
+            else:
+                torch.mm(xf, wb.t(), out=yb)
+            out[:, n:e] = yb
+    return out.view(*x.shape[:-1], N)
+
+
+_scratch_buf = torch.empty(0)
+
+
+def _scratch(n: int) -> torch.Tensor:
+    global _scratch_buf
+    if _scratch_buf.numel() < n:
+        _scratch_buf = torch.empty(n)
+    return _scratch_buf[:n]
 
 
 class Norm(nn.Module):
@@ -88,7 +126,7 @@ class Norm(nn.Module):
         self.kind, self.eps = cfg.norm, cfg.norm_eps
         self.weight = nn.Parameter(torch.empty(cfg.n_embd))
         self.bias = nn.Parameter(torch.empty(cfg.n_embd)) if cfg.norm == "layernorm" else None
-        self.impl = None  # a backend's fused kernel for the same computation (native.NativeNorm, IPEX's)
+        self.impl = None  # a backend's fused kernel for the same computation (runtime/eager.py's NativeNorm, IPEX's)
 
     def forward(self, x):  # (B, T, h)
         return self.impl(x) if self.impl is not None else self.reference(x)
@@ -158,8 +196,9 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.rd = cfg.rotary_dim if cfg.position == "rotary" else 0
-        self.wqkv = Linear(cfg.n_embd, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
-        self.wo = Linear(cfg.q_dim, cfg.n_embd, bias=cfg.out_bias)
+        (qkv, h), (_, q) = (mats := block_matrices(cfg))["wqkv"], mats["wo"]
+        self.wqkv = Linear(h, qkv, bias=cfg.qkv_bias)  # (q_dim + 2 kv_dim, h)
+        self.wo = Linear(q, h, bias=cfg.out_bias)  # (h, q_dim)
         self.cache: KVCache | None = None
         # a backend's fused decode step: (qkv (B, (nh + 2 nkv) hd), cos, sin (B, rd/2), k_cache,
         # v_cache, index, nh, rd) -> (B, nh hd); rotates q/k, writes the cache, attends
@@ -195,10 +234,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.glu, self.act = cfg.mlp == "glu", cfg.activation
-        width = 2 * cfg.intermediate_size if self.glu else cfg.intermediate_size
-        self.w_in = Linear(cfg.n_embd, width, bias=cfg.mlp_bias)  # fc_in, or [gate; up]
-        self.w_out = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
-        self.product = None  # a backend's kernel for a GLU's act(gate) * up (native.NativeGlu)
+        (width, h), (_, ffn) = (mats := block_matrices(cfg))["w_in"], mats["w_out"]
+        self.w_in = Linear(h, width, bias=cfg.mlp_bias)  # fc_in, or [gate; up]: (ffn or 2 ffn, h)
+        self.w_out = Linear(ffn, h, bias=cfg.mlp_bias)  # (h, ffn)
+        self.product = None  # a backend's kernel for a GLU's act(gate) * up (runtime/eager.py's NativeGlu)
 
     def forward(self, x):  # (B, T, h)
         if self.glu:
@@ -245,6 +284,8 @@ class Transformer(nn.Module):
         # at most decode_stack_rows sequences in one call, from the tokens to the logits
         self.decode_stack = None
         self.decode_stack_rows = 0
+        self.stack_refused: str | None = None  # why a backend gave no stack (runtime/stack.py)
+        self.decode_paths = Counter()  # decode steps run by each path: "native-stack", "python"
         self._caches = ([], [])  # every block's k and v cache, as the stack takes them
 
     def tie_weights(self):
@@ -276,7 +317,10 @@ class Transformer(nn.Module):
         if (self.decode_stack is not None and T == 1 and mask is None and rows == slice(None)
                 and B <= self.decode_stack_rows and self.wte.weight.dtype == torch.bfloat16):
             logits = self.decode_stack.step(tokens.view(B), pos.view(B), *self._caches, start)  # (B, V)
+            self.decode_paths["native-stack"] += 1
             return logits if last_only else logits.view(B, 1, -1)
+        if T == 1:
+            self.decode_paths["python"] += 1
         x = self.wte(tokens)  # (B, T, h)
         if self.wpe is not None:
             x = x + self.wpe(pos + self.cfg.position_offset)

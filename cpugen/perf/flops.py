@@ -12,36 +12,8 @@ matmul parameters of one block (q/k/v/out projections and the MLP's matrices):
 
 from __future__ import annotations
 
-from cpugen.config import ModelConfig
-
-
-def layer_matmul_params(cfg: ModelConfig) -> int:
-    h, ffn = cfg.n_embd, cfg.intermediate_size
-    attn = h * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * h
-    mlp = (3 if cfg.mlp == "glu" else 2) * h * ffn
-    return attn + mlp
-
-
-def n_params(cfg: ModelConfig) -> int:
-    """Every parameter, a tied lm_head once (the count weight bytes are made of)."""
-    h, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    norm = h * (2 if cfg.norm == "layernorm" else 1)
-    bias = ((cfg.q_dim + 2 * cfg.kv_dim) if cfg.qkv_bias else 0) + (h if cfg.out_bias else 0)
-    if cfg.mlp_bias:
-        bias += (2 if cfg.mlp == "glu" else 1) * cfg.intermediate_size + h
-    block = layer_matmul_params(cfg) + bias + norm * (1 if cfg.parallel_residual else 2)
-    embed = V * h + ((cfg.max_positions + cfg.position_offset) * h if cfg.position == "learned" else 0)
-    head = (0 if cfg.tie_embeddings else V * h) + (V if cfg.lm_head_bias else 0)
-    return embed + L * block + norm + head
-
-
-def streamed_params(cfg: ModelConfig) -> int:
-    """Parameters read in full by every decode step: all but the embedding tables, of which a step
-    reads only one row per sequence (a tied embedding is read in full as the lm_head)."""
-    n = n_params(cfg) - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1)
-    if cfg.position == "learned":
-        n -= (cfg.max_positions + cfg.position_offset) * cfg.n_embd
-    return n
+from cpugen.model.config import ModelConfig
+from cpugen.model.shapes import layer_matmul_params
 
 
 def prompt_flops(cfg: ModelConfig, s: int) -> float:

@@ -15,19 +15,17 @@ each batch (where the kernel allows), so each row's peak is its own.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-
-from cpugen import backends, flops, planner
-from cpugen.config import _preset_dir, resolve
-from cpugen.env import environment
 from cpugen.errors import CpugenError
-from cpugen.memory import reset_peak_rss, rss_file_bytes
-from cpugen.record import RunRecord, count
-from cpugen.runner import DTYPES, RunSpec, _now, load, make_record, measure, needs, set_threads, stale_limits_note
+from cpugen.host.memory import reset_peak_rss, rss_file_bytes
+from cpugen.model import shapes
+from cpugen.model.config import preset_dir
+from cpugen.perf.measure import make_record, measure, needs, note_stale
+from cpugen.perf.record import RunRecord, count
+from cpugen.runtime import planner
+from cpugen.runtime.session import DTYPES, Session, check_lengths, log, open_session
 
 
 @dataclass
@@ -59,7 +57,7 @@ class Sweep:
 
 # --- sweep definitions ----------------------------------------------------------------------------------
 def sweep_dir():
-    return _preset_dir() / "bench"
+    return preset_dir() / "bench"
 
 
 def sweep_names() -> list[str]:
@@ -193,82 +191,55 @@ def does_not_fit(p: planner.Plan) -> str:
     return f"does not fit (needs {planner.fmt(planner.needed(p))}, budget {planner.fmt(p.budget_bytes)})"
 
 
-def plan_rows(sweep: Sweep, cfg, itemsize: int, backend: str) -> list[Row]:
+def plan_rows(sweep: Sweep, s: Session) -> list[Row]:
     """Every row planned before anything large is allocated, against one measurement of the runtime."""
-    overhead, file_backed = planner.runtime_overhead(), rss_file_bytes()
+    measured = dict(overhead=planner.runtime_overhead(), file_backed=rss_file_bytes())
     rows = []
-    for s in sweep.settings:
-        for b in s.batch_sizes:
+    for st in sweep.settings:
+        for b in st.batch_sizes:
             auto = b == "auto"
-            p = planner.plan(cfg, s.prompt_len, s.gen_len, itemsize, backend, sweep.memory_budget,
+            p = planner.plan(s.cfg, st.prompt_len, st.gen_len, s.itemsize, s.backend, sweep.memory_budget,
                              sweep.host_memory, sweep.max_batch_size if auto else None, None if auto else b,
-                             overhead=overhead, file_backed=file_backed)
+                             **measured)
             if auto and p.batch_size == 0:  # not even batch 1: show what batch 1 needs
-                p = planner.plan(cfg, s.prompt_len, s.gen_len, itemsize, backend, sweep.memory_budget,
-                                 sweep.host_memory, batch_size=1, overhead=overhead, file_backed=file_backed)
-            rows.append(Row(s, b, p, "ok" if planner.needed(p) <= p.budget_bytes else does_not_fit(p)))
+                p = planner.plan(s.cfg, st.prompt_len, st.gen_len, s.itemsize, s.backend, sweep.memory_budget,
+                                 sweep.host_memory, batch_size=1, **measured)
+            rows.append(Row(st, b, p, "ok" if planner.needed(p) <= p.budget_bytes else does_not_fit(p)))
     return rows
-
-
-def _not_run(sweep: Sweep, row: Row, cfg, backend: str, threads: int) -> RunRecord:
-    s, p = row.setting, row.plan
-    env = environment(threads)
-    measured = dict.fromkeys(("prompt_time_s", "prompt_flops", "decode_time_per_token_s", "decode_time_median_s",
-                              "decode_time_min_s", "decode_time_max_s", "token_throughput", "token_flops",
-                              "decode_weight_gbps", "peak_rss_bytes"))
-    return RunRecord(
-        model=cfg.name, backend=backend, dtype=sweep.dtype, batch_size=p.batch_size, prompt_len=s.prompt_len,
-        gen_len=s.gen_len, n_layer=cfg.n_layer, n_params=flops.n_params(cfg), weight_bytes=p.weight_bytes,
-        kv_cache_bytes=p.kv_cache_bytes, prompt_flop_per_seq=flops.prompt_flops(cfg, s.prompt_len),
-        token_flop_per_seq=flops.mean_token_flops(cfg, s.prompt_len, s.gen_len), decode_steps=0, threads=threads,
-        torch_version=torch.__version__, cpu=env["cpu"], seed=sweep.seed, status=row.status, sweep=sweep.name,
-        setting=s.name, date=_now(), repeats=0, env=env, **measured,
-        extra=_extra(row))
-
-
-def _extra(row: Row) -> dict:
-    p = row.plan
-    return {"batch_request": row.request, "predicted_peak_bytes": p.predicted_peak_bytes,
-            "needed_bytes": planner.needed(p), "budget_bytes": p.budget_bytes, "budget_source": p.budget_source}
 
 
 def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None) -> list[RunRecord]:
     """Runs every row of the sweep; `on_record(record)` as each finishes (the nightly job appends it
     to the history at once, so a crash later loses nothing measured before)."""
-    cfg, ckpt = resolve(sweep.model)
-    if sweep.layers is not None:
-        cfg = cfg.with_layers(sweep.layers)
-    for s in sweep.settings:
-        RunSpec(cfg, ckpt, 1, s.prompt_len, s.gen_len).validate()
-    backend = backends.resolve(sweep.backend, sweep.dtype)
-    threads = set_threads(sweep.threads)
-    itemsize = DTYPES[sweep.dtype].itemsize
-    log = (lambda *a: None) if quiet else (lambda *a: print("cpugen:", *a, file=sys.stderr))
-    rows = plan_rows(sweep, cfg, itemsize, backend)
+    s = open_session(sweep.model, layers=sweep.layers, backend=sweep.backend, dtype=sweep.dtype,
+                     threads=sweep.threads, seed=sweep.seed, quiet=quiet)
+    for st in sweep.settings:
+        check_lengths(s.cfg, st.prompt_len, st.gen_len)
+    say = log(quiet)
+    rows = plan_rows(sweep, s)
     runnable = [r for r in rows if r.status == "ok"]
-    log(f"sweep {sweep.name}: {cfg.name}, {cfg.n_layer} layers, {count(flops.n_params(cfg))} parameters, "
+    say(f"sweep {sweep.name}: {s.cfg.name}, {s.cfg.n_layer} layers, {count(shapes.n_params(s.cfg))} parameters, "
         f"{len(rows)} rows ({len(rows) - len(runnable)} do not fit), {sweep.repeat} repeats each, backend "
-        f"{backend}, {threads} threads")
-    loaded = load(RunSpec(cfg, ckpt, 1, 1, 1, backend, sweep.dtype, sweep.seed, threads, quiet), backend,
-                  threads) if runnable else None
+        f"{s.backend}, {s.threads} threads")
+    if runnable:
+        s.check_build_room(runnable[0].plan)
+        s.load()
     records = []
     for i, row in enumerate(rows):
-        s, p = row.setting, row.plan
-        where = f"[{i + 1}/{len(rows)}] {s.name}"
+        st, p = row.setting, row.plan
+        where = f"[{i + 1}/{len(rows)}] {st.name}"
+        extra = {"batch_request": row.request}
         if row.status != "ok":
-            log(f"{where}: batch {row.request}: {row.status}")
-            rec = _not_run(sweep, row, cfg, backend, threads)
+            say(f"{where}: batch {row.request}: {row.status}")
+            rec = make_record(s, p, st.prompt_len, st.gen_len, None, status=row.status, extra=extra)
         else:
-            log(f"{where}: " + needs(p, backend, threads))
-            spec = RunSpec(cfg, ckpt, p.batch_size, s.prompt_len, s.gen_len, backend, sweep.dtype, sweep.seed,
-                           threads, quiet=quiet)
+            say(f"{where}: " + needs(p, s))
             reset = reset_peak_rss()
-            rec = make_record(spec, loaded, p, measure(spec, loaded, p, sweep.repeat, sweep.warmup))
-            rec.sweep, rec.setting = sweep.name, s.name
-            rec.extra.update(_extra(row), peak_rss_since="batch start" if reset else "process start")
-            note = stale_limits_note(rec)
-            if note:
-                print(note, file=sys.stderr)
+            timings, warmup_s = measure(s, p, st.prompt_len, st.gen_len, sweep.repeat, sweep.warmup)
+            rec = make_record(s, p, st.prompt_len, st.gen_len, timings, warmup_s=warmup_s,
+                              extra={**extra, "peak_rss_since": "batch start" if reset else "process start"})
+            note_stale(rec)
+        rec.sweep, rec.setting = sweep.name, st.name
         records.append(rec)
         if on_record:
             on_record(rec)

@@ -1,4 +1,4 @@
-"""The generate loop: prefill, decode_one_token, decode_n_tokens over a static KV cache.
+"""The generate loop: prefill, then decode_one_token step by step, over a static KV cache.
 
 Prompts of different lengths are left-padded so that every sequence's next token is written at
 the same cache index; padding keys are masked out and each sequence's positions count only its
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from cpugen.errors import CpugenError
-from cpugen.model import Transformer
-from cpugen.sampling import Sampling, sample
+from cpugen.model.transformer import Transformer
+from cpugen.runtime.sampling import Sampling, sample
 
 
 @dataclass

@@ -9,7 +9,7 @@ Reading: a line that is not a JSON object with the grouping key's fields (a trun
 line) is reported and skipped; every other line is kept.
 
 Comparing: a record is compared with the median of the last `window` records of the same
-configuration (KEY: same machine, model, backend, setting, batch and threads). Token throughput and
+configuration (KEY: same machine, model, backend, setting, batch, threads and knobs). Token throughput and
 prompt FLOPS regress when they drop, peak memory when it grows, by more than `threshold`.
 """
 
@@ -24,6 +24,9 @@ from pathlib import Path
 from cpugen.errors import CpugenError
 
 KEY = ("cpu", "model", "n_layer", "backend", "dtype", "prompt_len", "gen_len", "batch_size", "threads")
+# ... and the CPUGEN_* knobs that change what runs, where not at their defaults (knobs.py); a record
+# written before knobs were recorded ran with the defaults
+KNOBS_KEY = "knobs_key"
 # figure -> +1 when higher is better (a drop regresses), -1 when lower is better (growth regresses)
 TRACKED = {"token_throughput": +1, "prompt_flops": +1, "peak_rss_bytes": -1}
 
@@ -111,14 +114,15 @@ def read(path: Path) -> History:
 
 # --- comparing -------------------------------------------------------------------------------------------
 def key(d: dict) -> tuple:
-    return tuple(d.get(k) for k in KEY)
+    return (*(d.get(k) for k in KEY), d.get(KNOBS_KEY) or "")
 
 
 def describe(d: dict) -> str:
     """A configuration in a few words: 'gptj-1b/1L eager bfloat16 16+4 batch 2, 2 threads'."""
     where = f"{d.get('sweep')}/{d.get('setting')} " if d.get("setting") else ""
+    knobs = f", {d[KNOBS_KEY]}" if d.get(KNOBS_KEY) else ""
     return (f"{where}{d['model']}/{d['n_layer']}L {d['backend']} {d['dtype']} {d['prompt_len']}+{d['gen_len']} "
-            f"batch {d['batch_size']}, {d['threads']} threads")
+            f"batch {d['batch_size']}, {d['threads']} threads{knobs}")
 
 
 def usable(d: dict, figure: str) -> bool:

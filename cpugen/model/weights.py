@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from cpugen import model as M
-from cpugen.config import ModelConfig
-from cpugen.memory import empty_huge
+from cpugen.model import transformer as M
+from cpugen.model.config import ModelConfig
+from cpugen.host.memory import empty_huge
 from cpugen.progress import Progress
 
 POOL = 4_194_301  # prime
@@ -100,7 +100,7 @@ def load_model(cfg: ModelConfig, checkpoint: Path | None, dtype: torch.dtype, se
                progress: Progress | None = None):
     if checkpoint is None:
         return random_model(cfg, dtype, seed, progress)
-    from cpugen.checkpoint import load_checkpoint
+    from cpugen.model.checkpoint import load_checkpoint
 
     return load_checkpoint(cfg, checkpoint, dtype, progress)
 

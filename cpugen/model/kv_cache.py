@@ -2,7 +2,7 @@
 
 import torch
 
-from cpugen.memory import empty_huge
+from cpugen.host.memory import empty_huge
 
 
 class KVCache:
@@ -13,10 +13,6 @@ class KVCache:
         self.k, self.v = empty_huge(shape, dtype), empty_huge(shape, dtype)
         self.k.zero_()
         self.v.zero_()
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
     def update(self, start: int, k, v, rows: slice = slice(None)):
         """k, v (b, nkv, T, hd) go to positions start..start+T-1 of the sequences `rows`; returns

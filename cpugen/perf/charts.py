@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from cpugen.history import KEY, TRACKED, UNITS, describe, usable
+from cpugen.perf.history import TRACKED, UNITS, describe, key, usable
 
 
 @dataclass
@@ -88,7 +88,7 @@ def over_time(history: list[dict], figure: str, keys: set, path: Path) -> Chart:
     div, unit = UNITS[figure]
     lines: dict[tuple, list] = {}
     for d in history:
-        k = tuple(d.get(x) for x in KEY)
+        k = key(d)
         if k in keys and usable(d, figure) and d.get("date"):
             try:
                 when = datetime.fromisoformat(d["date"])
@@ -119,7 +119,7 @@ def write_all(out_dir: Path, new: list[dict], history: list[dict]) -> tuple[list
         r = recs[0]
         title = f"{name}: {r['model']}, {r['n_layer']} layers, {r['backend']}, {r['threads']} threads"
         charts.append(throughput_vs_batch(recs, out_dir / f"throughput-vs-batch-{_slug(name)}.png", title))
-    keys = {tuple(d.get(x) for x in KEY) for d in new if d.get("status", "ok") == "ok"}
+    keys = {key(d) for d in new if d.get("status", "ok") == "ok"}
     for figure in TRACKED:
         charts.append(over_time(history, figure, keys, out_dir / f"history-{figure}.png"))
     return charts, None

@@ -12,7 +12,6 @@ count and torch version in ~/.cache/cpugen/roofline.json.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -20,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from cpugen.env import cpu_info
-from cpugen.memory import empty_huge, thp_mode
+from cpugen import knobs
+from cpugen.host.cpu import cpu_info
+from cpugen.host.memory import empty_huge, thp_mode
 
-CACHE = Path(os.environ.get("CPUGEN_CACHE", Path.home() / ".cache" / "cpugen")) / "roofline.json"
+def cache_file() -> Path:
+    return knobs.current().cache / "roofline.json"
 
 
 @dataclass
@@ -69,10 +70,20 @@ def measure_bandwidth(repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, f
 
 
 def measure_matmul(repeats: int = 7, n: int = 4096) -> tuple[float, float, float]:
-    """Median, min, max TFLOP/s of an n x n x n bf16 matmul."""
+    """Median, min, max TFLOP/s of an n x n x n bf16 matmul, through the route cpugen's bf16
+    matmuls take here: PyTorch's bf16 GEMM, or, on CPUs without AVX-512 (where that runs about
+    1 GFLOP/s), fp32 GEMM on widened blocks (model/transformer.py's widened_linear) at n/2."""
+    from cpugen.model.transformer import widened_linear
+    from cpugen.runtime.eager import widen_wanted
+
+    if widen_wanted():
+        n //= 2
+        fn = widened_linear
+    else:
+        fn = lambda x, w, b: torch.mm(x, w.t())  # noqa: E731
     a = torch.randn(n, n).to(torch.bfloat16)
     b = torch.randn(n, n).to(torch.bfloat16)
-    ts = _timed(lambda: torch.mm(a, b), repeats)
+    ts = _timed(lambda: fn(a, b, None), repeats)
     f = [2 * n**3 / t / 1e12 for t in ts]
     return statistics.median(f), min(f), max(f)
 
@@ -97,7 +108,7 @@ def measure(threads: int | None = None, repeats: int = 7) -> Roofline:
 
 def load_cached(threads: int) -> Roofline | None:
     try:
-        d = json.loads(CACHE.read_text()).get(_key(threads))
+        d = json.loads(cache_file().read_text()).get(_key(threads))
     except (OSError, json.JSONDecodeError):
         return None
     if not d:
@@ -107,16 +118,17 @@ def load_cached(threads: int) -> Roofline | None:
 
 
 def save(r: Roofline):
+    cache = cache_file()
     try:
-        data = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+        data = json.loads(cache.read_text()) if cache.exists() else {}
     except (OSError, json.JSONDecodeError):
         data = {}
     data[_key(r.threads)] = r.to_dict()
     try:
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE.with_suffix(".tmp")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(CACHE)
+        tmp.replace(cache)
     except OSError:
         pass  # a read-only home: measure again next time
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from cpugen.errors import CpugenError
+from cpugen.model.activations import NAMES as ACTIVATIONS
 
-ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 FAMILIES = ("gptj", "opt", "llama")
 
 
@@ -51,7 +51,6 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     source: str = ""  # the public config this one mirrors
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         problems = []
@@ -101,30 +100,25 @@ class ModelConfig:
             raise CpugenError(f"--layers must be in 1..{self.n_layer} for {self.name}, not {n}")
         return dataclasses.replace(self, n_layer=n)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
-
 
 # --- presets -------------------------------------------------------------------------------------
-def _preset_dir():
+def preset_dir():
     """configs/ ships inside the wheel as the package `cpugen.configs`; in a source checkout
     (cwd on sys.path, editable install) it is the folder beside the package."""
     try:
         return resources.files("cpugen.configs")
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "configs"
+        return Path(__file__).resolve().parents[2] / "configs"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in preset_dir().iterdir() if p.name.endswith(".json"))
 
 
 def from_dict(d: dict, where: str) -> ModelConfig:
     if not isinstance(d, dict):
         raise CpugenError(f"{where}: a model config must be a JSON object")
-    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise CpugenError(f"{where}: unknown config keys {', '.join(unknown)} (known: {', '.join(sorted(names))})")
@@ -136,39 +130,9 @@ def from_dict(d: dict, where: str) -> ModelConfig:
         raise CpugenError(f"{where}: {e}".replace("ModelConfig.__init__() ", "")) from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CpugenError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise CpugenError(f"{path}: cannot read ({e.strerror})") from None
-
-
 def from_name(name: str) -> ModelConfig:
-    f = _preset_dir() / f"{name}.json"
+    f = preset_dir() / f"{name}.json"
     if not f.is_file():
         raise CpugenError(f"unknown model {name!r}: use a preset ({', '.join(preset_names())}), "
                           "a config JSON path or a checkpoint directory")
     return from_dict(json.loads(f.read_text()), f"preset {name}")
-
-
-def resolve(spec: str) -> tuple[ModelConfig, Path | None]:
-    """`--model` as given -> (config, checkpoint directory or None for random weights)."""
-    p = Path(spec)
-    if p.is_dir():
-        from cpugen.checkpoint import config_from_hf  # a checkpoint directory
-
-        return config_from_hf(p), p
-    if p.suffix == ".json" or p.exists():
-        if not p.is_file():
-            raise CpugenError(f"{spec}: no such file")
-        d = _read_json(p)
-        if "model_type" in d or "architectures" in d:  # a bare HF config.json: random weights of that shape
-            from cpugen.checkpoint import config_from_hf_dict
-
-            return config_from_hf_dict(d, str(p)), None
-        return from_dict(d, str(p)), None
-    if "/" in spec or spec.startswith("."):
-        raise CpugenError(f"{spec}: no such file or directory")
-    return from_name(spec), None

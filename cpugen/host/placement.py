@@ -1,7 +1,7 @@
 """Where the compute threads run and where memory lands.
 
 - Affinity: the cores this process may use are what `sched_getaffinity` (taskset, a cgroup cpuset)
-  allows; `--threads` more than that oversubscribes them (warned in runner.set_threads). Each of
+  allows; `--threads` more than that oversubscribes them (warned in runtime/session.py's set_threads). Each of
   ATen's worker threads is pinned to one allowed core, so a streaming thread keeps its core, its
   L2 and its prefetch state for the whole run.
 - NUMA: on a host with several nodes the threads fill the node holding most of the allowed cores
@@ -21,6 +21,8 @@ import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from cpugen import knobs
 
 NODE_ROOT = Path("/sys/devices/system/node")
 MPOL_BIND, MPOL_INTERLEAVE = 2, 3
@@ -137,21 +139,21 @@ def set_memory_policy(nodes: list[int]) -> None:
         raise OSError(err, f"set_mempolicy: {os.strerror(err)}")
 
 
-def apply(threads: int, root: Path = NODE_ROOT) -> Placement:
-    """Pins the workers and places memory per `plan`; what could not be done goes in the note."""
+def apply(threads: int, root: Path = NODE_ROOT, pin=None) -> Placement:
+    """Pins the workers and places memory per `plan`; what could not be done goes in the note.
+    `pin()` gives (the function that pins ATen's worker t to cores[t], or None, and why not):
+    runtime/native.py's pinner, a native module."""
     global current
-    from cpugen import native
-
     nodes = numa_nodes(root)
     p = plan(threads, set(allowed_cores()), nodes)
-    if p.cores and os.environ.get("CPUGEN_PIN", "1") == "0":
+    if p.cores and not knobs.current().pin:
         p.cores, p.note = [], "CPUGEN_PIN=0"
     if p.cores:
-        ext = native.extension("threads", portable=True)
-        if ext is None:
-            p.cores, p.note = [], f"pinning unavailable: {native.why_not('threads')}"
+        fn, why = pin() if pin is not None else (None, "no pinning function given")
+        if fn is None:
+            p.cores, p.note = [], f"pinning unavailable: {why}"
         else:
-            ext.pin(p.cores)
+            fn(p.cores)
     if p.n_nodes > 1:
         try:
             set_memory_policy(p.nodes)

@@ -1,0 +1,107 @@
+"""Every CPUGEN_* environment variable, read once, validated, and recorded.
+
+A knob is a switch for A/B runs and for tests: what runs changes with it, so its value goes into
+every result record (`knobs`) and into the nightly history's configuration key (runs with the
+weights left plain are never compared with packed ones). A value outside a knob's allowed ones is
+a one-line `cpugen: error:` naming the variable. `python -m cpugen run --help` lists them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from cpugen.errors import CpugenError
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: str
+    allowed: tuple[str, ...] | None  # None: any value (a path)
+    changes_what_runs: bool
+    help: str
+
+
+KNOBS = (
+    Knob("CPUGEN_NATIVE", "1", ("1", "0"), True,
+         "0: none of cpugen's native kernels (matmuls, attention, norms, GLU, argmax, the decode stack); torch's ops run"),
+    Knob("CPUGEN_LAYOUT", "auto", ("auto", "plain"), True,
+         "plain: keep the weights in their plain layout instead of cpugen's packed layout"),
+    Knob("CPUGEN_REORDER", "1", ("1", "0"), True,
+         "0: never reorder plain weights into oneDNN's blocked layout for decode batches above the gemv's rows"),
+    Knob("CPUGEN_WIDEN", "auto", ("auto", "0"), True,
+         "0: on CPUs without AVX-512, keep bf16 matmuls on PyTorch's bf16 GEMM instead of widened fp32 GEMM"),
+    Knob("CPUGEN_ISA", "auto", ("auto", "avx512"), True,
+         "avx512: the gemv takes its AVX-512F path on an AVX512-BF16 CPU (to test that path)"),
+    Knob("CPUGEN_PIN", "1", ("1", "0"), True, "0: leave the compute threads unpinned"),
+    Knob("CPUGEN_HUGEPAGES", "1", ("1", "0"), True,
+         "0: do not ask for transparent huge pages for weights and KV cache"),
+    Knob("CPUGEN_CACHE", "", None, False,
+         "where native builds and measured limits are cached (default ~/.cache/cpugen)"),
+)
+BY_NAME = {k.name: k for k in KNOBS}
+RENAMED = {"CPUGEN_PACK": "CPUGEN_REORDER"}  # a name that meant two things ("pack"): oneDNN's reorder
+
+
+@dataclass(frozen=True)
+class Knobs:
+    native: bool
+    layout: str
+    reorder: bool
+    widen: bool
+    isa: str
+    pin: bool
+    hugepages: bool
+    cache: Path
+    values: tuple[tuple[str, str], ...]  # (name, value) of every knob, defaults included
+
+    def record(self) -> dict[str, str]:
+        """Every knob's value, for the run record."""
+        return dict(self.values)
+
+    def key(self) -> str:
+        """The knobs that change what runs and differ from their defaults, as 'NAME=value,...'
+        ('' for a default run): part of the history's configuration key."""
+        return ",".join(f"{n}={v}" for n, v in self.values
+                        if BY_NAME[n].changes_what_runs and v != BY_NAME[n].default)
+
+
+def read(environ=None) -> Knobs:
+    """Reads and validates every knob from `environ` (default os.environ)."""
+    env = os.environ if environ is None else environ
+    for old, new in RENAMED.items():
+        if old in env:
+            raise CpugenError(f"{old} is now {new} (values {' or '.join(BY_NAME[new].allowed)}): rename it")
+    values = []
+    for k in KNOBS:
+        v = env.get(k.name, k.default)
+        if k.allowed is not None and v not in k.allowed:
+            raise CpugenError(f"{k.name}={v!r} is not allowed: use one of {', '.join(k.allowed)} ({k.help})")
+        values.append((k.name, v))
+    v = dict(values)
+    cache = Path(v["CPUGEN_CACHE"]) if v["CPUGEN_CACHE"] else Path.home() / ".cache" / "cpugen"
+    return Knobs(native=v["CPUGEN_NATIVE"] == "1", layout=v["CPUGEN_LAYOUT"], reorder=v["CPUGEN_REORDER"] == "1",
+                 widen=v["CPUGEN_WIDEN"] == "auto",
+                 isa=v["CPUGEN_ISA"], pin=v["CPUGEN_PIN"] == "1", hugepages=v["CPUGEN_HUGEPAGES"] == "1",
+                 cache=cache, values=tuple(values))
+
+
+@lru_cache(maxsize=1)
+def current() -> Knobs:
+    """The knobs of this process, read on first use and kept: a variable changed later has no effect
+    (tests that change one call reload())."""
+    return read()
+
+
+def reload() -> Knobs:
+    current.cache_clear()
+    return current()
+
+
+def help_text() -> str:
+    return "environment switches:\n" + "\n".join(
+        f"  {k.name}={'|'.join(k.allowed) if k.allowed else 'PATH'} (default {k.default or '~/.cache/cpugen'}): {k.help}"
+        for k in KNOBS)

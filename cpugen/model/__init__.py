@@ -1,0 +1,1 @@
+"""The model: its config and where it comes from, its shapes, the transformer, its weights and tokenizer."""

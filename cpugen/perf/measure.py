@@ -1,0 +1,236 @@
+"""The measurement behind `cpugen run` and every `bench` row: the reference's throughput experiment.
+
+Synthetic random prompt tokens (like the reference), a short warm-up over the same cache, then the
+prompt pass timed as a whole and every decode step timed on its own; the result is one RunRecord
+(record.py), assembled in one place (`make_record`) for rows that ran and rows that did not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+
+from cpugen.errors import CpugenError
+from cpugen.host.environment import environment
+from cpugen.host.memory import huge_page_bytes, peak_rss_bytes
+from cpugen.model import shapes
+from cpugen.model.config import ModelConfig
+from cpugen.model.kv_cache import kv_cache_bytes
+from cpugen.model.weights import weight_bytes
+from cpugen.perf import flops
+from cpugen.perf.record import GiB, RunRecord, count
+from cpugen.progress import progress
+from cpugen.runtime import eager, planner, stack
+from cpugen.runtime.engine import Engine, Prompts, compute_context
+from cpugen.runtime.sampling import argmax
+from cpugen.runtime.session import Session, log, open_session
+
+
+@dataclass
+class RunSpec:
+    """`cpugen run`'s request: a model, one batch (or "auto") at one setting."""
+    model: str
+    batch_size: int | str  # or "auto": the planner's largest batch
+    prompt_len: int
+    gen_len: int
+    layers: int | None = None
+    backend: str = "auto"
+    dtype: str = "bfloat16"
+    seed: int = 0
+    threads: int | None = None
+    quiet: bool = False
+    warmup: bool = True
+    roofline: bool = True  # compare with this machine's measured limits (cached per machine)
+    memory_budget: str | None = None
+    host_memory: str | None = None
+    max_batch_size: int | None = None
+    decode_steps: int | None = None  # run only this many of the gen_len - 1 decode steps (the cache
+    #                                  is still sized for prompt + gen_len): the batch probe's workload
+    check_fit: bool = True  # refuse a batch the planner says will not fit
+
+
+@dataclass
+class Timing:
+    """One repeat of the measured work: the prompt pass, then every decode step on its own."""
+    prompt_time_s: float
+    steps: list[float]
+
+
+def decode_roofline_s(cfg: ModelConfig, roof, batch: int, prompt_len: int, gen_len: int, itemsize: int) -> float:
+    """Mean over the run's decode steps of the roofline time: the weights streamed once per step
+    plus the KV cache read at that step's context, against bandwidth; the step's FLOPs against peak."""
+    weights = shapes.streamed_params(cfg) * itemsize
+    times = []
+    for c in range(prompt_len + 1, prompt_len + gen_len):  # keys attended by each decode step
+        kv_read = kv_cache_bytes(cfg, batch, c, itemsize)
+        times.append(roof.step_time(weights + kv_read, batch * flops.token_flops(cfg, c)))
+    return statistics.fmean(times)
+
+
+def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops) -> dict:
+    from cpugen.perf import roofline
+
+    roof = roofline.get(threads)
+    ideal = decode_roofline_s(cfg, roof, B, P, G, itemsize)
+    return dict(roofline_read_gbps=roof.read_gbps, roofline_bf16_tflops=roof.bf16_tflops, decode_roofline_s=ideal,
+                decode_efficiency=ideal / step, prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
+
+
+STALE_LIMITS = 1.05  # a run this far above the cached roofline says the limits are out of date
+
+
+def stale_limits_note(rec: RunRecord) -> str | None:
+    """A line for stderr when a run beat the cached limits: the machine is in a faster regime than
+    when `cpugen roofline` measured it (shared hosts swing), so its efficiencies overstate."""
+    over = [f"{name} {100 * eff:.0f}%" for name, eff in (("decode", rec.decode_efficiency),
+                                                        ("prefill", rec.prefill_efficiency))
+            if eff is not None and eff > STALE_LIMITS]
+    if not over:
+        return None
+    return (f"cpugen: note: this run beat the cached limits ({', '.join(over)} of them; "
+            f"{rec.roofline_read_gbps:.1f} GB/s, {rec.roofline_bf16_tflops:.3f} TFLOP/s): the machine is faster "
+            f"now than when they were measured; refresh them with `python -m cpugen roofline --refresh`")
+
+
+def measure(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, repeats: int = 1, warmup: int = 1,
+            decode_steps: int | None = None) -> tuple[list[Timing], float]:
+    """`warmup` short warm-up passes, then `repeats` timed prompt passes and decode runs of batch
+    p.batch_size, all over one KV cache allocated once (and freed at the end). Returns the timings
+    and the seconds spent readying the batch and warming up."""
+    cfg, B, P, G = s.cfg, p.batch_size, prompt_len, gen_len
+    t_warm = time.perf_counter()
+    s.ready_for(B)
+    engine = Engine(s.model, B, P + G, s.dtype, s.forward, p.prefill_chunk, p.prefill_micro_batch)
+    gen = torch.Generator().manual_seed(s.seed)
+    prompts = Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen), torch.ones(B, P, dtype=torch.bool))
+    n_steps = G - 1 if decode_steps is None else min(decode_steps, G - 1)
+    timings = []
+    try:
+        with compute_context(s.dtype):
+            for _ in range(warmup):  # first calls pay for allocator growth, kernel selection and prepacking
+                w = min(P, 16)
+                logits = engine.prefill(Prompts(prompts.tokens[:, :w], prompts.valid[:, :w]))
+                for _ in range(min(2, G - 1)):
+                    logits = engine.decode_one_token(argmax(logits))
+                engine.reset()
+            warmup_s = time.perf_counter() - t_warm
+            s.model.decode_paths.clear()  # what ran the timed steps, for the record
+            bar = progress("prefill+decode", s.quiet)
+            for r in range(repeats):
+                if r:
+                    engine.reset()
+                t0 = time.perf_counter()
+                logits = engine.prefill(prompts)
+                tok = argmax(logits)
+                prompt_time = time.perf_counter() - t0
+                steps = []
+                for i in range(n_steps):
+                    t0 = time.perf_counter()
+                    logits = engine.decode_one_token(tok)
+                    tok = argmax(logits)
+                    steps.append(time.perf_counter() - t0)
+                    if bar:
+                        bar.update(r * n_steps + i + 1, repeats * n_steps, "decode steps")
+                if not torch.isfinite(logits.float()).all():
+                    raise CpugenError("the model produced non-finite logits: the weights or the dtype are unusable")
+                timings.append(Timing(prompt_time, steps))
+    finally:
+        s.model.free_caches()
+    return timings, warmup_s
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+MEASURED = ("prompt_time_s", "prompt_flops", "decode_time_per_token_s", "decode_time_median_s", "decode_time_min_s",
+            "decode_time_max_s", "token_throughput", "token_flops", "decode_weight_gbps", "peak_rss_bytes")
+
+
+def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timings: list[Timing] | None,
+                roofline: bool = True, status: str = "ok", warmup_s: float = 0.0, extra: dict | None = None) -> RunRecord:
+    """The record of one batch size. With timings, each figure is the median over repeats (min and
+    max beside it) and decode step statistics pool every step of every repeat; without (a row that
+    did not run), the measured figures are None and `status` says why."""
+    cfg, B, P, G = s.cfg, p.batch_size, prompt_len, gen_len
+    p_flop, t_flop = flops.prompt_flops(cfg, P), flops.mean_token_flops(cfg, P, G)
+    env = environment(s.threads)
+    common = dict(model=cfg.name, backend=s.backend, dtype=s.dtype_name, batch_size=B, prompt_len=P, gen_len=G,
+                  n_layer=cfg.n_layer, n_params=shapes.n_params(cfg), kv_cache_bytes=p.kv_cache_bytes,
+                  prompt_flop_per_seq=p_flop, token_flop_per_seq=t_flop, threads=s.threads,
+                  torch_version=torch.__version__, cpu=env["cpu"], seed=s.seed, date=_now(), status=status, env=env)
+    plan_extra = {"predicted_peak_bytes": p.predicted_peak_bytes, "needed_bytes": planner.needed(p),
+                  "budget_bytes": p.budget_bytes, "budget_source": p.budget_source,
+                  "activation_bytes": p.activation_bytes, "overhead_bytes": p.overhead_bytes,
+                  "prefill_chunk": p.prefill_chunk, "prefill_micro_batch": p.prefill_micro_batch, **(extra or {})}
+    if timings is None:
+        return RunRecord(**common, weight_bytes=p.weight_bytes, decode_steps=0, repeats=0,
+                         **dict.fromkeys(MEASURED), extra=plan_extra)
+    prompt_times = [t.prompt_time_s for t in timings]
+    step_means = [statistics.fmean(t.steps) for t in timings if t.steps]
+    all_steps = [x for t in timings for x in t.steps]
+    prompt_time = statistics.median(prompt_times)
+    nan = float("nan")
+    step = statistics.median(step_means) if step_means else nan
+    throughput = B / step if step_means else nan
+    roof = (_roofline(cfg, B, P, G, s.itemsize, s.threads, step, B * p_flop / prompt_time)
+            if roofline and step_means else {})
+    return RunRecord(
+        **common, weight_bytes=weight_bytes(s.model), prompt_time_s=prompt_time, prompt_flops=B * p_flop / prompt_time,
+        decode_time_per_token_s=step, decode_time_median_s=statistics.median(all_steps) if all_steps else nan,
+        decode_time_min_s=min(all_steps, default=nan), decode_time_max_s=max(all_steps, default=nan),
+        decode_steps=len(timings[0].steps), token_throughput=throughput, token_flops=throughput * t_flop,
+        decode_weight_gbps=shapes.streamed_params(cfg) * s.itemsize / step / 1e9 if step_means else nan,
+        peak_rss_bytes=peak_rss_bytes(), repeats=len(timings),
+        prompt_flops_min=B * p_flop / max(prompt_times), prompt_flops_max=B * p_flop / min(prompt_times),
+        token_throughput_min=B / max(step_means) if step_means else nan,
+        token_throughput_max=B / min(step_means) if step_means else nan, **roof,
+        extra={**plan_extra, "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
+               "decode_matmul": eager.decode_matmul(s.model, s.backend),
+               # what ran the timed decode steps, counted as they ran
+               "decode_blocks": stack.observed(s.model.decode_paths),
+               "decode_stack_refused": getattr(s.model, "stack_refused", None),
+               # the process's memory on transparent huge pages (weights and KV cache ask for them)
+               "huge_page_bytes": huge_page_bytes(),
+               # one-time costs, per run, so that their growth with depth can be checked (no
+               # per-layer compile or search: docs/performance.md, "One-time costs by depth")
+               "load_s": s.load_s, "prepare_s": s.prepare_s, "warmup_s": warmup_s})
+
+
+def note_stale(rec: RunRecord):
+    note = stale_limits_note(rec)
+    if note:
+        print(note, file=sys.stderr)
+
+
+def run(spec: RunSpec) -> RunRecord:
+    s = open_session(spec.model, layers=spec.layers, backend=spec.backend, dtype=spec.dtype, threads=spec.threads,
+                     seed=spec.seed, quiet=spec.quiet)
+    cfg, say = s.cfg, log(spec.quiet)
+    p = s.plan(spec.prompt_len, spec.gen_len, spec.batch_size, spec.memory_budget, spec.host_memory,
+               spec.max_batch_size, spec.check_fit)
+    say(f"{cfg.name}: {cfg.n_layer} layers, {count(shapes.n_params(cfg))} parameters; " + needs(p, s))
+    s.load()
+    timings, warmup_s = measure(s, p, spec.prompt_len, spec.gen_len, 1, int(spec.warmup), spec.decode_steps)
+    say(f"weights ready in {s.load_s:.1f} s, backend in {s.prepare_s:.1f} s, warm-up {warmup_s:.1f} s "
+        f"(backend and warm-up together: {1e3 * (s.prepare_s + warmup_s) / cfg.n_layer:.0f} ms a layer, "
+        "counting any first build of the native kernels)")
+    rec = make_record(s, p, spec.prompt_len, spec.gen_len, timings, spec.roofline, warmup_s=warmup_s)
+    note_stale(rec)
+    return rec
+
+
+def needs(p: planner.Plan, s: Session) -> str:
+    """What a batch needs, said before anything large is allocated."""
+    return (f"batch {p.batch_size} needs {p.weight_bytes / GiB:.2f} GiB of weights + {p.kv_cache_bytes / GiB:.2f} "
+            f"GiB of KV cache ({p.prompt_len + p.gen_len} tokens a sequence) + {p.activation_bytes / GiB:.2f} GiB "
+            f"of activations" + (f" (less than the {p.repack_bytes / GiB:.2f} GiB matrix held twice while it is "
+                                 f"repacked, before the cache exists)"
+                                 if p.repack_bytes > p.kv_cache_bytes + p.activation_bytes else "")
+            + f": predicted peak {p.predicted_peak_bytes / GiB:.2f} GiB of a {p.budget_bytes / GiB:.2f} "
+            f"GiB budget; backend {s.backend}, {s.threads} threads")

@@ -1,0 +1,170 @@
+"""The eager backend's native routes: cpugen's kernels installed into a built model.
+
+- every Linear gets the gemv for decode's skinny matmuls on the plain weights, or, on CPUs with
+  AVX512-BF16 and without AMX, its weight repacked once into cpugen's packed layout (`panels`),
+  which one kernel multiplies at every batch, prefill's included (docs/performance.md, "cpugen's
+  packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
+  layout, so the weights stay plain there;
+- Attention gets the fused decode step (rotary, cache write, attention over the cache);
+- Norm and a GLU MLP's product get kernels/norm.h and kernels/glu.h, which the decode stack runs
+  too, so the Python blocks and the stack agree bit for bit;
+- where every block has its native parts, the decode stack (stack.py).
+Where the weights stay plain, decode batches above the gemv's rows reorder them once into
+oneDNN's blocked layout (`for_batch`). CPUGEN_NATIVE=0, CPUGEN_LAYOUT=plain and CPUGEN_REORDER=0
+switch each off (cpugen/knobs.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cpugen import knobs
+from cpugen.host.cpu import cpu_info
+from cpugen.host.memory import release_freed
+from cpugen.model.activations import KERNEL_CODE
+from cpugen.model.transformer import MLP, Attention, Linear, Norm, Transformer
+from cpugen.runtime import native, stack
+
+
+WIDEN_ABOVE_ROWS = 8  # below, PyTorch's bf16 gemv path reads W at 4-14 GB/s; above, widened fp32 GEMM leads
+
+
+def widen_wanted() -> bool:
+    """Whether bf16 matmuls above a few rows run as fp32 GEMM on widened weight blocks: on CPUs
+    without AVX-512, where PyTorch's bf16 GEMM runs about 1 GFLOP/s against 110-140 for fp32
+    (docs/performance.md, "CPUs without AVX-512"). CPUGEN_WIDEN=0 keeps PyTorch's bf16 GEMM."""
+    return knobs.current().widen and not cpu_info()["avx512"]
+
+
+def prepare(model: Transformer):
+    """The eager backend for a bf16 model: widened GEMM where the CPU wants it, then the native
+    kernels where they run."""
+    if widen_wanted():
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.widen_above = WIDEN_ABOVE_ROWS
+    install(model)
+
+
+def panels_wanted() -> bool:
+    """Whether bf16 weights are repacked into cpugen's packed layout: on CPUs with AVX512-BF16 and
+    without AMX, unless CPUGEN_LAYOUT=plain."""
+    info = cpu_info()
+    return knobs.current().layout != "plain" and info["avx512_bf16"] and not info["amx_bf16"]
+
+
+def available(build: bool = True) -> bool:
+    """Whether the eager backend gets cpugen's native bf16 decode kernels on this machine. With
+    `build`, they are built first where `python -m cpugen build` has not; without, kernels not yet
+    built count as available where the CPU can run them (choosing a backend compiles nothing)."""
+    if not knobs.current().native or not cpu_info()["avx512_bf16"]:
+        return False
+    names = ("gemv_bf16", "decode_attention")
+    if not build and not all(native.is_built(n) for n in names):
+        return all(native.can_run(n) is None for n in names)
+    return all(native.extension(n) is not None for n in names)
+
+
+def install(model: Transformer, pack: bool | None = None) -> bool:
+    """Routes the model's bf16 work through the native kernels (see the module's docstring); False
+    when they are unavailable or switched off, leaving torch's path in place. With `pack` (default:
+    panels_wanted()), every weight not shared with the embedding is repacked into cpugen's layout,
+    block by block, each block's freed originals handed back to the OS before the next: the model
+    is never held twice."""
+    if not knobs.current().native:
+        return False
+    ext = native.extension()
+    if ext is None:
+        return False
+    attn = native.extension("decode_attention") if cpu_info()["avx512_bf16"] else None
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.kernel = ext.gemv
+        elif isinstance(m, Attention) and attn is not None and stack.attention_supported(m.hd):
+            m.decode_step = attn.decode_step
+        elif type(m) is Norm and m.weight.dtype == torch.bfloat16 and m.impl is None:
+            m.impl = NativeNorm(ext, m)
+        elif type(m) is MLP and m.glu and m.product is None:
+            m.product = NativeGlu(ext, m)
+    if (panels_wanted() if pack is None else pack) and ext.packed_available():
+        tied = model.wte.weight
+        for part in [*model.blocks, model]:  # the model last: its lm_head (the blocks are done by then)
+            for m in part.modules():
+                if (type(m) is Linear and m.weight is not None and m.weight is not tied
+                        and m.weight.dtype == torch.bfloat16 and m.in_features % 2 == 0):
+                    m.to_panels(ext)
+            release_freed()
+    if all(b.attn.decode_step is not None for b in model.blocks):
+        stack.install(model)
+    return True
+
+
+class NativeNorm:
+    """A Norm's computation through kernels/norm.h (bf16 rows, fp32 math); other dtypes take the
+    module's torch path."""
+
+    runs_native_kernel = True  # what the decode stack asks of a norm it runs (stack.py)
+
+    def __init__(self, ext, norm):
+        self.ext, self.norm = ext, norm
+
+    def __call__(self, x):
+        n = self.norm
+        if x.dtype != torch.bfloat16:
+            return n.reference(x)
+        return self.ext.norm(x, n.weight, n.bias, n.eps, n.kind == "rmsnorm")
+
+
+class NativeGlu:
+    """A GLU MLP's act(gate) * up through kernels/glu.h (bf16); other dtypes take the module's
+    torch path."""
+
+    runs_native_kernel = True
+
+    def __init__(self, ext, mlp):
+        self.ext, self.mlp, self.code = ext, mlp, KERNEL_CODE[mlp.act]
+
+    def __call__(self, gu):
+        if gu.dtype != torch.bfloat16:
+            return self.mlp.glu_reference(gu)
+        return self.ext.glu(gu, self.code)
+
+
+def gemv_max_batch() -> int:
+    """Where the weights stay plain, decode batches up to this use cpugen's gemv, larger ones
+    oneDNN's reordered weights (docs/performance.md, "Gemv up to 4 rows at plain weights")."""
+    return Linear.kernel_rows
+
+
+def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
+    """Readies the eager backend's matmuls for decode at `batch`: above gemv_max_batch() the plain
+    weights are reordered into oneDNN's blocked layout (in place, layer by layer, one way: the gemv
+    needs the plain layout, so a model once reordered stays so). Weights in cpugen's packed layout
+    serve every batch as they are."""
+    if backend != "eager" or dtype != torch.bfloat16 or batch <= gemv_max_batch():
+        return
+    if not knobs.current().reorder or not cpu_info()["avx512"]:  # oneDNN's bf16 reorder needs AVX-512
+        return
+    tied = model.wte.weight
+    plain = lambda part: [m for m in part.modules()  # noqa: E731
+                          if type(m) is Linear and m.weight is not None and m.weight is not tied]
+    if any(plain(b) for b in model.blocks):
+        stack.drop(model)  # it holds the plain weights: dropped first, or reordering would keep both
+    for part in [*model.blocks, model]:
+        for m in plain(part):
+            m.to_onednn()
+        release_freed()
+
+
+def decode_matmul(model: Transformer, backend: str) -> str:
+    """What ran decode's matmuls, for the record."""
+    if backend != "eager":
+        return backend
+    block = model.blocks[0].mlp.w_in
+    if getattr(block, "panels", None) is not None:
+        return "cpugen-packed"
+    if getattr(block, "onednn", None) is not None:
+        return "onednn-packed"
+    if getattr(block, "kernel", None) is not None:
+        return "cpugen-gemv"
+    return "torch-widened" if getattr(block, "widen_above", None) is not None else "torch"

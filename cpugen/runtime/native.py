@@ -1,0 +1,157 @@
+"""Building and loading cpugen's native CPU kernels (C++ in kernels/).
+
+Each kernel module is built through torch.utils.cpp_extension into
+`<CPUGEN_CACHE>/ext/<name>-<key>/`, where the key hashes the module's sources (its .cpp and every
+header it includes), the compiler flags and the torch version: identical sources share a build,
+different ones (two checkouts, two versions) keep theirs side by side. A later process loads the
+cached build in well under a second.
+
+Compiling peaks at about 1.6 GiB of resident memory in the compiler, outside every plan, so the
+install step builds them (`python -m cpugen build`); a run that would have to build them first
+says so (`missing_builds`). Where a build is impossible (no compiler, no ninja) or the CPU lacks
+the instructions, `extension()` is None, `why_not()` says why, and callers run torch's ops.
+What installs the kernels into a model: eager.py; the decode stack: stack.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import time
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from cpugen import knobs
+from cpugen.host.cpu import cpu_info
+
+MODULES = ("gemv_bf16", "decode_attention", "decode_layer")  # AVX-512 kernels
+PORTABLE = ("threads",)  # thread pinning: any x86-64 or ARM CPU
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+LDFLAGS = ("-fopenmp",)
+BUILD_PEAK_BYTES = 1600 * 2**20  # the compiler's resident peak, building the kernels into an empty cache
+STALE_LOCK_S = 600  # a build takes under a minute; an older lock was left by a process killed mid-build
+
+_why: dict[str, str] = {}
+
+
+def source_dir() -> Path:
+    """kernels/ ships inside the wheel as `cpugen.kernels`; in a checkout it is beside the package."""
+    try:
+        return Path(str(resources.files("cpugen.kernels")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels"
+
+
+def cache_root() -> Path:
+    return knobs.current().cache / "ext"
+
+
+def _headers(source: Path, seen: set | None = None) -> list[Path]:
+    """The kernels/ headers a source includes (`#include "x.h"`), and those they include."""
+    seen = set() if seen is None else seen
+    for n in re.findall(r'^#include "([^"]+)"', source.read_text(), re.M):
+        h = source.parent / n
+        if h.exists() and h not in seen:
+            seen.add(h)
+            _headers(h, seen)
+    return sorted(seen)
+
+
+def build_key(name: str) -> str:
+    """A hash of what the build of kernels/<name>.cpp depends on: sources, flags, torch version."""
+    source = source_dir() / f"{name}.cpp"
+    h = hashlib.sha256()
+    for p in [source, *_headers(source)]:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update(" ".join((*CFLAGS, *LDFLAGS, torch.__version__)).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir(name: str) -> Path:
+    return cache_root() / f"{name}-{build_key(name)}"
+
+
+def is_built(name: str) -> bool:
+    return (build_dir(name) / f"cpugen_{name}.so").exists()
+
+
+def can_run(name: str) -> str | None:
+    """Why kernels/<name>.cpp cannot run on this CPU, or None."""
+    if name not in PORTABLE and not cpu_info()["avx512"]:
+        return "the CPU lacks AVX-512 (F, BW and VL)"
+    return None
+
+
+def missing_builds() -> list[str]:
+    """The kernel modules this machine would compile before a run could use them."""
+    k = knobs.current()
+    wanted = [*(PORTABLE if k.pin else ()), *(MODULES if k.native else ())]
+    return [n for n in wanted if can_run(n) is None and not is_built(n)]
+
+
+@lru_cache(maxsize=None)
+def extension(name: str = "gemv_bf16"):
+    """The compiled module for kernels/<name>.cpp (built first if it is not cached), or None, with
+    the reason in `why_not(name)`."""
+    why = can_run(name)
+    if why:
+        _why[name] = why
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        build = build_dir(name)
+        build.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(build / "lock")
+        if not is_built(name):
+            print(f"cpugen: building kernels/{name}.cpp for this machine and torch {torch.__version__} "
+                  f"(once, about half a minute; cached in {build})", file=sys.stderr)
+        return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source_dir() / f"{name}.cpp")],
+                                  extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                                  build_directory=str(build), verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
+        _why[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        print(f"cpugen: native {name} unavailable ({_why[name]}); "
+              + ("threads stay unpinned" if name in PORTABLE else "using torch's ops"), file=sys.stderr)
+        return None
+
+
+def why_not(name: str = "gemv_bf16") -> str | None:
+    return _why.get(name)
+
+
+def build_all() -> dict[str, str]:
+    """Builds (or finds built) every kernel module this CPU can run: name -> what happened."""
+    out = {}
+    for name in (*PORTABLE, *MODULES):
+        why = can_run(name)
+        if why:
+            out[name] = f"not for this CPU: {why}"
+            continue
+        t0, cached = time.perf_counter(), is_built(name)
+        ok = extension(name) is not None
+        out[name] = (("cached" if cached else f"built in {time.perf_counter() - t0:.0f} s") + f" ({build_dir(name)})"
+                     if ok else f"unavailable: {why_not(name)}")
+    return out
+
+
+def _clear_stale_lock(lock: Path):
+    """cpp_extension serializes builds with a lock file and waits forever while it exists; one left
+    by a killed build would hang every later process."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            print(f"cpugen: removed a stale build lock {lock}", file=sys.stderr)
+    except FileNotFoundError:
+        pass
+
+
+def pinner():
+    """(the native function that pins ATen's workers to cores, or None, and why not): what
+    host/placement.py's apply() takes as `pin`."""
+    ext = extension("threads")
+    return (ext.pin, None) if ext is not None else (None, why_not("threads"))

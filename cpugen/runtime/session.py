@@ -1,0 +1,164 @@
+"""One path from a request to a ready model: `run`, `bench`, `generate`, the probe's child and the
+peer benchmark's worker all get their model here, so a check or a step added here holds for all.
+
+    s = open_session("gptj-1b", layers=4, backend="auto", threads=None)  # resolve, threads
+    p = s.plan(prompt_len, gen_len, batch)   # what it needs, checked against the budget, nothing allocated
+    s.load()                                 # kernels built if needed, threads pinned, weights, backend
+    s.ready_for(p.batch_size)                # per-batch preparation (oneDNN reorder above the gemv's rows)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cpugen import knobs
+from cpugen.errors import CpugenError
+from cpugen.host import placement
+from cpugen.host.cpu import usable_cores
+from cpugen.model.config import ModelConfig
+from cpugen.model.source import resolve
+from cpugen.model.transformer import Transformer
+from cpugen.model.weights import load_model
+from cpugen.progress import progress
+from cpugen.runtime import backends, eager, native, planner
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def log(quiet: bool):
+    """A function printing `cpugen: ...` lines on stderr, or doing nothing when quiet."""
+    return (lambda *a: None) if quiet else (lambda *a: print("cpugen:", *a, file=sys.stderr))
+
+
+def check_lengths(cfg: ModelConfig, prompt_len: int, new_tokens: int, prompt: str = "--prompt-len",
+                  new: str = "--gen-len"):
+    """The one check that a prompt and its new tokens fit the model's positions."""
+    if prompt_len < 1:
+        raise CpugenError(f"{prompt} must be at least 1, not {prompt_len}")
+    if new_tokens < 1:
+        raise CpugenError(f"{new} must be at least 1, not {new_tokens}")
+    total = prompt_len + new_tokens
+    if total > cfg.max_positions:
+        raise CpugenError(f"prompt {prompt_len} + {new_tokens} new tokens = {total} exceeds {cfg.name}'s "
+                          f"{cfg.max_positions} positions: shorten the prompt or lower {new}")
+
+
+def set_threads(n: int | None) -> int:
+    """n intra-op threads (default: the usable cores)."""
+    cores = usable_cores()
+    n = n or cores
+    if n < 1:
+        raise CpugenError(f"--threads must be at least 1, not {n}")
+    if n > cores:
+        print(f"cpugen: warning: {n} threads on {cores} usable cores will oversubscribe them", file=sys.stderr)
+    torch.set_num_threads(n)
+    return n
+
+
+def place(threads: int) -> placement.Placement:
+    """Each compute thread pinned to its own core, memory by NUMA node (host/placement.py)."""
+    return placement.apply(threads, pin=native.pinner)
+
+
+@dataclass
+class Session:
+    cfg: ModelConfig
+    checkpoint: Path | None
+    backend: str  # resolved: eager | ipex
+    dtype_name: str
+    threads: int
+    seed: int = 0
+    quiet: bool = False
+    model: Transformer | None = None
+    forward: object = None  # what the backend gives to call
+    load_s: float = 0.0  # weights built or read
+    prepare_s: float = 0.0  # the backend's one-time work: native kernels loaded (or built), IPEX packing
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    def plan(self, prompt_len: int, gen_len: int, batch: int | str = "auto", memory_budget: str | None = None,
+             host_memory: str | None = None, max_batch_size: int | None = None, check_fit: bool = True,
+             what: str | None = None, hint: str | None = None, **measured) -> planner.Plan:
+        """The plan for `batch` ("auto": the largest that fits), checked before anything large is
+        allocated: a batch that does not fit (or kernels that would have to be compiled past the
+        budget) is an error saying what to change. `what` names the batch in that error and `hint`
+        says what to change (default: the largest batch that fits)."""
+        auto = batch == "auto"
+        if not auto and batch < 1:
+            raise CpugenError(f"--batch-size must be at least 1, not {batch}")
+        check_lengths(self.cfg, prompt_len, gen_len)
+        p = planner.plan(self.cfg, prompt_len, gen_len, self.itemsize, self.backend, memory_budget, host_memory,
+                         max_batch_size if auto else None, None if auto else batch, **measured)
+        if auto and p.batch_size == 0:
+            raise CpugenError(planner.explain_no_fit(p, self.cfg, self.itemsize))
+        if not auto and check_fit and planner.needed(p) > p.budget_bytes and hint:
+            raise CpugenError(planner.shortfall(p, what or f"batch {batch}", hint))
+        if not auto and check_fit and planner.needed(p) > p.budget_bytes:
+            best = planner.plan(self.cfg, prompt_len, gen_len, self.itemsize, self.backend, memory_budget,
+                                host_memory, overhead=p.overhead_bytes, file_backed=p.file_backed_bytes)
+            if best.batch_size == 0:
+                raise CpugenError(planner.explain_no_fit(best, self.cfg, self.itemsize))
+            raise CpugenError(planner.shortfall(p, what or f"batch {batch}",
+                                                f"use --batch-size {best.batch_size} or less (or --batch-size auto)"))
+        if host_memory is None:
+            self.check_build_room(p)
+        return p
+
+    def check_build_room(self, p: planner.Plan):
+        """Compiling the kernels (once per machine) peaks at about 1.6 GiB in the compiler, before
+        the model loads: a budget that cannot hold that beside the runtime is refused."""
+        missing = native.missing_builds() if self.backend == "eager" else []
+        if not missing:
+            return
+        need = p.overhead_bytes + native.BUILD_PEAK_BYTES
+        if need > p.budget_bytes:
+            raise CpugenError(f"the native kernels ({', '.join(missing)}) are not built on this machine, and compiling "
+                              f"them needs about {planner.fmt(need)} before the model loads, more than the budget "
+                              f"of {planner.fmt(p.budget_bytes)} ({p.budget_source}): run `python -m cpugen build` "
+                              "first (or set CPUGEN_NATIVE=0)")
+        log(self.quiet)(f"building the native kernels first ({', '.join(missing)}: once per machine, about "
+                        f"{planner.fmt(native.BUILD_PEAK_BYTES)} in the compiler, before the model loads)")
+
+    def load(self) -> "Session":
+        """Builds (or loads) the kernels, pins the threads, then the weights (random or a
+        checkpoint) in the session's dtype, prepared for the backend."""
+        t0 = time.perf_counter()
+        if self.backend == "eager" and self.dtype == torch.bfloat16:
+            eager.available()  # compiled here, before the threads are pinned (the compiler then has every core)
+        place(self.threads)
+        t1 = time.perf_counter()
+        self.model = load_model(self.cfg, self.checkpoint, self.dtype, self.seed,
+                                progress("weights" if self.checkpoint is None else "loading", self.quiet))
+        t2 = time.perf_counter()
+        self.forward = backends.apply(self.model, self.backend, self.dtype)
+        self.load_s, self.prepare_s = t2 - t1, (t1 - t0) + time.perf_counter() - t2
+        return self
+
+    def ready_for(self, batch: int):
+        eager.for_batch(self.model, self.backend, self.dtype, batch)
+
+
+def open_session(model: str | None = None, *, cfg: ModelConfig | None = None, checkpoint: Path | None = None,
+                 layers: int | None = None, backend: str = "auto", dtype: str = "bfloat16",
+                 threads: int | None = None, seed: int = 0, quiet: bool = False) -> Session:
+    """A session for `--model` as given (or an already resolved config and checkpoint): the model's
+    config, the backend that will run it, the threads. Nothing large is allocated."""
+    if cfg is None:
+        cfg, checkpoint = resolve(model, layers)
+    else:
+        cfg = cfg.with_layers(layers)
+    if dtype not in DTYPES:
+        raise CpugenError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    knobs.current()  # a bad CPUGEN_* value is an error before any work
+    return Session(cfg, checkpoint, backends.resolve(backend, dtype), dtype, set_threads(threads), seed, quiet)
