@@ -222,6 +222,7 @@ def main() -> int:
     ap.add_argument("--out", help="also write the markdown report here")
     a = ap.parse_args()
 
+    from cpugen.model import shapes
     from cpugen.perf import flops
     from cpugen.model.config import from_name
 
@@ -234,7 +235,7 @@ def main() -> int:
     bw0, tf0 = limits(a.threads)
     workers = [Worker(e, a.ipex_python if e == "hf-ipex" else sys.executable, ckpt, a.threads) for e in engines]
     batches = [int(b) for b in a.batch_sizes.split(",")]
-    weight_bytes = flops.streamed_params(cfg) * 2
+    weight_bytes = shapes.streamed_params(cfg) * 2
     res: dict = {(w.engine, b): [] for w in workers for b in batches}
     reads: dict = {b: [] for b in batches}  # per round: (reading before it, reading after it)
     try:
@@ -257,7 +258,7 @@ def main() -> int:
 
     from cpugen.host.cpu import cpu_info
 
-    lines = [f"## {a.model} ({cfg.n_layer} layers, {flops.n_params(cfg) / 1e9:.2f}e9 parameters, bf16), "
+    lines = [f"## {a.model} ({cfg.n_layer} layers, {shapes.n_params(cfg) / 1e9:.2f}e9 parameters, bf16), "
              f"prompt {a.prompt_len}, {a.gen_len} new tokens, {a.threads} threads",
              "",
              f"Machine: {cpu_info()['cpu']} ({platform.machine()}); limits before: {bw0:.1f} GB/s read, "
