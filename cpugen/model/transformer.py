@@ -114,7 +114,8 @@ _scratch_buf = torch.empty(0)
 def _scratch(n: int) -> torch.Tensor:
     global _scratch_buf
     if _scratch_buf.numel() < n:
-        _scratch_buf = torch.empty(n)
+        with torch.inference_mode(False):  # a plain tensor: written in place in and out of inference mode
+            _scratch_buf = torch.empty(n)
     return _scratch_buf[:n]
 
 

@@ -32,7 +32,7 @@ def resolve(name: str, dtype: str = "bfloat16") -> str:
         if name == "ipex":
             raise CpugenError(f"--backend ipex needs intel-extension-for-pytorch ({why}): {ipex_backend.HINT}")
         return "eager"
-    if name == "auto" and not ipex_backend.bf16_ok(ipex):
+    if name == "auto" and dtype == "bfloat16" and not ipex_backend.bf16_ok(ipex):
         return "eager"
     return "ipex"
 

@@ -92,7 +92,10 @@ def bf16_ok(ipex) -> bool:
 def _optimize(ipex, module, dtype):
     # inplace: each packed weight replaces its original, so the weights are never held twice.
     # The folding/dropout/LSTM passes do nothing for this model but fx-trace it: off.
-    return ipex.optimize(module, dtype=dtype, inplace=True, weights_prepack=True, auto_kernel_selection=True,
+    # IPEX's bf16 prepacking needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; without them (AVX2 CPUs)
+    # the weights stay as they are and IPEX's fused norms still apply.
+    prepack = dtype != torch.bfloat16 or bf16_ok(ipex)
+    return ipex.optimize(module, dtype=dtype, inplace=True, weights_prepack=prepack, auto_kernel_selection=True,
                          conv_bn_folding=False, linear_bn_folding=False, replace_dropout_with_identity=False,
                          optimize_lstm=False)
 
