@@ -88,6 +88,7 @@ import os, sys
 torch_v, ipex_v, tf_v, repo = sys.argv[1:]
 import torch, transformers, safetensors, tokenizers, numpy, psutil, pytest  # noqa: F401
 import cpugen
+from cpugen.runtime import backends
 from cpugen.runtime import ipex as ipex_backend
 ipex, why = ipex_backend.import_ipex()  # quiet: IPEX's import prints kernel-override notices
 problems = []
@@ -103,7 +104,7 @@ where = os.path.dirname(os.path.dirname(os.path.realpath(cpugen.__file__)))
 if where != repo:
     problems.append(f"cpugen imports from {where}, not {repo}")
 if not problems and backends.resolve("ipex") != "ipex":
-    problems.append("cpugen.backends.resolve('ipex') does not choose ipex")
+    problems.append("cpugen.runtime.backends.resolve('ipex') does not choose ipex")
 if problems:
     sys.exit("; ".join(problems))
 print(f"torch {torch.__version__}, intel_extension_for_pytorch {ipex.__version__}, "
