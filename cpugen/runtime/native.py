@@ -86,6 +86,11 @@ def can_run(name: str) -> str | None:
     return None
 
 
+def switch_off(name: str) -> str:
+    """The knob that runs without kernels/<name>.cpp."""
+    return "CPUGEN_PIN=0" if name in PORTABLE else "CPUGEN_NATIVE=0"
+
+
 def missing_builds() -> list[str]:
     """The kernel modules this machine would compile before a run could use them."""
     k = knobs.current()

@@ -102,15 +102,14 @@ class Session:
                          max_batch_size if auto else None, None if auto else batch, **measured)
         if auto and p.batch_size == 0:
             raise CpugenError(planner.explain_no_fit(p, self.cfg, self.itemsize))
-        if not auto and check_fit and planner.needed(p) > p.budget_bytes and hint:
-            raise CpugenError(planner.shortfall(p, what or f"batch {batch}", hint))
         if not auto and check_fit and planner.needed(p) > p.budget_bytes:
-            best = planner.plan(self.cfg, prompt_len, gen_len, self.itemsize, self.backend, memory_budget,
-                                host_memory, overhead=p.overhead_bytes, file_backed=p.file_backed_bytes)
-            if best.batch_size == 0:
-                raise CpugenError(planner.explain_no_fit(best, self.cfg, self.itemsize))
-            raise CpugenError(planner.shortfall(p, what or f"batch {batch}",
-                                                f"use --batch-size {best.batch_size} or less (or --batch-size auto)"))
+            if hint is None:
+                best = planner.plan(self.cfg, prompt_len, gen_len, self.itemsize, self.backend, memory_budget,
+                                    host_memory, overhead=p.overhead_bytes, file_backed=p.file_backed_bytes)
+                if best.batch_size == 0:
+                    raise CpugenError(planner.explain_no_fit(best, self.cfg, self.itemsize))
+                hint = f"use --batch-size {best.batch_size} or less (or --batch-size auto)"
+            raise CpugenError(planner.shortfall(p, what or f"batch {batch}", hint))
         if host_memory is None:
             self.check_build_room(p)
         return p
@@ -126,7 +125,7 @@ class Session:
             raise CpugenError(f"the native kernels ({', '.join(missing)}) are not built on this machine, and compiling "
                               f"them needs about {planner.fmt(need)} before the model loads, more than the budget "
                               f"of {planner.fmt(p.budget_bytes)} ({p.budget_source}): run `python -m cpugen build` "
-                              "first (or set CPUGEN_NATIVE=0)")
+                              f"first (or set {' and '.join(sorted({native.switch_off(n) for n in missing}))})")
         log(self.quiet)(f"building the native kernels first ({', '.join(missing)}: once per machine, about "
                         f"{planner.fmt(native.BUILD_PEAK_BYTES)} in the compiler, before the model loads)")
 
@@ -135,7 +134,8 @@ class Session:
         checkpoint) in the session's dtype, prepared for the backend."""
         t0 = time.perf_counter()
         if self.backend == "eager" and self.dtype == torch.bfloat16:
-            eager.available()  # compiled here, before the threads are pinned (the compiler then has every core)
+            for name in native.missing_builds():  # compiled before the threads are pinned: the compiler gets every core
+                native.extension(name)
         place(self.threads)
         t1 = time.perf_counter()
         self.model = load_model(self.cfg, self.checkpoint, self.dtype, self.seed,
