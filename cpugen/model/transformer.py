@@ -85,7 +85,7 @@ def widened_linear(x, w, bias):
     """x (..., K) @ w (N, K)^T + bias in bf16 out, fp32 math through PyTorch's fp32 GEMM: W is
     widened to fp32 a block of rows at a time into a reused buffer (no fp32 copy of W, no fresh
     pages), each block's output rounded into the bf16 result. For CPUs without AVX-512, where
-    PyTorch's bf16 GEMM runs about 100x slower than its fp32 one (docs/performance.md, "CPUs
+    PyTorch's bf16 matmuls run 8-170x slower than its fp32 ones (docs/performance.md, "CPUs
     without AVX-512"); its answer is the bf16 GEMM's, up to the order of the fp32 sums."""
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K)

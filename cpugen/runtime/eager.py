@@ -26,12 +26,15 @@ from cpugen.model.transformer import MLP, Attention, Linear, Norm, Transformer
 from cpugen.runtime import native, stack
 
 
-WIDEN_ABOVE_ROWS = 8  # below, PyTorch's bf16 gemv path reads W at 4-14 GB/s; above, widened fp32 GEMM leads
+# widened fp32 GEMM from this many rows up: on 2 Zen 3 cores, an 8192 x 2048 weight, PyTorch's bf16
+# F.linear leads at 1-4 rows (1.8 / 3.3 / 6.7 ms against 3.9 / 5.3 / 8.5), widened_linear from 8
+# (9.3 ms against 12.9; 5.0x at 64 rows, 7.1x at 1024): kernels/bench_widen.py
+WIDEN_ABOVE_ROWS = 4
 
 
 def widen_wanted() -> bool:
     """Whether bf16 matmuls above a few rows run as fp32 GEMM on widened weight blocks: on CPUs
-    without AVX-512, where PyTorch's bf16 GEMM runs about 1 GFLOP/s against 110-140 for fp32
+    without AVX-512, where PyTorch's bf16 matmuls run at 1-21 GFLOP/s against 150-165 for fp32
     (docs/performance.md, "CPUs without AVX-512"). CPUGEN_WIDEN=0 keeps PyTorch's bf16 GEMM."""
     return knobs.current().widen and not cpu_info()["avx512"]
 
