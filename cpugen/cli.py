@@ -136,8 +136,22 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--history", required=True, metavar="PATH", help="the history file (JSONL, appended to)")
     n.add_argument("--report-dir", required=True, metavar="DIR", help="where report.md and the charts go")
     n.add_argument("--threshold", type=float, default=0.10,
-                   help="a change beyond this share is a regression (default 0.10: 10%%)")
-    n.add_argument("--window", type=int, default=5, help="compare with the median of the last N runs (default 5)")
+                   help="a figure worse than its history's median by more than this share, and by more than "
+                        "--spread-k times its spread, regresses (default 0.10: 10%%)")
+    n.add_argument("--spread-k", type=float, default=3.0,
+                   help="how many times the history's spread (MAD as a standard deviation) a regression must "
+                        "exceed (default 3)")
+    n.add_argument("--window", type=int, default=10, help="judge against the last N runs (default 10)")
+    n.add_argument("--min-runs", type=int, default=5,
+                   help="judge a configuration once it has this many earlier runs (default 5)")
+    n.add_argument("--confirm", type=int, default=2,
+                   help="measure a row that regressed again up to N times; a regression must reproduce (default 2)")
+    n.add_argument("--confirm-pause", type=float, default=10.0, metavar="SECONDS",
+                   help="wait this long before measuring a regressed row again (default 10)")
+    n.add_argument("--repeat", type=int,
+                   help="timed runs of each row of a compared sweep (default: the sweep's, at least 3)")
+    n.add_argument("--calibrate", type=int, metavar="N",
+                   help="run the sweeps N times on unchanged code and report how often the rule would alarm")
     n.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
     return ap
 

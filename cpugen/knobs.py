@@ -41,6 +41,10 @@ KNOBS = (
          "0: do not ask for transparent huge pages for weights and KV cache"),
     Knob("CPUGEN_CACHE", "", None, False,
          "where native builds and measured limits are cached (default ~/.cache/cpugen)"),
+    # Recorded, but never part of the configuration key: it exists to plant a regression that the
+    # nightly job must catch when it compares the run with its unslowed history.
+    Knob("CPUGEN_TEST_SLOWDOWN", "0", None, False,
+         "for tests: each timed decode step sleeps this fraction of its own time (0.2: decode 20 percent slower)"),
 )
 BY_NAME = {k.name: k for k in KNOBS}
 RENAMED = {"CPUGEN_PACK": "CPUGEN_REORDER"}  # a name that meant two things ("pack"): oneDNN's reorder
@@ -56,6 +60,7 @@ class Knobs:
     pin: bool
     hugepages: bool
     cache: Path
+    test_slowdown: float
     values: tuple[tuple[str, str], ...]  # (name, value) of every knob, defaults included
 
     def record(self) -> dict[str, str]:
@@ -82,11 +87,18 @@ def read(environ=None) -> Knobs:
             raise CpugenError(f"{k.name}={v!r} is not allowed: use one of {', '.join(k.allowed)} ({k.help})")
         values.append((k.name, v))
     v = dict(values)
+    try:
+        slowdown = float(v["CPUGEN_TEST_SLOWDOWN"])
+    except ValueError:
+        slowdown = -1.0
+    if not 0 <= slowdown <= 10:
+        raise CpugenError(f"CPUGEN_TEST_SLOWDOWN={v['CPUGEN_TEST_SLOWDOWN']!r} is not allowed: use a number from 0 to 10 "
+                          f"({BY_NAME['CPUGEN_TEST_SLOWDOWN'].help})")
     cache = Path(v["CPUGEN_CACHE"]) if v["CPUGEN_CACHE"] else Path.home() / ".cache" / "cpugen"
     return Knobs(native=v["CPUGEN_NATIVE"] == "1", layout=v["CPUGEN_LAYOUT"], reorder=v["CPUGEN_REORDER"] == "1",
                  widen=v["CPUGEN_WIDEN"] == "auto",
                  isa=v["CPUGEN_ISA"], pin=v["CPUGEN_PIN"] == "1", hugepages=v["CPUGEN_HUGEPAGES"] == "1",
-                 cache=cache, values=tuple(values))
+                 cache=cache, test_slowdown=slowdown, values=tuple(values))
 
 
 @lru_cache(maxsize=1)
@@ -103,5 +115,5 @@ def reload() -> Knobs:
 
 def help_text() -> str:
     return "environment switches:\n" + "\n".join(
-        f"  {k.name}={'|'.join(k.allowed) if k.allowed else 'PATH'} (default {k.default or '~/.cache/cpugen'}): {k.help}"
+        f"  {k.name}={'|'.join(k.allowed) if k.allowed else 'PATH' if k.name == 'CPUGEN_CACHE' else 'X'} (default {k.default or '~/.cache/cpugen'}): {k.help}"
         for k in KNOBS)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from helpers import ROOT
@@ -102,52 +103,89 @@ def test_a_writer_killed_mid_run_never_corrupts_earlier_lines(tmp_path):
 NOISE = [1.0, 1.04, 0.97, 1.02, 0.96, 1.03]  # +-4%: these machines are noisy
 
 
-def past(n=6, **kw):
-    return [rec(i, token_throughput=100.0 * NOISE[i % 6], prompt_flops=1e11 * NOISE[(i + 2) % 6],
-                peak_rss_bytes=int(3e9 * NOISE[(i + 4) % 6]), **kw) for i in range(n)]
+def past(n=10, noise=NOISE, **kw):
+    return [rec(i, token_throughput=100.0 * noise[i % len(noise)], prompt_flops=1e11 * noise[(i + 2) % len(noise)],
+                peak_rss_bytes=int(3e9 * noise[(i + 4) % len(noise)]), **kw) for i in range(n)]
 
 
 def by_figure(findings):
     return {f.figure: f for f in findings}
 
 
+def spread(values):
+    """The window's spread as numpy computes it: MAD scaled to a normal standard deviation."""
+    v = np.asarray(values, dtype=float)
+    return 1.4826 * np.median(np.abs(v - np.median(v)))
+
+
 def test_a_20_percent_throughput_drop_regresses():
     from cpugen.perf import history
 
-    base = 100.0 * sorted(NOISE[1:6])[2]  # median of the last five
-    f = by_figure(history.compare([rec(9, token_throughput=0.8 * base)], past(), 0.10, 5))
-    assert f["token_throughput"].regressed and f["token_throughput"].runs == 5
-    assert f["token_throughput"].change == pytest.approx(-0.2)
+    hist = past()
+    base = np.median([r["token_throughput"] for r in hist])
+    f = by_figure(history.compare([rec(19, token_throughput=0.8 * base)], hist))
+    t = f["token_throughput"]
+    assert t.regressed and t.runs == 10 and t.change == pytest.approx(-0.2)
+    assert t.raw.sigma == pytest.approx(spread([r["token_throughput"] for r in hist]))
     assert not f["prompt_flops"].regressed and not f["peak_rss_bytes"].regressed
-    line = history.report_lines(list(f.values()), 0.10)[0]
+    line = history.report_lines(list(f.values()))[0]
     assert line.startswith("REGRESSION") and "token_throughput" in line and "-20.0%" in line
-    assert "last 5 runs" in line and "threshold 10%" in line
+    assert "last 10 runs" in line and "10%" in line and "3 x spread" in line
 
 
 def test_noise_within_the_threshold_passes():
     from cpugen.perf import history
 
     for factor in (0.92, 0.95, 1.0, 1.08, 1.5):  # up to 8% worse, or better by any amount
-        new = rec(9, token_throughput=100.0 * factor, prompt_flops=1e11 * factor, peak_rss_bytes=int(3e9 / factor))
-        assert not any(f.regressed for f in history.compare([new], past(), 0.10, 5)), factor
+        new = rec(19, token_throughput=100.0 * factor, prompt_flops=1e11 * factor, peak_rss_bytes=int(3e9 / factor))
+        assert not any(f.regressed for f in history.compare([new], past())), factor
+
+
+def test_a_drop_within_a_noisy_historys_spread_is_not_a_regression():
+    from cpugen.perf import history
+
+    wide = [1.0, 1.15, 0.86, 1.1, 0.9, 1.2, 0.8, 1.05]  # a figure that swings +-20% run to run
+    hist = past(noise=wide)
+    values = [r["token_throughput"] for r in hist]
+    med, sigma = np.median(values), spread(values)
+    assert 3 * sigma / med > 0.25  # the bound is the spread's, far beyond the 10% threshold
+    f = by_figure(history.compare([rec(19, token_throughput=0.8 * med)], hist))["token_throughput"]
+    assert not f.regressed and f.verdict == "ok" and f.raw.bound == pytest.approx(3 * sigma / med)
+    f = by_figure(history.compare([rec(19, token_throughput=med - 3.3 * sigma)], hist))["token_throughput"]
+    assert f.regressed  # beyond three times the spread, it counts
+    # and a steady history (no spread) still needs more than the threshold
+    steady = [rec(i) for i in range(10)]
+    assert not by_figure(history.compare([rec(19, token_throughput=91.0)], steady))["token_throughput"].regressed
+    assert by_figure(history.compare([rec(19, token_throughput=89.0)], steady))["token_throughput"].regressed
 
 
 def test_prompt_flops_drop_and_memory_growth_regress_and_the_threshold_is_configurable():
     from cpugen.perf import history
 
-    f = by_figure(history.compare([rec(9, prompt_flops=0.85e11, peak_rss_bytes=int(3.45e9))], past(), 0.10, 5))
+    f = by_figure(history.compare([rec(19, prompt_flops=0.85e11, peak_rss_bytes=int(3.45e9))], past()))
     assert f["prompt_flops"].regressed and f["peak_rss_bytes"].regressed and not f["token_throughput"].regressed
-    f = by_figure(history.compare([rec(9, prompt_flops=0.85e11, peak_rss_bytes=int(3.45e9))], past(), 0.20, 5))
+    f = by_figure(history.compare([rec(19, prompt_flops=0.85e11, peak_rss_bytes=int(3.45e9))], past(),
+                                  history.Rule(threshold=0.20)))
     assert not any(x.regressed for x in f.values())
 
 
 def test_a_new_configuration_passes_with_a_note():
     from cpugen.perf import history
 
-    findings = history.compare([rec(9, batch_size=16, token_throughput=1.0)], past(), 0.10, 5)
+    findings = history.compare([rec(19, batch_size=16, token_throughput=1.0)], past())
     assert len(findings) == 3 and not any(f.regressed for f in findings)
     assert all(f.baseline is None and "new configuration" in f.note for f in findings)
-    assert all("no history" in line for line in history.report_lines(findings, 0.10))
+    assert all("no history" in line for line in history.report_lines(findings))
+
+
+def test_too_little_history_is_not_judged():
+    from cpugen.perf import history
+
+    findings = history.compare([rec(19, token_throughput=1.0)], past(4))  # 99% slower, but 4 runs < 5
+    assert {f.verdict for f in findings} == {"learning"} and not any(f.regressed for f in findings)
+    assert "judged from 5" in history.report_lines(findings)[0]
+    assert by_figure(history.compare([rec(19, token_throughput=1.0)], past(4), history.Rule(min_runs=4))
+                     )["token_throughput"].regressed
 
 
 def test_only_the_same_machine_and_the_last_n_runs_count():
@@ -155,28 +193,97 @@ def test_only_the_same_machine_and_the_last_n_runs_count():
 
     old_fast = [rec(i, token_throughput=1000.0) for i in range(10)]  # long ago, on a faster build
     other_cpu = [rec(i, cpu="Other CPU", token_throughput=1000.0) for i in range(10)]
-    recent = past(3)
-    f = by_figure(history.compare([rec(20, token_throughput=95.0)], old_fast + other_cpu + recent, 0.10, 3))
-    assert not f["token_throughput"].regressed and f["token_throughput"].runs == 3
-    f = by_figure(history.compare([rec(20, token_throughput=95.0)], old_fast + recent, 0.10, 7))
-    assert f["token_throughput"].regressed  # a window of 7 reaches back into the fast runs
+    recent = past(5)
+    f = by_figure(history.compare([rec(20, token_throughput=95.0)], old_fast + other_cpu + recent,
+                                  history.Rule(window=5)))
+    assert not f["token_throughput"].regressed and f["token_throughput"].runs == 5
+    f = by_figure(history.compare([rec(20, token_throughput=95.0)], old_fast + recent, history.Rule(window=12)))
+    assert f["token_throughput"].regressed  # a window of 12 reaches back into the fast runs
 
 
-def test_rows_that_did_not_run_are_neither_compared_nor_baselines():
+def test_rows_that_did_not_run_or_ask_not_to_be_compared_are_neither_compared_nor_baselines():
     from cpugen.perf import history
 
     nofit = rec(5, status="does not fit (needs 30.00 GiB, budget 20.00 GiB)", token_throughput=None,
                 prompt_flops=None, peak_rss_bytes=None)
-    assert history.compare([nofit], past(), 0.10, 5) == []
-    f = by_figure(history.compare([rec(9)], [nofit], 0.10, 5))
-    assert f["token_throughput"].baseline is None
+    assert history.compare([nofit], past()) == []
+    assert history.compare([rec(19, token_throughput=1.0, compare=False)], past()) == []  # a smoke sweep's row
+    f = by_figure(history.compare([rec(19)], [nofit] * 10))
+    assert f["token_throughput"].baseline is None and f["token_throughput"].verdict == "new"
 
 
-@pytest.mark.parametrize("threshold, window, fragment", [(0, 5, "--threshold"), (1.5, 5, "--threshold"),
-                                                         (0.1, 0, "--window")])
-def test_bad_threshold_or_window(threshold, window, fragment):
+@pytest.mark.parametrize("rule, fragment", [(dict(threshold=0), "--threshold"), (dict(threshold=1.5), "--threshold"),
+                                            (dict(window=0, min_runs=0), "--window"), (dict(k=-1), "--spread-k"),
+                                            (dict(min_runs=11), "--min-runs")])
+def test_bad_rule(rule, fragment):
     from cpugen.perf import history
     from cpugen.errors import CpugenError
 
     with pytest.raises(CpugenError, match=fragment):
-        history.compare([], [], threshold, window)
+        history.compare([], [], history.Rule(**rule))
+
+
+# --- judged against the machine's limits ------------------------------------------------------------------
+def regime(i, read_gbps, efficiency, **kw):
+    """A batch-1 record whose decode moves with the bandwidth measured around it: throughput is
+    efficiency x (bandwidth / bytes a token), as a bandwidth-bound decode's is."""
+    tokens_per_gb = 2.0  # a 0.5 GB model
+    return rec(i, token_throughput=efficiency * read_gbps * tokens_per_gb, decode_efficiency=efficiency,
+               roofline_read_gbps=read_gbps, limits_source="measured around this row", **kw)
+
+
+FAST, USUAL = 70.0, 45.0  # GB/s: this kind's two read-bandwidth regimes, about 1.5x apart
+
+
+def test_a_slower_regime_with_steady_efficiency_is_the_host_not_a_regression():
+    from cpugen.perf import history
+
+    eff = [0.50, 0.51, 0.49, 0.505, 0.495]
+    fast_nights = [regime(i, FAST * (1 + 0.01 * (i % 3)), eff[i % 5]) for i in range(10)]
+    tonight = regime(20, USUAL, 0.50)  # raw -36%: the host fell into its usual regime
+    f = by_figure(history.compare([tonight], fast_nights))["token_throughput"]
+    assert f.raw.worse and f.raw.change < -0.3
+    assert f.verdict == "host" and not f.regressed
+    line = history.report_lines([f])[0]
+    assert line.startswith("host") and "decode_efficiency" in line and "the host was slower, not the code" in line
+    # a mixed history (both regimes) and a night in either: nothing alarms while the efficiency holds
+    mixed = [regime(i, FAST if i % 3 else USUAL, eff[i % 5]) for i in range(12)]
+    for bw in (FAST, USUAL):
+        assert not any(x.regressed for x in history.compare([regime(30, bw, 0.497)], mixed))
+
+
+def test_a_code_regression_shows_in_both_raw_and_normalized_figures():
+    from cpugen.perf import history
+
+    eff = [0.50, 0.51, 0.49, 0.505, 0.495]
+    nights = [regime(i, FAST if i % 3 else USUAL, eff[i % 5]) for i in range(12)]
+    slow_code = regime(30, USUAL, 0.40)  # 20% less efficient, in the slower regime
+    f = by_figure(history.compare([slow_code], nights))["token_throughput"]
+    assert f.regressed and f.normalized.worse and f.normalized.change == pytest.approx(0.40 / np.median(
+        [n["decode_efficiency"] for n in nights[-10:]]) - 1)
+    # without the limits (records of `cpugen bench`, cached limits) the raw figure alone decides
+    raw_only = [{k: v for k, v in n.items() if k != "limits_source"} for n in nights]
+    assert by_figure(history.compare([raw_only[-1] | {"token_throughput": 1.0}], raw_only)
+                     )["token_throughput"].normalized is None
+
+
+def test_a_regression_that_a_re_measure_does_not_reproduce_is_transient():
+    from cpugen.perf import history
+
+    hist = past()
+    (first,) = [f for f in history.compare([rec(19, prompt_flops=0.7e11)], hist) if f.figure == "prompt_flops"]
+    assert first.regressed
+    (again,) = [f for f in history.compare([rec(19, prompt_flops=1.01e11, confirmation=1)], hist)
+                if f.figure == "prompt_flops"]
+    first.retries.append(again)
+    assert first.verdict == "transient" and not first.regressed
+    line = history.report_lines([first])[0]
+    assert line.startswith("transient") and "measured again (1)" in line and "not reproduced" in line
+    # reproduced every time: a regression; and re-measures never count as nights of their own
+    (still,) = [f for f in history.compare([rec(19, prompt_flops=0.7e11)], hist) if f.figure == "prompt_flops"]
+    still.retries += [first, first]  # both re-measures worse too (first, before its retry, regressed)
+    first.retries.clear()
+    assert still.regressed and "worse again" in history.report_lines([still])[0]
+    remeasures = [rec(20 + i, prompt_flops=0.5e11, confirmation=1) for i in range(10)]
+    f = by_figure(history.compare([rec(40)], hist + remeasures))["prompt_flops"]
+    assert f.runs == 10 and not f.regressed and f.raw.median == pytest.approx(np.median([r["prompt_flops"] for r in hist]))

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from cpugen.errors import CpugenError
-from cpugen.host.memory import reset_peak_rss, rss_file_bytes
+from cpugen.host.memory import peak_rss_bytes, reset_peak_rss, rss_file_bytes
 from cpugen.model import shapes
 from cpugen.model.config import preset_dir
+from cpugen.perf import roofline
 from cpugen.perf.measure import make_record, measure, needs, note_stale
 from cpugen.perf.record import RunRecord, count
 from cpugen.runtime import planner
@@ -52,6 +53,7 @@ class Sweep:
     memory_budget: str | None = None
     host_memory: str | None = None
     max_batch_size: int | None = None  # caps "auto"
+    compare: bool = True  # False: the nightly job keeps the records but never judges them (a smoke sweep)
     source: str = field(default="", compare=False)  # where it was read from, for messages
 
 
@@ -112,6 +114,8 @@ def from_dict(d, source: str = "sweep") -> Sweep:
             bad(f"missing {k!r}")
     if not isinstance(d["name"], str) or not isinstance(d["model"], str):
         bad("name and model must be strings")
+    if not isinstance(d.get("compare", True), bool):
+        bad(f"compare must be true or false, not {d['compare']!r}")
     for k, t in _OPTIONAL.items():
         v = d.get(k)
         if v is not None and (not isinstance(v, t) or isinstance(v, bool)):
@@ -208,9 +212,11 @@ def plan_rows(sweep: Sweep, s: Session) -> list[Row]:
     return rows
 
 
-def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None) -> list[RunRecord]:
+def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None, limits: bool = False) -> list[RunRecord]:
     """Runs every row of the sweep; `on_record(record)` as each finishes (the nightly job appends it
-    to the history at once, so a crash later loses nothing measured before)."""
+    to the history at once, so a crash later loses nothing measured before). `limits`: read the
+    machine's limits right before and after each row (about a second each) and judge the row
+    against them instead of the cached ones."""
     s = open_session(sweep.model, layers=sweep.layers, backend=sweep.backend, dtype=sweep.dtype,
                      threads=sweep.threads, seed=sweep.seed, quiet=quiet)
     for st in sweep.settings:
@@ -234,9 +240,13 @@ def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None) -> list[RunReco
             rec = make_record(s, p, st.prompt_len, st.gen_len, None, status=row.status, extra=extra)
         else:
             say(f"{where}: " + needs(p, s))
+            before = roofline.probe(s.threads) if limits else None
             reset = reset_peak_rss()
             timings, warmup_s = measure(s, p, st.prompt_len, st.gen_len, sweep.repeat, sweep.warmup)
-            rec = make_record(s, p, st.prompt_len, st.gen_len, timings, warmup_s=warmup_s,
+            peak = peak_rss_bytes()
+            around = (before, roofline.probe(s.threads)) if limits else None
+            rec = make_record(s, p, st.prompt_len, st.gen_len, timings, warmup_s=warmup_s, limits=around,
+                              peak_rss=peak,
                               extra={**extra, "peak_rss_since": "batch start" if reset else "process start"})
             note_stale(rec)
         rec.sweep, rec.setting = sweep.name, st.name

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from cpugen.perf.history import TRACKED, UNITS, describe, key, usable
+from cpugen.perf.history import NORMALIZED, TRACKED, UNITS, describe, key, usable
 
 
 @dataclass
@@ -120,6 +120,9 @@ def write_all(out_dir: Path, new: list[dict], history: list[dict]) -> tuple[list
         title = f"{name}: {r['model']}, {r['n_layer']} layers, {r['backend']}, {r['threads']} threads"
         charts.append(throughput_vs_batch(recs, out_dir / f"throughput-vs-batch-{_slug(name)}.png", title))
     keys = {key(d) for d in new if d.get("status", "ok") == "ok"}
-    for figure in TRACKED:
+    # the raw figures, and the normalized ones beside them where the limits were measured around the rows
+    normalized = [f for f in NORMALIZED.values() if any(usable(d, f) and str(d.get("limits_source", "")).startswith(
+        "measured") for d in new)]
+    for figure in (*TRACKED, *normalized):
         charts.append(over_time(history, figure, keys, out_dir / f"history-{figure}.png"))
     return charts, None

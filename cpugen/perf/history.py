@@ -8,9 +8,21 @@ fragment stays a line of its own and never swallows a good record.
 Reading: a line that is not a JSON object with the grouping key's fields (a truncated or corrupt
 line) is reported and skipped; every other line is kept.
 
-Comparing: a record is compared with the median of the last `window` records of the same
-configuration (KEY: same machine, model, backend, setting, batch, threads and knobs). Token throughput and
-prompt FLOPS regress when they drop, peak memory when it grows, by more than `threshold`.
+Comparing (`Rule`): each figure of a record is compared with the last `window` records of the same
+configuration (KEY: same machine, model, backend, setting, batch, threads and knobs). A figure is
+worse when it is beyond the window's median by more than `threshold` AND by more than `k` times the
+window's spread (its median absolute deviation, scaled to a standard deviation): a figure that
+swings 8% run to run needs far more than 10% to count. Token throughput and prompt FLOPS are also
+judged with the machine's limits divided out (decode and prefill efficiency, against the limits read
+right before and after each row): a raw figure worse with the normalized one steady (within the
+threshold of its median) is the host, in a slower regime, which the report names without failing;
+with the normalized one down too, it is the code. (Steady, not "within its spread": where a figure
+does not follow the limit, as decode on CPUs that widen bf16 does not follow the read bandwidth,
+dividing by the limit adds the limit's noise, and a band as wide as that spread would excuse a real
+drop.) Peak memory, which no regime moves, is judged raw. A regression
+is then measured again (the nightly job's `--confirm`): one that a re-measure of the same row does
+not reproduce was a passing disturbance ("transient"); re-measures are kept in the history, marked
+`confirmation`, and never count as runs of their own.
 """
 
 from __future__ import annotations
@@ -127,7 +139,75 @@ def describe(d: dict) -> str:
 
 def usable(d: dict, figure: str) -> bool:
     v = d.get(figure)
-    return d.get("status", "ok") == "ok" and isinstance(v, (int, float)) and v == v and v > 0
+    return (d.get("status", "ok") == "ok" and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+            and v > 0)
+
+
+MAD_TO_SIGMA = 1.4826  # the median absolute deviation of normal data, times this, is its standard deviation
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a regression is decided (README, "How a regression is decided", has the calibration behind
+    the defaults)."""
+    threshold: float = 0.10  # worse than the window's median by more than this share...
+    k: float = 3.0  # ...and by more than k times the window's spread
+    window: int = 10  # the last N runs of the configuration
+    min_runs: int = 5  # fewer runs than this: the spread is not known yet, the figure is not judged
+
+    def check(self):
+        if not 0 < self.threshold < 1:
+            raise CpugenError(f"--threshold must be between 0 and 1 (0.10 is 10%), not {self.threshold}")
+        if self.window < 1:
+            raise CpugenError(f"--window must be at least 1, not {self.window}")
+        if self.k < 0:
+            raise CpugenError(f"--spread-k must be 0 or more, not {self.k}")
+        if not 1 <= self.min_runs <= self.window:
+            raise CpugenError(f"--min-runs must be from 1 to --window ({self.window}), not {self.min_runs}")
+
+    def describe(self) -> str:
+        return (f"worse than the median of the last {self.window} runs by more than {self.threshold:.0%} and by more "
+                f"than {self.k:g} x their spread (MAD as a standard deviation), judged once {self.min_runs} runs exist")
+
+
+@dataclass
+class Judgement:
+    """One figure against its window: `worse` when beyond both the threshold and the spread."""
+    now: float
+    median: float
+    sigma: float  # the window's spread: MAD x 1.4826
+    runs: int
+    sign: int  # +1: higher is better
+    rule: Rule
+
+    @property
+    def change(self) -> float:
+        return (self.now - self.median) / self.median
+
+    @property
+    def bound(self) -> float:
+        """How far below (or above, for memory) the median a worse run must be, as a share."""
+        return max(self.rule.threshold, self.rule.k * self.sigma / self.median)
+
+    @property
+    def worse(self) -> bool:
+        return self.sign * self.change < -self.bound
+
+    @property
+    def held(self) -> bool:
+        """Within the threshold of the median (whatever the spread): steady."""
+        return self.sign * self.change >= -self.rule.threshold
+
+    def text(self, fmt) -> str:
+        return (f"{fmt(self.now)} against the median {fmt(self.median)} of the last {self.runs} runs "
+                f"({self.change:+.1%}; spread {self.sigma / self.median:.1%}, so worse means beyond "
+                f"{self.bound:.1%}: max({self.rule.threshold:.0%}, {self.rule.k:g} x spread))")
+
+
+def judge(now: float, window: list[float], sign: int, rule: Rule) -> Judgement:
+    med = statistics.median(window)
+    mad = statistics.median(abs(v - med) for v in window)
+    return Judgement(now, med, MAD_TO_SIGMA * mad, len(window), sign, rule)
 
 
 @dataclass
@@ -135,45 +215,87 @@ class Finding:
     record: dict
     figure: str
     now: float
-    baseline: float | None  # median of the last runs, None without history
-    runs: int  # how many runs the baseline is the median of
-    change: float | None  # (now - baseline) / baseline
-    regressed: bool
+    raw: Judgement | None  # None: no history, or too little to know its spread
+    normalized: Judgement | None  # the same with the limits divided out; None where not measured
+    runs: int  # how many earlier runs of the configuration there are (in the window)
+    rule: Rule = field(default_factory=Rule)
+    retries: list["Finding"] = field(default_factory=list)  # the same figure re-measured to confirm a regression
+
+    @property
+    def verdict(self) -> str:
+        if self.runs == 0:
+            return "new"
+        if self.raw is None:
+            return "learning"
+        if not self.raw.worse:
+            return "ok"
+        if self.normalized is not None and self.normalized.held:
+            return "host"
+        if any(not r.regressed for r in self.retries):
+            return "transient"  # a re-measure of the same row did not reproduce it
+        return "REGRESSION"
+
+    @property
+    def regressed(self) -> bool:
+        return self.verdict == "REGRESSION"
+
+    @property
+    def baseline(self) -> float | None:
+        return self.raw.median if self.raw else None
+
+    @property
+    def change(self) -> float | None:
+        return self.raw.change if self.raw else None
 
     @property
     def note(self) -> str:
-        if self.baseline is None:
-            return "new configuration: no history to compare with"
-        return "REGRESSION" if self.regressed else "ok"
+        return {"new": "new configuration: no history to compare with",
+                "learning": f"{self.runs} earlier runs: judged from {self.rule.min_runs}, once the spread is known",
+                "ok": "ok", "host": "the host was slower, not the code: the figure held against the limits measured "
+                                    "around it",
+                "transient": "not reproduced when the row was measured again: a passing disturbance of the host",
+                "REGRESSION": "REGRESSION"}[self.verdict]
 
 
-def compare(new: list[dict], past: list[dict], threshold: float = 0.10, window: int = 5) -> list[Finding]:
-    """One finding per tracked figure of each new record that ran; `past` in file order (oldest first)."""
-    if not 0 < threshold < 1:
-        raise CpugenError(f"--threshold must be between 0 and 1 (0.10 is 10%), not {threshold}")
-    if window < 1:
-        raise CpugenError(f"--window must be at least 1, not {window}")
+# figure -> the same figure with the machine's limits divided out (measured around each row by the
+# nightly job; a record without them is judged raw only)
+NORMALIZED = {"token_throughput": "decode_efficiency", "prompt_flops": "prefill_efficiency"}
+
+
+def _measured_limits(d: dict) -> bool:
+    return str(d.get("limits_source", "")).startswith("measured")
+
+
+def compare(new: list[dict], past: list[dict], rule: Rule = Rule(), normalize: bool = True) -> list[Finding]:
+    """One finding per tracked figure of each new record that ran and asks to be compared; `past` in
+    file order (oldest first). `normalize=False` judges the raw figures alone (calibration's contrast)."""
+    rule.check()
     by_key: dict[tuple, list[dict]] = {}
     for d in past:
-        by_key.setdefault(key(d), []).append(d)
+        if not d.get("confirmation"):  # a night's re-measures never count as nights of their own
+            by_key.setdefault(key(d), []).append(d)
     out = []
     for d in new:
-        if d.get("status", "ok") != "ok":
+        if d.get("status", "ok") != "ok" or d.get("compare") is False:
             continue
         for figure, sign in TRACKED.items():
             if not usable(d, figure):
                 continue
-            recent = [p[figure] for p in by_key.get(key(d), []) if usable(p, figure)][-window:]
-            if not recent:
-                out.append(Finding(d, figure, d[figure], None, 0, None, False))
-                continue
-            base = statistics.median(recent)
-            change = (d[figure] - base) / base
-            out.append(Finding(d, figure, d[figure], base, len(recent), change, sign * change < -threshold))
+            window = [p for p in by_key.get(key(d), []) if usable(p, figure)][-rule.window:]
+            raw = norm = None
+            if len(window) >= rule.min_runs:
+                raw = judge(d[figure], [p[figure] for p in window], sign, rule)
+                nf = NORMALIZED.get(figure)
+                if normalize and nf and _measured_limits(d) and usable(d, nf):
+                    nwin = [p[nf] for p in window if _measured_limits(p) and usable(p, nf)]
+                    if len(nwin) >= rule.min_runs:
+                        norm = judge(d[nf], nwin, sign, rule)
+            out.append(Finding(d, figure, d[figure], raw, norm, len(window), rule))
     return out
 
 
-UNITS = {"token_throughput": (1, "tok/s"), "prompt_flops": (1e12, "TFLOPS"), "peak_rss_bytes": (1024**3, "GiB")}
+UNITS = {"token_throughput": (1, "tok/s"), "prompt_flops": (1e12, "TFLOPS"), "peak_rss_bytes": (1024**3, "GiB"),
+         "decode_efficiency": (0.01, "% of the limits"), "prefill_efficiency": (0.01, "% of the limits")}
 
 
 def fmt_figure(figure: str, v: float | None) -> str:
@@ -183,16 +305,30 @@ def fmt_figure(figure: str, v: float | None) -> str:
     return f"{v / div:.4g} {unit}".strip()
 
 
-def report_lines(findings: list[Finding], threshold: float) -> list[str]:
-    """One readable line per finding, regressions first."""
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def report_lines(findings: list[Finding]) -> list[str]:
+    """One readable line per finding, regressions first, then the host's slow nights."""
+    order = {"REGRESSION": 0, "transient": 1, "host": 2, "ok": 3, "learning": 4, "new": 5}
     lines = []
-    for f in sorted(findings, key=lambda f: (not f.regressed, f.baseline is None)):
-        if f.baseline is None:
-            lines.append(f"new         {f.figure:<16} {describe(f.record)}: {fmt_figure(f.figure, f.now)} "
-                         "(no history: recorded as the first point)")
+    for f in sorted(findings, key=lambda f: order[f.verdict]):
+        fmt = lambda v, fig=f.figure: fmt_figure(fig, v)  # noqa: E731
+        head = f"{f.verdict:<11} {f.figure:<16} {describe(f.record)}: "
+        if f.verdict == "new":
+            lines.append(head + f"{fmt(f.now)} (no history: recorded as the first point)")
+        elif f.verdict == "learning":
+            lines.append(head + f"{fmt(f.now)} ({f.note})")
         else:
-            word = "REGRESSION " if f.regressed else "ok         "
-            lines.append(f"{word} {f.figure:<16} {describe(f.record)}: {fmt_figure(f.figure, f.now)} against "
-                         f"the median {fmt_figure(f.figure, f.baseline)} of the last {f.runs} runs "
-                         f"({f.change:+.1%}, threshold {threshold:.0%})")
+            line = head + f.raw.text(fmt)
+            if f.normalized is not None:
+                line += (f"; against the limits measured around it ({NORMALIZED[f.figure]}): "
+                         + f.normalized.text(_pct))
+                if f.verdict == "host":
+                    line += " - the host was slower, not the code"
+            for i, r in enumerate(f.retries):
+                line += (f"; measured again ({i + 1}): {fmt(r.now)} ({r.change:+.1%}): "
+                         + ("worse again" if r.regressed else "not reproduced"))
+            lines.append(line)
     return lines

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from cpugen import knobs
 from cpugen.errors import CpugenError
 from cpugen.host.environment import environment
 from cpugen.host.memory import huge_page_bytes, peak_rss_bytes
@@ -72,13 +73,24 @@ def decode_roofline_s(cfg: ModelConfig, roof, batch: int, prompt_len: int, gen_l
     return statistics.fmean(times)
 
 
-def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops) -> dict:
+def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops, limits=None) -> dict:
+    """The record's limits and efficiencies: against the limits read around the row where there are
+    some (`limits`: the readings before and after), else against the cached ones."""
     from cpugen.perf import roofline
 
-    roof = roofline.get(threads)
+    roof = roofline.between(*limits) if limits else roofline.get(threads)
     ideal = decode_roofline_s(cfg, roof, B, P, G, itemsize)
     return dict(roofline_read_gbps=roof.read_gbps, roofline_bf16_tflops=roof.bf16_tflops, decode_roofline_s=ideal,
                 decode_efficiency=ideal / step, prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
+
+
+def limits_extra(limits) -> dict:
+    """Where the record's limits came from, and the readings behind them."""
+    if not limits:
+        return {"limits_source": "cached (python -m cpugen roofline)"}
+    return {"limits_source": "measured around this row",
+            **{f"limits_{when}": {"read_gbps": r.read_gbps, "bf16_tflops": r.bf16_tflops}
+               for when, r in zip(("before", "after"), limits)}}
 
 
 STALE_LIMITS = 1.05  # a run this far above the cached roofline says the limits are out of date
@@ -109,6 +121,7 @@ def measure(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, repeats:
     gen = torch.Generator().manual_seed(s.seed)
     prompts = Prompts(torch.randint(cfg.vocab_size, (B, P), generator=gen), torch.ones(B, P, dtype=torch.bool))
     n_steps = G - 1 if decode_steps is None else min(decode_steps, G - 1)
+    slow = knobs.current().test_slowdown
     timings = []
     try:
         with compute_context(s.dtype):
@@ -133,6 +146,8 @@ def measure(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, repeats:
                     t0 = time.perf_counter()
                     logits = engine.decode_one_token(tok)
                     tok = argmax(logits)
+                    if slow:  # a planted regression (CPUGEN_TEST_SLOWDOWN), inside the timed step
+                        time.sleep(slow * (time.perf_counter() - t0))
                     steps.append(time.perf_counter() - t0)
                     if bar:
                         bar.update(r * n_steps + i + 1, repeats * n_steps, "decode steps")
@@ -153,10 +168,13 @@ MEASURED = ("prompt_time_s", "prompt_flops", "decode_time_per_token_s", "decode_
 
 
 def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timings: list[Timing] | None,
-                roofline: bool = True, status: str = "ok", warmup_s: float = 0.0, extra: dict | None = None) -> RunRecord:
+                roofline: bool = True, status: str = "ok", warmup_s: float = 0.0, extra: dict | None = None,
+                limits=None, peak_rss: int | None = None) -> RunRecord:
     """The record of one batch size. With timings, each figure is the median over repeats (min and
     max beside it) and decode step statistics pool every step of every repeat; without (a row that
-    did not run), the measured figures are None and `status` says why."""
+    did not run), the measured figures are None and `status` says why. `limits`: the machine's
+    limits read right before and after the row (roofline.probe), else the cached ones are used;
+    `peak_rss`: the row's peak, read before anything after it (the second probe) could raise it."""
     cfg, B, P, G = s.cfg, p.batch_size, prompt_len, gen_len
     p_flop, t_flop = flops.prompt_flops(cfg, P), flops.mean_token_flops(cfg, P, G)
     env = environment(s.threads)
@@ -178,7 +196,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
     nan = float("nan")
     step = statistics.median(step_means) if step_means else nan
     throughput = B / step if step_means else nan
-    roof = (_roofline(cfg, B, P, G, s.itemsize, s.threads, step, B * p_flop / prompt_time)
+    roof = (_roofline(cfg, B, P, G, s.itemsize, s.threads, step, B * p_flop / prompt_time, limits)
             if roofline and step_means else {})
     return RunRecord(
         **common, weight_bytes=weight_bytes(s.model), prompt_time_s=prompt_time, prompt_flops=B * p_flop / prompt_time,
@@ -186,7 +204,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
         decode_time_min_s=min(all_steps, default=nan), decode_time_max_s=max(all_steps, default=nan),
         decode_steps=len(timings[0].steps), token_throughput=throughput, token_flops=throughput * t_flop,
         decode_weight_gbps=shapes.streamed_params(cfg) * s.itemsize / step / 1e9 if step_means else nan,
-        peak_rss_bytes=peak_rss_bytes(), repeats=len(timings),
+        peak_rss_bytes=peak_rss_bytes() if peak_rss is None else peak_rss, repeats=len(timings),
         prompt_flops_min=B * p_flop / max(prompt_times), prompt_flops_max=B * p_flop / min(prompt_times),
         token_throughput_min=B / max(step_means) if step_means else nan,
         token_throughput_max=B / min(step_means) if step_means else nan, **roof,
@@ -199,10 +217,13 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
                "huge_page_bytes": huge_page_bytes(),
                # one-time costs, per run, so that their growth with depth can be checked (no
                # per-layer compile or search: docs/performance.md, "One-time costs by depth")
-               "load_s": s.load_s, "prepare_s": s.prepare_s, "warmup_s": warmup_s})
+               "load_s": s.load_s, "prepare_s": s.prepare_s, "warmup_s": warmup_s,
+               **(limits_extra(limits) if roof else {})})
 
 
 def note_stale(rec: RunRecord):
+    if rec.extra.get("limits_source", "").startswith("measured"):
+        return  # not cached: nothing to refresh
     note = stale_limits_note(rec)
     if note:
         print(note, file=sys.stderr)

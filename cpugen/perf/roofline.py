@@ -94,16 +94,31 @@ def _key(threads: int) -> str:
     return f"{cpu_info()['cpu']}|{threads}|{torch.__version__}|pages={'2M' if thp_mode() in ('always', 'madvise') else '4K'}"
 
 
-def measure(threads: int | None = None, repeats: int = 7) -> Roofline:
+def measure(threads: int | None = None, repeats: int = 7, nbytes: int = 1 << 30, n: int = 4096) -> Roofline:
     threads = threads or torch.get_num_threads()
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        bw, bw_lo, bw_hi = measure_bandwidth(repeats)
-        tf, tf_lo, tf_hi = measure_matmul(repeats)
+        bw, bw_lo, bw_hi = measure_bandwidth(repeats, nbytes)
+        tf, tf_lo, tf_hi = measure_matmul(repeats, n)
     finally:
         torch.set_num_threads(prev)
     return Roofline(bw, tf, threads, cpu_info()["cpu"], torch.__version__, (bw_lo, bw_hi), (tf_lo, tf_hi), time.time())
+
+
+def probe(threads: int | None = None) -> Roofline:
+    """The same two limits in about a second (a 256 MiB read, a 2048-wide matmul, five repeats each):
+    read right before and right after a timed row, so that its efficiencies are against the regime
+    the machine was in while it ran (shared hosts move between regimes within minutes)."""
+    return measure(threads, repeats=5, nbytes=256 << 20, n=2048)
+
+
+def between(a: Roofline, b: Roofline) -> Roofline:
+    """The mean of two readings (before and after a row), with the spread of both."""
+    return Roofline((a.read_gbps + b.read_gbps) / 2, (a.bf16_tflops + b.bf16_tflops) / 2, a.threads, a.cpu,
+                    a.torch_version, (min(a.read_spread[0], b.read_spread[0]), max(a.read_spread[1], b.read_spread[1])),
+                    (min(a.tflops_spread[0], b.tflops_spread[0]), max(a.tflops_spread[1], b.tflops_spread[1])),
+                    b.measured_at)
 
 
 def load_cached(threads: int) -> Roofline | None:
