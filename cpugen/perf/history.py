@@ -16,10 +16,11 @@ swings 8% run to run needs far more than 10% to count. Token throughput and prom
 judged with the machine's limits divided out (decode and prefill efficiency, against the limits read
 right before and after each row): a raw figure worse with the normalized one steady (within the
 threshold of its median) is the host, in a slower regime, which the report names without failing;
-with the normalized one down too, it is the code. (Steady, not "within its spread": where a figure
-does not follow the limit, as decode on CPUs that widen bf16 does not follow the read bandwidth,
-dividing by the limit adds the limit's noise, and a band as wide as that spread would excuse a real
-drop.) Peak memory, which no regime moves, is judged raw. A regression
+with the normalized one down too, it is the code. The exemption holds only where the figure follows
+its limit: where the normalized figure's history is no noisier than the raw one's. Where it is
+noisier (decode on CPUs that widen bf16 does not follow the read bandwidth), dividing by the limit
+only adds the limit's noise, and a coincident dip of the limit would excuse a real drop; the raw
+figure alone decides there. Peak memory, which no regime moves, is judged raw. A regression
 is then measured again (the nightly job's `--confirm`): one that a re-measure of the same row does
 not reproduce was a passing disturbance ("transient"); re-measures are kept in the history, marked
 `confirmation`, and never count as runs of their own.
@@ -194,6 +195,11 @@ class Judgement:
         return self.sign * self.change < -self.bound
 
     @property
+    def spread(self) -> float:
+        """The window's spread as a share of its median."""
+        return self.sigma / self.median
+
+    @property
     def held(self) -> bool:
         """Within the threshold of the median (whatever the spread): steady."""
         return self.sign * self.change >= -self.rule.threshold
@@ -229,8 +235,8 @@ class Finding:
             return "learning"
         if not self.raw.worse:
             return "ok"
-        if self.normalized is not None and self.normalized.held:
-            return "host"
+        if self.normalized is not None and self.normalized.held and self.normalized.spread <= self.raw.spread:
+            return "host"  # steady against the limits, which the figure follows (dividing made it steadier)
         if any(not r.regressed for r in self.retries):
             return "transient"  # a re-measure of the same row did not reproduce it
         return "REGRESSION"
