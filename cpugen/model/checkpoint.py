@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from cpugen.model import shard
 from cpugen.model import transformer as M
+from cpugen.model.shard import Shard
 from cpugen.model.config import ModelConfig
 from cpugen.model.hf_config import config_from_hf
 from cpugen.errors import CpugenError
@@ -220,8 +222,12 @@ def _tensors(path: Path):
 
 
 # --- loading ---------------------------------------------------------------------------------------
-def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: Progress | None = None):
-    model = M.build(cfg, dtype)
+def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: Progress | None = None,
+                    s: Shard = Shard()):
+    """The model, or tensor-parallel rank s's share of it: each checkpoint tensor is then read only
+    where it overlaps the rank's rows and columns (a slice of the mapped file), never whole."""
+    model = M.build(shard.local_config(cfg, s), dtype, vocab_rows=None if s.whole else shard.vocab_rows(cfg, s))
+    full = dict(M.build(cfg, dtype).named_parameters(remove_duplicate=False)) if not s.whole else None
     params = dict(model.named_parameters(remove_duplicate=False))
     for pname, p in params.items():  # allocate each parameter in its final dtype
         if pname == "lm_head.weight" and cfg.tie_embeddings:
@@ -253,14 +259,17 @@ def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: 
             raise CpugenError(f"{path}: tensor {name} appears twice in the checkpoint")
         pname, row0, rows, permute = todo.pop(name)
         dst = params[pname]
-        want = (rows,) + tuple(dst.shape[1:])
+        want = (rows,) + tuple((full[pname] if full else dst).shape[1:])
         if tuple(t.shape) != want:
             raise CpugenError(f"{path}: tensor {name} has shape {tuple(t.shape)} in the checkpoint, "
                               f"the config needs {want}")
-        src = t[_rotary_perm(cfg, rows)] if permute else t
-        dst[row0:row0 + rows].copy_(src)
+        perm = _rotary_perm(cfg, rows) if permute else None
+        if s.whole:
+            dst[row0:row0 + rows].copy_(t[perm] if permute else t)
+        else:
+            _copy_share(dst, t, perm, row0, rows, pname, cfg, s)
         release()
-        del t, src
+        del t
         if progress:
             progress.update(n_total - len(todo), n_total, "tensors")
     if todo:
@@ -270,6 +279,27 @@ def load_checkpoint(cfg: ModelConfig, path: Path, dtype: torch.dtype, progress: 
         raise CpugenError(f"{path}: checkpoint is missing tensor {names[0]} (shape "
                           f"{(rows,) + tuple(params[pname].shape[1:])}){more}")
     return model
+
+
+def _copy_share(dst: torch.Tensor, t: torch.Tensor, perm: torch.Tensor | None, row0: int, rows: int, pname: str,
+                cfg: ModelConfig, s: Shard):
+    """Copies into rank s's parameter `dst` the part of checkpoint tensor t (rows row0..row0+rows of
+    the full parameter `pname`, permuted by `perm`) that the rank holds; only those rows and columns
+    of t are read."""
+    local = pname.split(".", 2)[2] if pname.startswith("blocks.") else pname  # "attn.wqkv.weight"
+    if local in shard.ROW_PARALLEL_BIASES and s.rank:
+        dst.zero_()  # added once, by rank 0
+        return
+    r = shard.rows(local, cfg, s)
+    mine = r if r is not None else [(0, dst.shape[0])]  # None: every row (dst has them all)
+    c = shard.cols(local, cfg, s)
+    at = 0  # where each of the rank's row ranges starts in dst
+    for a, b in mine:
+        lo, hi = max(a, row0), min(b, row0 + rows)
+        if lo < hi:
+            part = t[perm[lo - row0:hi - row0]] if perm is not None else t[lo - row0:hi - row0]
+            dst[at + lo - a:at + hi - a].copy_(part if c is None else part[:, c[0]:c[1]])
+        at += b - a
 
 
 def _stored_layers(cfg: ModelConfig, path: Path) -> int:

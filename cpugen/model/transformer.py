@@ -261,25 +261,39 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ln_2 = None if self.parallel else Norm(cfg)
         self.mlp = MLP(cfg)
+        # tensor parallel (runtime/distributed.py): sums the ranks' partial outputs of the
+        # row-parallel matmuls in place, once per residual add
+        self.reduce = None
 
     def forward(self, x, rope, mask, start: int, rows: slice):
         if self.parallel:  # GPT-J: one norm feeds attention and MLP
             h = self.ln_1(x)
+            if self.reduce is not None:  # both partial sums in ONE all-reduce
+                return x + self.reduce(self.attn(h, rope, mask, start, rows) + self.mlp(h))
             return x + self.attn(h, rope, mask, start, rows) + self.mlp(h)
+        if self.reduce is not None:
+            x = x + self.reduce(self.attn(self.ln_1(x), rope, mask, start, rows))
+            return x + self.reduce(self.mlp(self.ln_2(x)))
         x = x + self.attn(self.ln_1(x), rope, mask, start, rows)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vocab_rows: tuple[int, int] | None = None):
+        """vocab_rows: the lm_head's rows [first, last) where a tensor-parallel rank holds only
+        those (model/shard.py); None: all."""
         super().__init__()
         self.cfg = cfg
+        self.vocab_rows = vocab_rows
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = (nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.n_embd)
                     if cfg.position == "learned" else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = Norm(cfg)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+        v0, v1 = vocab_rows or (0, cfg.vocab_size)
+        self.lm_head = Linear(cfg.n_embd, v1 - v0, bias=cfg.lm_head_bias)
+        self.gather = None  # tensor parallel: (B, V/ranks) logits -> (B, V), the same on every rank
+        self.same_tokens = None  # tensor parallel: rank 0's sampled tokens, on every rank
         self.rotary = Rotary(cfg) if cfg.position == "rotary" else None
         # a backend's native decode stack (kernels/decode_layer.cpp): an unpadded decode step of
         # at most decode_stack_rows sequences in one call, from the tokens to the logits
@@ -291,7 +305,10 @@ class Transformer(nn.Module):
 
     def tie_weights(self):
         if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+            if self.vocab_rows is None:
+                self.lm_head.weight = self.wte.weight
+            else:  # this rank's rows of the embedding, a view: no second copy
+                self.lm_head.weight = nn.Parameter(self.wte.weight[slice(*self.vocab_rows)], requires_grad=False)
 
     # --- KV cache ----------------------------------------------------------------------------
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype):
@@ -330,13 +347,15 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, start, rows)
         if last_only:
             x = x[:, -1]  # (B, h): prefill needs only the last position's logits
-        return self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.ln_f(x))  # (B, [T,] V or this rank's V rows)
+        return logits if self.gather is None else self.gather(logits)
 
 
-def build(cfg: ModelConfig, dtype: torch.dtype, device: str = "meta") -> Transformer:
+def build(cfg: ModelConfig, dtype: torch.dtype, device: str = "meta",
+          vocab_rows: tuple[int, int] | None = None) -> Transformer:
     """The module tree with parameters on `device` (meta by default: nothing is allocated)."""
     with torch.device(device):
-        model = Transformer(cfg)
+        model = Transformer(cfg, vocab_rows)
     model.to(dtype)
     model.tie_weights()
     return model.eval().requires_grad_(False)
