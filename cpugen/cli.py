@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,26 @@ def _common(p: argparse.ArgumentParser, default_model: str | None = "gptj-1b", d
     p.add_argument("--dtype", default=d("bfloat16"), choices=("bfloat16", "float32"))
     p.add_argument("--seed", type=int, default=d(0))
     p.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
+
+
+def _tp_arg(s: str):
+    if s == "auto":
+        return s
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of ranks or auto, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--tp must be at least 1, not {n}")
+    return n
+
+
+def _tp(p: argparse.ArgumentParser):
+    p.add_argument("--tp", type=_tp_arg, default=1, metavar="N|auto",
+                   help="tensor parallel over N ranks (auto: one per NUMA node this process may use); on one "
+                        "host cpugen starts the ranks itself, across hosts start it with torchrun")
+    p.add_argument("--tp-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long a rank waits for the others (rendezvous and each collective; default 120)")
 
 
 def _batch(s: str):
@@ -78,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=_batch, default=1, help="N, or auto: the largest batch that fits")
     _memory(r)
     r.add_argument("--json", metavar="PATH|-", help="write the result record as JSON (- for stdout)")
+    _tp(r)
 
     pl = command("plan", "what a run needs, term by term, and the largest batch that fits")
     _common(pl, default_model=None)
@@ -85,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=int, help="plan this batch instead of the largest")
     _memory(pl)
     pl.add_argument("--json", metavar="-", help="print the plan as JSON")
+    _tp(pl)
 
     b = command("bench", "batch sweep: a row per batch size and setting, the model loaded once")
     b.add_argument("--sweep", metavar="FILE|NAME", help="a sweep definition: a JSON path or a name in "
@@ -99,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     _memory(b)
     b.add_argument("--format", default="md", choices=("md", "csv", "jsonl"), help="the view of the records")
     b.add_argument("--out", metavar="FILE", help="write the results here instead of stdout")
+    _tp(b)
 
     g = command("generate", "generate tokens for one or more prompts")
     _common(g, default_model=None)
@@ -113,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     _memory(g, cap=False)
     g.add_argument("--json", metavar="-", help="print {tokens, text} as JSON")
+    _tp(g)
 
     rf = command("roofline", "measure this machine's read bandwidth and bf16 matmul peak")
     rf.add_argument("--threads", type=int, help="threads to measure with (default: the usable cores)")
@@ -187,8 +212,10 @@ def cmd_plan(args) -> int:
         raise CpugenError(f"--batch-size must be at least 1, not {args.batch_size}")
     check_lengths(cfg, args.prompt_len, args.gen_len)
     itemsize = DTYPES[args.dtype].itemsize
+    tp = _ranks(args.tp)
     p = planner.plan(cfg, args.prompt_len, args.gen_len, itemsize, resolve_backend(args.backend, args.dtype),
-                     args.memory_budget, args.host_memory, args.max_batch_size, args.batch_size)
+                     args.memory_budget, args.host_memory, args.max_batch_size, args.batch_size,
+                     tp=tp, ranks_per_host=1 if args.host_memory else tp)
     if args.json:
         print(json.dumps(p.to_dict()))
     else:
@@ -352,15 +379,59 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "bench": cmd_bench, "roofline": cm
             "build": cmd_build, "probe": cmd_probe, "nightly": cmd_nightly}
 
 
+def _ranks(tp) -> int:
+    """--tp's number: `auto` is one rank per NUMA node with cores this process may use."""
+    if tp != "auto":
+        return tp
+    from cpugen.host.placement import allowed_cores, numa_nodes
+
+    return max(1, sum(1 for cs in numa_nodes().values() if set(cs) & allowed_cores()))
+
+
+SPLIT = ("run", "bench", "generate")  # the commands that run a split model (plan only plans one)
+
+
+def _split(args, argv: list[str]) -> int:
+    """A command with --tp: started as a rank (torchrun, or cpugen's launcher), it joins the group
+    and runs; started by the user on one host, it launches its ranks."""
+    from cpugen.runtime import launcher
+
+    tp = _ranks(args.tp)
+    if not launcher.in_rank():
+        if tp == 1:
+            return COMMANDS[args.command](args)
+        return launcher.launch(argv, tp)
+    from cpugen.runtime import distributed
+
+    group = distributed.init(tp, args.tp_timeout)
+    if group.rank:  # rank 0 writes the results; the others speak only when they fail
+        sys.stdout = open(os.devnull, "w")
+        args.quiet = True
+        if getattr(args, "json", None) not in (None, "-"):
+            args.json = None
+        if getattr(args, "out", None):
+            args.out = None
+    ok = False
+    try:
+        code = COMMANDS[args.command](args)
+        ok = code == 0
+        return code
+    finally:
+        distributed.finish(ok)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parser().parse_args(argv or ["run"])
         if args.command is None:  # options without a command: `cpugen --model X` means run
-            args = parser().parse_args(["run", *argv])
+            argv = ["run", *argv]
+            args = parser().parse_args(argv)
+        if args.command in SPLIT:
+            return _split(args, argv)
         return COMMANDS[args.command](args)
     except CpugenError as e:
-        print(f"cpugen: error: {e}", file=sys.stderr)
+        print(f"cpugen: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     except MemoryError:
         print("cpugen: error: out of memory: use a smaller --batch-size, shorter prompt/generation or "
@@ -369,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cpugen: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank_prefix() -> str:
+    d = sys.modules.get("cpugen.runtime.distributed")
+    g = getattr(d, "current", None)
+    return f"rank {g.rank} ({g.hosts[g.rank] if g.hosts else '?'}): " if g is not None else ""
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ KNOBS = (
          "0: do not ask for transparent huge pages for weights and KV cache"),
     Knob("CPUGEN_CACHE", "", None, False,
          "where native builds and measured limits are cached (default ~/.cache/cpugen)"),
+    Knob("CPUGEN_TP_COMM", "auto", ("auto", "gloo"), True,
+         "gloo: tensor-parallel ranks on one host all-reduce through gloo instead of shared memory"),
     # Recorded, but never part of the configuration key: it exists to plant a regression that the
     # nightly job must catch when it compares the run with its unslowed history.
     Knob("CPUGEN_TEST_SLOWDOWN", "0", None, False,
@@ -60,6 +62,7 @@ class Knobs:
     pin: bool
     hugepages: bool
     cache: Path
+    tp_comm: str
     test_slowdown: float
     values: tuple[tuple[str, str], ...]  # (name, value) of every knob, defaults included
 
@@ -98,7 +101,7 @@ def read(environ=None) -> Knobs:
     return Knobs(native=v["CPUGEN_NATIVE"] == "1", layout=v["CPUGEN_LAYOUT"], reorder=v["CPUGEN_REORDER"] == "1",
                  widen=v["CPUGEN_WIDEN"] == "auto",
                  isa=v["CPUGEN_ISA"], pin=v["CPUGEN_PIN"] == "1", hugepages=v["CPUGEN_HUGEPAGES"] == "1",
-                 cache=cache, test_slowdown=slowdown, values=tuple(values))
+                 cache=cache, tp_comm=v["CPUGEN_TP_COMM"], test_slowdown=slowdown, values=tuple(values))
 
 
 @lru_cache(maxsize=1)

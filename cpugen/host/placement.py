@@ -139,13 +139,19 @@ def set_memory_policy(nodes: list[int]) -> None:
         raise OSError(err, f"set_mempolicy: {os.strerror(err)}")
 
 
-def apply(threads: int, root: Path = NODE_ROOT, pin=None) -> Placement:
+def apply(threads: int, root: Path = NODE_ROOT, pin=None, allowed: list[int] | None = None) -> Placement:
     """Pins the workers and places memory per `plan`; what could not be done goes in the note.
     `pin()` gives (the function that pins ATen's worker t to cores[t], or None, and why not):
-    runtime/native.py's pinner, a native module."""
+    runtime/native.py's pinner, a native module. `allowed`: a share of the usable cores (a
+    tensor-parallel rank's), to which the whole process is then confined, pinned or not."""
     global current
     nodes = numa_nodes(root)
-    p = plan(threads, set(allowed_cores()), nodes)
+    if allowed is not None and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, allowed)  # threads started from now on inherit it
+        except OSError:
+            pass
+    p = plan(threads, set(allowed if allowed is not None else allowed_cores()), nodes)
     if p.cores and not knobs.current().pin:
         p.cores, p.note = [], "CPUGEN_PIN=0"
     if p.cores:

@@ -25,7 +25,7 @@ from cpugen.model.config import preset_dir
 from cpugen.perf import roofline
 from cpugen.perf.measure import make_record, measure, needs, note_stale
 from cpugen.perf.record import RunRecord, count
-from cpugen.runtime import planner
+from cpugen.runtime import distributed, planner
 from cpugen.runtime.session import DTYPES, Session, check_lengths, log, open_session
 
 
@@ -198,18 +198,19 @@ def does_not_fit(p: planner.Plan) -> str:
 def plan_rows(sweep: Sweep, s: Session) -> list[Row]:
     """Every row planned before anything large is allocated, against one measurement of the runtime."""
     measured = dict(overhead=planner.runtime_overhead(), file_backed=rss_file_bytes())
+    split = dict(tp=s.tp, ranks_per_host=s.group.sharing if s.group and sweep.host_memory is None else 1)
     rows = []
     for st in sweep.settings:
         for b in st.batch_sizes:
             auto = b == "auto"
             p = planner.plan(s.cfg, st.prompt_len, st.gen_len, s.itemsize, s.backend, sweep.memory_budget,
                              sweep.host_memory, sweep.max_batch_size if auto else None, None if auto else b,
-                             **measured)
+                             **measured, **split)
             if auto and p.batch_size == 0:  # not even batch 1: show what batch 1 needs
                 p = planner.plan(s.cfg, st.prompt_len, st.gen_len, s.itemsize, s.backend, sweep.memory_budget,
-                                 sweep.host_memory, batch_size=1, **measured)
+                                 sweep.host_memory, batch_size=1, **measured, **split)
             rows.append(Row(st, b, p, "ok" if planner.needed(p) <= p.budget_bytes else does_not_fit(p)))
-    return rows
+    return distributed.same(s.group, rows)  # every rank runs rank 0's rows
 
 
 def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None, limits: bool = False) -> list[RunRecord]:

@@ -127,13 +127,15 @@ def read(path: Path) -> History:
 
 # --- comparing -------------------------------------------------------------------------------------------
 def key(d: dict) -> tuple:
-    return (*(d.get(k) for k in KEY), d.get(KNOBS_KEY) or "")
+    # a tensor-parallel run is its own configuration (a record from before `tp` existed ran one process)
+    return (*(d.get(k) for k in KEY), d.get(KNOBS_KEY) or "", d.get("tp") or 1)
 
 
 def describe(d: dict) -> str:
     """A configuration in a few words: 'gptj-1b/1L eager bfloat16 16+4 batch 2, 2 threads'."""
     where = f"{d.get('sweep')}/{d.get('setting')} " if d.get("setting") else ""
     knobs = f", {d[KNOBS_KEY]}" if d.get(KNOBS_KEY) else ""
+    knobs += f", tp {d['tp']}" if (d.get("tp") or 1) > 1 else ""
     return (f"{where}{d['model']}/{d['n_layer']}L {d['backend']} {d['dtype']} {d['prompt_len']}+{d['gen_len']} "
             f"batch {d['batch_size']}, {d['threads']} threads{knobs}")
 

@@ -60,6 +60,9 @@ class Timing:
     """One repeat of the measured work: the prompt pass, then every decode step on its own."""
     prompt_time_s: float
     steps: list[float]
+    comm_s: float = 0.0  # tensor parallel: seconds of the decode steps spent in collectives
+    comm_bytes: int = 0  # and the bytes this rank contributed to them
+    comm_calls: int = 0
 
 
 def decode_roofline_s(cfg: ModelConfig, roof, batch: int, prompt_len: int, gen_len: int, itemsize: int) -> float:
@@ -141,6 +144,8 @@ def measure(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, repeats:
                 logits = engine.prefill(prompts)
                 tok = argmax(logits)
                 prompt_time = time.perf_counter() - t0
+                if s.group:
+                    s.group.reset()  # from here: the decode steps' collectives
                 steps = []
                 for i in range(n_steps):
                     t0 = time.perf_counter()
@@ -153,7 +158,8 @@ def measure(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, repeats:
                         bar.update(r * n_steps + i + 1, repeats * n_steps, "decode steps")
                 if not torch.isfinite(logits.float()).all():
                     raise CpugenError("the model produced non-finite logits: the weights or the dtype are unusable")
-                timings.append(Timing(prompt_time, steps))
+                g = s.group
+                timings.append(Timing(prompt_time, steps, *((g.comm_s, g.comm_bytes, g.comm_calls) if g else ())))
     finally:
         s.model.free_caches()
     return timings, warmup_s
@@ -218,7 +224,26 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
                # one-time costs, per run, so that their growth with depth can be checked (no
                # per-layer compile or search: docs/performance.md, "One-time costs by depth")
                "load_s": s.load_s, "prepare_s": s.prepare_s, "warmup_s": warmup_s,
-               **(limits_extra(limits) if roof else {})})
+               **(limits_extra(limits) if roof else {}), **split_extra(s, timings, step)})
+
+
+def split_extra(s: Session, timings: list[Timing], step: float) -> dict:
+    """A tensor-parallel run's figures: its ranks and hosts, each rank's peak RSS (gathered from
+    every rank: a collective, so every rank records every row), and what the collectives cost a
+    decode step on this rank."""
+    g = s.group
+    if g is None:
+        return {"tp": 1}
+    from cpugen.runtime import distributed
+
+    peaks = distributed.gather_object(g, peak_rss_bytes())
+    steps = sum(len(t.steps) for t in timings) or 1
+    comm = sum(t.comm_s for t in timings) / steps
+    return {"tp": g.world, "tp_hosts": g.hosts, "tp_comm": g.comm, "tp_rank_peak_rss_bytes": peaks,
+            "tp_max_rank_peak_rss_bytes": max(peaks), "tp_comm_s_per_step": comm,
+            "tp_comm_share": comm / step if step == step and step > 0 else None,
+            "tp_comm_bytes_per_step": sum(t.comm_bytes for t in timings) // steps,
+            "tp_collectives_per_step": sum(t.comm_calls for t in timings) / steps}
 
 
 def note_stale(rec: RunRecord):

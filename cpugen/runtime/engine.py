@@ -153,6 +153,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             logits = engine.prefill(batch)
             for step in range(max_new_tokens):
                 tok = sample(logits, sampling, gen)  # (B,)
+                if model.same_tokens is not None and not sampling.greedy:  # split: one draw, rank 0's
+                    tok = model.same_tokens(tok)
                 for b, (t, d) in enumerate(zip(tok.tolist(), done.tolist())):
                     if not d:
                         out[b].append(t)

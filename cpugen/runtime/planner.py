@@ -25,7 +25,9 @@ import psutil
 
 from cpugen.model.config import ModelConfig
 from cpugen.errors import CpugenError
-from cpugen.model.shapes import largest_matrix, n_params
+from cpugen.model import shard
+from cpugen.model.shapes import block_matrices, largest_matrix
+from cpugen.model.shard import Shard
 from cpugen.model.transformer import WIDEN_BLOCK_BYTES
 from cpugen.runtime.eager import widen_wanted
 from cpugen.model.kv_cache import kv_cache_bytes
@@ -127,6 +129,7 @@ class Plan:
     predicted_peak_bytes: int
     max_batch_size: int | None = None
     limited_by: str = "memory"
+    tp: int = 1  # ranks: the memory figures are one rank's (the one that needs the most)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,16 +154,21 @@ def _prefill_shape(cfg: ModelConfig, batch: int, prompt_len: int, itemsize: int,
 
 
 def memory_at(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, itemsize: int, backend: str,
-              overhead: int, file_backed: int, act_cap: int) -> dict:
-    weights = int(n_params(cfg) * itemsize * BACKEND_WEIGHT_COPIES.get(backend, 1.0))
-    kv_seq = kv_cache_bytes(cfg, 1, prompt_len + gen_len, itemsize)
+              overhead: int, file_backed: int, act_cap: int, s: Shard = Shard()) -> dict:
+    """One rank's memory (the whole model's for a single process): its slices of the weights, the
+    KV cache of its kv heads, activations of its share of each block, and, split, the logits
+    gathered from every rank."""
+    local = shard.local_config(cfg, s)
+    weights = int(shard.n_params_of_rank(cfg, s) * itemsize * BACKEND_WEIGHT_COPIES.get(backend, 1.0))
+    kv_seq = kv_cache_bytes(local, 1, prompt_len + gen_len, itemsize)
     widened = backend == "eager" and itemsize == 2 and widen_wanted()
-    chunk, micro = _prefill_shape(cfg, batch, prompt_len, itemsize, act_cap, widened)
-    pre = activation_bytes(cfg, chunk, micro, itemsize, widened)
-    dec = activation_bytes(cfg, 1, batch, itemsize, widened)
+    chunk, micro = _prefill_shape(local, batch, prompt_len, itemsize, act_cap, widened)
+    gathered = 0 if s.whole else 2 * cfg.vocab_size * itemsize  # per sequence: the ranks' parts and their join
+    pre = activation_bytes(local, chunk, micro, itemsize, widened) + micro * gathered
+    dec = activation_bytes(local, 1, batch, itemsize, widened) + batch * gathered
     act = max(pre, dec)
     kv = kv_seq * batch
-    repack = largest_matrix_bytes(cfg, itemsize)
+    repack = largest_matrix_bytes(cfg, itemsize, s)
     headroom = HEADROOM_FIXED + int(HEADROOM_SHARE * (weights + kv))
     return dict(weight_bytes=weights, kv_cache_bytes_per_seq=kv_seq, kv_cache_bytes=kv, activation_bytes=act,
                 prefill_activation_bytes=pre, decode_activation_bytes=dec, prefill_chunk=chunk,
@@ -169,10 +177,14 @@ def memory_at(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, items
                 predicted_peak_bytes=overhead + weights + max(kv + act, repack))
 
 
-def largest_matrix_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """The largest weight matrix: the eager backend's repacking into cpugen's layout, IPEX's and
-    oneDNN's all replace one matrix at a time, so for a moment it is held twice."""
-    return largest_matrix(cfg) * itemsize
+def largest_matrix_bytes(cfg: ModelConfig, itemsize: int, s: Shard = Shard()) -> int:
+    """The largest weight matrix (of a rank's slices): the eager backend's repacking into cpugen's
+    layout, IPEX's and oneDNN's all replace one matrix at a time, so for a moment it is held twice."""
+    if s.whole:
+        return largest_matrix(cfg) * itemsize
+    v0, v1 = shard.vocab_rows(cfg, s)
+    head = 0 if cfg.tie_embeddings else (v1 - v0) * cfg.n_embd
+    return max(head, *(o * i for o, i in block_matrices(shard.local_config(cfg, s)).values())) * itemsize
 
 
 def needed(m) -> int:
@@ -183,18 +195,28 @@ def needed(m) -> int:
 
 def plan(cfg: ModelConfig, prompt_len: int, gen_len: int, itemsize: int = 2, backend: str = "eager",
          memory_budget: str | None = None, host_memory: str | None = None, max_batch_size: int | None = None,
-         batch_size: int | None = None, overhead: int | None = None, file_backed: int | None = None) -> Plan:
-    """The largest batch that fits (or, with batch_size, the plan for that batch)."""
+         batch_size: int | None = None, overhead: int | None = None, file_backed: int | None = None,
+         tp: int = 1, ranks_per_host: int = 1) -> Plan:
+    """The largest batch that fits (or, with batch_size, the plan for that batch). With `tp` ranks,
+    the plan of the rank that needs the most, against its share of its host's budget (the budget
+    divided among the `ranks_per_host` ranks on one host)."""
     if prompt_len < 1 or gen_len < 1:
         raise CpugenError("--prompt-len and --gen-len must be at least 1")
+    shard.check(cfg, tp)
     b = budget(memory_budget, host_memory)
+    if ranks_per_host > 1 and not memory_budget and not host_memory:  # measured: the ranks here share it
+        b = Budget(b.bytes // ranks_per_host, f"{b.source}, shared by {ranks_per_host} ranks")
+    ranks = [Shard(r, tp) for r in range(tp)]
     overhead = runtime_overhead() if overhead is None else overhead
     file_backed = rss_file_bytes() if file_backed is None else file_backed
     act_cap = max(128 * MiB, b.bytes // 100)  # prefill scratch: about 1% of the budget
 
+    def at(n: int) -> dict:  # the rank that needs the most (rank 0: the most vocabulary rows)
+        return max((memory_at(cfg, n, prompt_len, gen_len, itemsize, backend, overhead, file_backed, act_cap, r)
+                    for r in ranks), key=needed)
+
     def fits(n: int) -> bool:
-        m = memory_at(cfg, n, prompt_len, gen_len, itemsize, backend, overhead, file_backed, act_cap)
-        return needed(m) <= b.bytes
+        return needed(at(n)) <= b.bytes
 
     limited_by = "memory"
     if batch_size is not None:
@@ -213,10 +235,10 @@ def plan(cfg: ModelConfig, prompt_len: int, gen_len: int, itemsize: int = 2, bac
         best = lo
         if max_batch_size is not None and best >= max_batch_size:
             best, limited_by = max_batch_size, "--max-batch-size"
-    m = memory_at(cfg, max(best, 1), prompt_len, gen_len, itemsize, backend, overhead, file_backed, act_cap)
+    m = at(max(best, 1))
     return Plan(model=cfg.name, n_layer=cfg.n_layer, backend=backend, prompt_len=prompt_len, gen_len=gen_len,
                 batch_size=best, budget_bytes=b.bytes, budget_source=b.source, max_batch_size=max_batch_size,
-                limited_by=limited_by, **m)
+                limited_by=limited_by, tp=tp, **m)
 
 
 def shortfall(p: Plan, what: str, hint: str) -> str:
@@ -242,6 +264,11 @@ def explain_no_fit(p: Plan, cfg: ModelConfig, itemsize: int) -> str:
         hints.append(f"--layers {layers} or fewer")
     if fits(prompt_len=1, gen_len=1):
         hints.append("a shorter prompt or generation")
+    if p.tp == 1 and p.budget_source.startswith("--host-memory"):  # ranks on hosts of this size
+        split = next((t for t in (2, 4, 8, 16, 32, 64) if shard.problem(cfg, t) is None
+                      and fits(tp=t)), None)
+        if split:
+            hints.append(f"--tp {split} over {split} hosts of this size (one rank each)")
     hints.append(f"--memory-budget {fmt(need)} (a host of {fmt(need / (1 - OS_RESERVE_SHARE))})")
     return (f"{p.model} at batch 1 needs {fmt(need)} ({fmt(p.weight_bytes)} weights, "
             f"{fmt(p.kv_cache_bytes_per_seq)} KV cache, {fmt(need - p.weight_bytes - p.kv_cache_bytes_per_seq)} "
@@ -266,6 +293,9 @@ def report(p: Plan) -> str:
         ("budget", p.budget_bytes, p.budget_source),
     ]
     lines = [f"{name:>15}  {fmt(v):>12}  {note}" for name, v, note in rows]
+    if p.tp > 1:
+        lines.insert(0, f"tensor parallel over {p.tp} ranks: each figure is one rank's (the one that needs the most: "
+                        "its slices of the weights, the KV cache of its kv heads, the gathered logits)")
     verdict = (f"largest batch: {p.batch_size}" + (" (capped by --max-batch-size)" if p.limited_by != "memory" else "")
                if p.batch_size else "largest batch: none (batch 1 does not fit)")
     return "\n".join(lines + [verdict])

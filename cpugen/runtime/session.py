@@ -25,7 +25,10 @@ from cpugen.model.source import resolve
 from cpugen.model.transformer import Transformer
 from cpugen.model.weights import load_model
 from cpugen.progress import progress
-from cpugen.runtime import backends, eager, native, planner
+from cpugen.host.environment import git_commit
+from cpugen.model import shard
+from cpugen.model.shard import Shard
+from cpugen.runtime import backends, distributed, eager, native, planner
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -60,9 +63,11 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-def place(threads: int) -> placement.Placement:
-    """Each compute thread pinned to its own core, memory by NUMA node (host/placement.py)."""
-    return placement.apply(threads, pin=native.pinner)
+def place(threads: int, group: distributed.Group | None = None) -> placement.Placement:
+    """Each compute thread pinned to its own core, memory by NUMA node (host/placement.py); a
+    tensor-parallel rank's on its own share of the host's cores (its NUMA node where it has one)."""
+    cores = None if group is None else distributed.rank_cores(group.local_rank, group.local_world)
+    return placement.apply(threads, pin=native.pinner, allowed=cores)
 
 
 @dataclass
@@ -78,6 +83,15 @@ class Session:
     forward: object = None  # what the backend gives to call
     load_s: float = 0.0  # weights built or read
     prepare_s: float = 0.0  # the backend's one-time work: native kernels loaded (or built), IPEX packing
+    group: distributed.Group | None = None  # tensor parallel: this rank's place and collectives
+
+    @property
+    def shard(self) -> Shard:
+        return self.group.shard if self.group else Shard()
+
+    @property
+    def tp(self) -> int:
+        return self.shard.world
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,21 +112,22 @@ class Session:
         if not auto and batch < 1:
             raise CpugenError(f"--batch-size must be at least 1, not {batch}")
         check_lengths(self.cfg, prompt_len, gen_len)
+        split = dict(tp=self.tp, ranks_per_host=self.group.sharing if self.group and host_memory is None else 1)
         p = planner.plan(self.cfg, prompt_len, gen_len, self.itemsize, self.backend, memory_budget, host_memory,
-                         max_batch_size if auto else None, None if auto else batch, **measured)
+                         max_batch_size if auto else None, None if auto else batch, **measured, **split)
         if auto and p.batch_size == 0:
             raise CpugenError(planner.explain_no_fit(p, self.cfg, self.itemsize))
         if not auto and check_fit and planner.needed(p) > p.budget_bytes:
             if hint is None:
                 best = planner.plan(self.cfg, prompt_len, gen_len, self.itemsize, self.backend, memory_budget,
-                                    host_memory, overhead=p.overhead_bytes, file_backed=p.file_backed_bytes)
+                                    host_memory, overhead=p.overhead_bytes, file_backed=p.file_backed_bytes, **split)
                 if best.batch_size == 0:
                     raise CpugenError(planner.explain_no_fit(best, self.cfg, self.itemsize))
                 hint = f"use --batch-size {best.batch_size} or less (or --batch-size auto)"
             raise CpugenError(planner.shortfall(p, what or f"batch {batch}", hint))
         if host_memory is None:
             self.check_build_room(p)
-        return p
+        return distributed.same(self.group, p)  # every rank runs rank 0's plan
 
     def check_build_room(self, p: planner.Plan):
         """Compiling the kernels (once per machine) peaks at about 1.6 GiB in the compiler, before
@@ -136,11 +151,13 @@ class Session:
         if self.backend == "eager" and self.dtype == torch.bfloat16:
             for name in native.missing_builds():  # compiled before the threads are pinned: the compiler gets every core
                 native.extension(name)
-        place(self.threads)
+        place(self.threads, self.group)
         t1 = time.perf_counter()
         self.model = load_model(self.cfg, self.checkpoint, self.dtype, self.seed,
-                                progress("weights" if self.checkpoint is None else "loading", self.quiet))
+                                progress("weights" if self.checkpoint is None else "loading", self.quiet), self.shard)
         t2 = time.perf_counter()
+        if self.group is not None:  # before the backend: a split model's blocks are not the decode stack's
+            distributed.install(self.model, self.group)
         self.forward = backends.apply(self.model, self.backend, self.dtype)
         self.load_s, self.prepare_s = t2 - t1, (t1 - t0) + time.perf_counter() - t2
         return self
@@ -160,5 +177,14 @@ def open_session(model: str | None = None, *, cfg: ModelConfig | None = None, ch
         cfg = cfg.with_layers(layers)
     if dtype not in DTYPES:
         raise CpugenError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    knobs.current()  # a bad CPUGEN_* value is an error before any work
-    return Session(cfg, checkpoint, backends.resolve(backend, dtype), dtype, set_threads(threads), seed, quiet)
+    k = knobs.current()  # a bad CPUGEN_* value is an error before any work
+    group = distributed.current
+    if group is not None:  # every rank the same model, options and cpugen, or none starts
+        shard.check(cfg, group.world)
+        distributed.agree(group, {"model": cfg.name, "layers": cfg.n_layer, "config": distributed.digest(
+            cfg.__dict__), "checkpoint": str(checkpoint), "backend": backend, "dtype": dtype, "seed": seed,
+            "commit": git_commit(), "knobs": k.key(), "argv": distributed.what_runs(sys.argv[1:])})
+        if threads is None:
+            threads = len(distributed.rank_cores(group.local_rank, group.local_world))
+    backend = backends.resolve(backend, dtype)
+    return Session(cfg, checkpoint, backend, dtype, set_threads(threads), seed, quiet, group=group)

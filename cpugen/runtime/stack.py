@@ -113,7 +113,7 @@ def install(model: Transformer) -> bool:
     `model.stack_refused` says why) where the model needs what the stack lacks, its modules are
     not the stack's, or the stack does not build."""
     cfg = model.cfg
-    why = refusal(cfg) or _modules_ready(model)
+    why = refusal(cfg) or _split(model) or _modules_ready(model)
     if why is None and native.extension("decode_layer") is None:
         why = f"the native stack is unavailable ({native.why_not('decode_layer')})"
     model.stack_refused = why
@@ -137,6 +137,14 @@ def install(model: Transformer) -> bool:
                                 model.ln_f.weight, model.ln_f.bias,
                                 head.weight if head.panels is None else head.panels, head.bias, head.out_features)
     return True
+
+
+def _split(model: Transformer) -> str | None:
+    """A tensor-parallel rank's model: its blocks all-reduce between them, which the stack (all blocks
+    in one native call) does not do."""
+    if model.gather is not None or any(b.reduce is not None for b in model.blocks):
+        return "tensor parallel: the stack runs every block in one call, with no all-reduce between blocks"
+    return None
 
 
 def drop(model: Transformer):
