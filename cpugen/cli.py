@@ -178,6 +178,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--calibrate", type=int, metavar="N",
                    help="run the sweeps N times on unchanged code and report how often the rule would alarm")
     n.add_argument("--quiet", action="store_true", help="no progress or diagnostics on stderr")
+    _tp(n)
     return ap
 
 
@@ -388,7 +389,7 @@ def _ranks(tp) -> int:
     return max(1, sum(1 for cs in numa_nodes().values() if set(cs) & allowed_cores()))
 
 
-SPLIT = ("run", "bench", "generate")  # the commands that run a split model (plan only plans one)
+SPLIT = ("run", "bench", "generate", "nightly")  # the commands that run a split model (plan only plans one)
 
 
 def _split(args, argv: list[str]) -> int:

@@ -424,3 +424,22 @@ def test_a_peer_gone_from_the_shared_memory_is_an_error_not_a_hang():
     res = json.loads(outs[0][0])
     assert "another rank stopped mid-run" in res["after"] and time.monotonic() - t0 < 60
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("cpugen-tp-")]  # nothing left behind
+
+
+# --- the nightly job, split ---------------------------------------------------------------------------------------
+def test_the_nightly_job_runs_split_and_rank_0_alone_keeps_the_history(tmp_path):
+    sweep = tmp_path / "tiny.json"
+    sweep.write_text(json.dumps({"name": "tiny", "model": "gptj-1b", "layers": 1, "backend": "eager", "settings": [
+        {"prompt_len": 8, "gen_len": 3, "batch_sizes": [1, 2]}]}))
+    hist = tmp_path / "history.jsonl"
+    for night in range(2):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "nightly"), "--sweep", str(sweep), "--history",
+                            str(hist), "--report-dir", str(tmp_path / f"r{night}"), "--tp", "2", "--quiet",
+                            "--min-runs", "1", "--confirm", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode in (0, 1), r.stderr  # 1 only if a tiny figure really fell
+        assert r.stdout.startswith(("no regression", "REGRESSION")) and r.stdout.count("report:") == 1
+    recs = [json.loads(x) for x in hist.read_text().splitlines()]
+    first = [x for x in recs if not x.get("confirmation")]
+    assert len(first) == 4 and all(x["tp"] == 2 and x["tp_comm"] == "shm+gloo" for x in recs)  # 2 rows x 2 nights
+    assert (tmp_path / "r1" / "report.md").read_text().count("tp 2") >= 2  # its configurations name the split

@@ -98,11 +98,35 @@ def _setup(args):
     hist_path, out_dir = Path(args.history), Path(args.report_dir)
     past = history.read(hist_path)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        hist_path.parent.mkdir(parents=True, exist_ok=True)
+        if _lead():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            hist_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CpugenError(f"cannot create {e.filename}: {e.strerror}") from None
     return rule, sweeps, hist_path, out_dir, past
+
+
+def _group():
+    """The tensor-parallel group this job runs in (`nightly --tp N`), or None."""
+    d = sys.modules.get("cpugen.runtime.distributed")
+    return getattr(d, "current", None)
+
+
+def _lead() -> bool:
+    """Rank 0 (or the only process): the one that writes the history, the report and the verdict;
+    the other ranks run the same sweeps beside it, in step."""
+    g = _group()
+    return g is None or g.rank == 0
+
+
+def _same(obj):
+    """Rank 0's decision on every rank (which rows to measure again), so that every rank runs them."""
+    g = _group()
+    if g is None:
+        return obj
+    from cpugen.runtime import distributed
+
+    return distributed.same(g, obj)
 
 
 def _run_sweeps(sweeps, hist_path: Path, quiet: bool, mark: dict | None = None) -> tuple[list[RunRecord], str | None]:
@@ -117,7 +141,8 @@ def _run_sweeps(sweeps, hist_path: Path, quiet: bool, mark: dict | None = None) 
                 if not sw.compare:
                     r.extra["compare"] = False
                 r.extra.update(mark or {})
-                history.append(hist_path, [r])
+                if _lead():
+                    history.append(hist_path, [r])
                 records.append(r)
 
             bench.run_sweep(sw, quiet=quiet, on_record=keep, limits=sw.compare)
@@ -135,8 +160,6 @@ def _run_sweeps(sweeps, hist_path: Path, quiet: bool, mark: dict | None = None) 
 
 def main(args) -> int:
     """The job, for options parsed by `cpugen nightly` (cli.py)."""
-    from cpugen.perf import charts
-
     t0 = time.perf_counter()
     try:
         rule, sweeps, hist_path, out_dir, past = _setup(args)
@@ -153,6 +176,15 @@ def main(args) -> int:
     findings = history.compare(new, past.records, rule)
     if not error:
         error = confirm(findings, sweeps, past, rule, hist_path, args)
+    if not _lead():  # rank 0 judges, writes and answers for the job
+        return _same(None)
+    return _same(_verdict(args, rule, sweeps, hist_path, out_dir, past, records, new, findings, error, t0))
+
+
+def _verdict(args, rule, sweeps, hist_path, out_dir, past, records, new, findings, error, t0) -> int:
+    """The report, the charts and the verdict: stdout's lines and the exit status."""
+    from cpugen.perf import charts
+
     try:
         drawn, note = charts.write_all(out_dir, new, past.records + new)
     except Exception as e:  # noqa: BLE001 - a chart must never hide the verdict
@@ -187,9 +219,9 @@ def confirm(findings: list[history.Finding], sweeps, past: history.History, rule
     reproduce is "transient"). Returns a run error, if one happened."""
     for attempt in range(1, args.confirm + 1):
         suspects = [f for f in findings if f.verdict == "REGRESSION"]
-        if not suspects:
+        rows = _same({(f.record.get("sweep"), f.record.get("setting"), f.record["batch_size"]) for f in suspects})
+        if not rows:
             return None
-        rows = {(f.record.get("sweep"), f.record.get("setting"), f.record["batch_size"]) for f in suspects}
         again = [replace(sw, settings=[replace(st, batch_sizes=sorted(b for n, s_, b in rows if n == sw.name
                                                                       and s_ == st.name))
                                        for st in sw.settings if (sw.name, st.name) in {(n, s_) for n, s_, _ in rows}])
@@ -258,6 +290,8 @@ def calibrate(args, rule: history.Rule, sweeps, hist_path: Path, out_dir: Path, 
              "", "spread over the calibration runs (MAD as a standard deviation, a share of the median; worst: "
                  "the furthest run below the median):", *_spreads([d for r in runs for d in r])]
     text = "\n".join(lines)
+    if not _lead():
+        return _same(None)
     print(text)
     try:
         (out_dir / "calibration.md").write_text(f"# cpugen nightly calibration, "
@@ -265,8 +299,8 @@ def calibrate(args, rule: history.Rule, sweeps, hist_path: Path, out_dir: Path, 
                                                 f"```\n{text}\n```\n")
     except OSError as e:
         print(f"cpugen: error: cannot write {out_dir / 'calibration.md'}: {e.strerror}", file=sys.stderr)
-        return 2
-    return 1 if c["rule"] else 0
+        return _same(2)
+    return _same(1 if c["rule"] else 0)
 
 
 def _spreads(records: list[dict]) -> list[str]:
