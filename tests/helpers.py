@@ -42,7 +42,8 @@ def fake_roofline(cache_dir: Path) -> dict:
     cache_dir.mkdir(parents=True, exist_ok=True)
     data = {roofline._key(t): dict(read_gbps=20.0, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
                                    torch_version=torch.__version__, read_spread=[19.0, 21.0],
-                                   tflops_spread=[0.19, 0.21], measured_at=0.0)
+                                   tflops_spread=[0.19, 0.21], measured_at=0.0,
+                                   hw_tflops={lv: 0.25 for lv in roofline.levels()})
             for t in range(1, usable_cores() + 1)}
     (cache_dir / "roofline.json").write_text(json.dumps(data))
     return {"CPUGEN_CACHE": str(cache_dir), "CPUGEN_NATIVE": "0"}

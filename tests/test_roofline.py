@@ -60,3 +60,34 @@ def test_run_says_when_it_beats_the_cached_limits(tmp_path):
     note = [ln for ln in loud.stderr.splitlines() if "beat the cached limits" in ln]
     assert len(note) == 1 and "decode" in note[0] and "prefill" in note[0]
     assert "python -m cpugen roofline --refresh" in note[0]
+
+
+def test_register_only_limits_are_exact_chains_and_no_library_beats_them():
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    from cpugen.runtime.native import extension
+    from kernels import check_peak
+
+    ext = extension("peak")
+    assert ext is not None  # every x86-64 CPU with AVX2 and FMA builds it
+    assert len(check_peak.check_sums(ext)) == 4 * len(roofline.levels())
+    fma, mm = check_peak.check_rate()
+    assert mm <= 1.1 * fma
+
+
+def test_a_run_reports_efficiency_against_the_hardware_of_its_level(tmp_path):
+    import json
+
+    from helpers import cli, fake_roofline
+
+    env = fake_roofline(tmp_path / "cache")  # every level's limit: 0.25 TFLOP/s
+    r = cli("run", "--model", "gptj-1b", "--layers", "1", "--prompt-len", "32", "--gen-len", "4", "--json", "-",
+            "--quiet", env=env)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["hw_level"] == roofline.run_level() and rec["hw_tflops"] == 0.25
+    assert abs(rec["prefill_efficiency_hw"] - rec["prompt_flops"] / 0.25e12) < 1e-9
+    assert rec["decode_efficiency_hw"] <= rec["decode_efficiency"] + 1e-12  # the same step, a higher ceiling

@@ -22,7 +22,7 @@ def cpu_info() -> dict:
         pass
     # "avx512": what cpugen's kernels use, AVX-512 F, BW and VL (every AVX-512 server CPU since
     # Skylake-SP has all three; the first Xeon Phis had F alone)
-    return {"cpu": model, "avx512": {"avx512f", "avx512bw", "avx512vl"} <= flags,
+    return {"cpu": model, "avx2": {"avx2", "fma"} <= flags, "avx512": {"avx512f", "avx512bw", "avx512vl"} <= flags,
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import torch
@@ -83,8 +83,16 @@ def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops, limits=None) 
 
     roof = roofline.between(*limits) if limits else roofline.get(threads)
     ideal = decode_roofline_s(cfg, roof, B, P, G, itemsize)
-    return dict(roofline_read_gbps=roof.read_gbps, roofline_bf16_tflops=roof.bf16_tflops, decode_roofline_s=ideal,
-                decode_efficiency=ideal / step, prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
+    out = dict(roofline_read_gbps=roof.read_gbps, roofline_bf16_tflops=roof.bf16_tflops, decode_roofline_s=ideal,
+               decode_efficiency=ideal / step, prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
+    # against the hardware: the register-only limit of the ISA level the matmuls ran at
+    level = roofline.run_level()
+    hw = roofline.hw_limits(threads).get(level) if level else None
+    if hw:
+        ideal_hw = decode_roofline_s(cfg, replace(roof, bf16_tflops=hw), B, P, G, itemsize)
+        out["extra"] = {"hw_level": level, "hw_tflops": hw, "prefill_efficiency_hw": prompt_flops / (hw * 1e12),
+                        "decode_efficiency_hw": ideal_hw / step}
+    return out
 
 
 def limits_extra(limits) -> dict:
@@ -204,6 +212,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
     throughput = B / step if step_means else nan
     roof = (_roofline(cfg, B, P, G, s.itemsize, s.threads, step, B * p_flop / prompt_time, limits)
             if roofline and step_means else {})
+    hw_extra = roof.pop("extra", {})
     return RunRecord(
         **common, weight_bytes=weight_bytes(s.model), prompt_time_s=prompt_time, prompt_flops=B * p_flop / prompt_time,
         decode_time_per_token_s=step, decode_time_median_s=statistics.median(all_steps) if all_steps else nan,
@@ -224,7 +233,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
                # one-time costs, per run, so that their growth with depth can be checked (no
                # per-layer compile or search: docs/performance.md, "One-time costs by depth")
                "load_s": s.load_s, "prepare_s": s.prepare_s, "warmup_s": warmup_s,
-               **(limits_extra(limits) if roof else {}), **split_extra(s, timings, step)})
+               **(limits_extra(limits) if roof else {}), **hw_extra, **split_extra(s, timings, step)})
 
 
 def split_extra(s: Session, timings: list[Timing], step: float) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,9 @@ class Roofline:
     read_spread: tuple[float, float] = (0.0, 0.0)  # min, max over repeats
     tflops_spread: tuple[float, float] = (0.0, 0.0)
     measured_at: float = 0.0
+    # the hardware's compute limit at each ISA level this CPU has, register-only (kernels/peak.cpp):
+    # {"avx2": TFLOP/s of fp32 FMA, "avx512": ..., "avx512_bf16": of vdpbf16ps}
+    hw_tflops: dict = field(default_factory=dict)
 
     def step_time(self, bytes_moved: float, flop: float) -> float:
         return max(bytes_moved / (self.read_gbps * 1e9), flop / (self.bf16_tflops * 1e12))
@@ -88,13 +91,62 @@ def measure_matmul(repeats: int = 7, n: int = 4096) -> tuple[float, float, float
     return statistics.median(f), min(f), max(f)
 
 
+LEVELS = ("avx2", "avx512", "avx512_bf16")  # x86 levels with a register-only limit; AMX has none yet
+PEAK_ITERS = 1 << 24  # rounds of 12-16 chains a thread: tens of ms; acc (<= 2^24) stays exact in fp32
+
+
+def levels() -> list[str]:
+    """The ISA levels this CPU has."""
+    info = cpu_info()
+    return [lv for lv, ok in (("avx2", info["avx2"]), ("avx512", info["avx512"]),
+                              ("avx512_bf16", info["avx512_bf16"])) if ok]
+
+
+def run_level() -> str | None:
+    """The level cpugen's bf16 matmuls run at here: vdpbf16ps (AVX512-BF16), AVX-512 fp32 FMA
+    (PyTorch's bf16 GEMM widens to fp32), or AVX2 fp32 FMA (widened GEMM); None off x86."""
+    have = levels()
+    return have[-1] if have else None
+
+
+def measure_hw(threads: int, repeats: int = 5) -> dict[str, float]:
+    """TFLOP/s of each level's instruction in independent register-only chains on every thread
+    (the best of `repeats`: the limit is what the units do when nothing slows them); {} where the
+    kernel cannot run. Checks each run's checksum: a chain that skipped work is an error."""
+    from cpugen.runtime import native
+
+    ext = native.extension("peak")
+    if ext is None:
+        return {}
+    out = {}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lv in levels():
+            lanes = ext.flop_per_instruction(lv) // (4 if lv == "avx512_bf16" else 2)
+            best = 0.0
+            for _ in range(repeats + 1):  # the first warms the units up (AVX-512 frequency licence)
+                t0 = time.perf_counter()
+                sums = ext.run(lv, PEAK_ITERS, threads, 1.0, 1.0)
+                t = time.perf_counter() - t0
+                want = float(PEAK_ITERS * lanes * ext.chains(lv))
+                if any(x != want for x in sums):
+                    raise RuntimeError(f"kernels/peak.cpp {lv}: checksums {sums}, expected {want} on every thread")
+                best = max(best, threads * PEAK_ITERS * ext.chains(lv) * ext.flop_per_instruction(lv) / t / 1e12)
+            out[lv] = best
+    finally:
+        torch.set_num_threads(prev)
+    return out
+
+
 def _key(threads: int) -> str:
     # "pages": which page size the bandwidth was read from (limits read before cpugen used huge
     # pages came from 4 KiB pages, and are measured again)
     return f"{cpu_info()['cpu']}|{threads}|{torch.__version__}|pages={'2M' if thp_mode() in ('always', 'madvise') else '4K'}"
 
 
-def measure(threads: int | None = None, repeats: int = 7, nbytes: int = 1 << 30, n: int = 4096) -> Roofline:
+def measure(threads: int | None = None, repeats: int = 7, nbytes: int = 1 << 30, n: int = 4096,
+            hw: bool = True) -> Roofline:
     threads = threads or torch.get_num_threads()
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -103,14 +155,15 @@ def measure(threads: int | None = None, repeats: int = 7, nbytes: int = 1 << 30,
         tf, tf_lo, tf_hi = measure_matmul(repeats, n)
     finally:
         torch.set_num_threads(prev)
-    return Roofline(bw, tf, threads, cpu_info()["cpu"], torch.__version__, (bw_lo, bw_hi), (tf_lo, tf_hi), time.time())
+    return Roofline(bw, tf, threads, cpu_info()["cpu"], torch.__version__, (bw_lo, bw_hi), (tf_lo, tf_hi), time.time(),
+                    measure_hw(threads) if hw else {})
 
 
 def probe(threads: int | None = None) -> Roofline:
     """The same two limits in about a second (a 256 MiB read, a 2048-wide matmul, five repeats each):
     read right before and right after a timed row, so that its efficiencies are against the regime
     the machine was in while it ran (shared hosts move between regimes within minutes)."""
-    return measure(threads, repeats=5, nbytes=256 << 20, n=2048)
+    return measure(threads, repeats=5, nbytes=256 << 20, n=2048, hw=False)
 
 
 def between(a: Roofline, b: Roofline) -> Roofline:
@@ -118,7 +171,7 @@ def between(a: Roofline, b: Roofline) -> Roofline:
     return Roofline((a.read_gbps + b.read_gbps) / 2, (a.bf16_tflops + b.bf16_tflops) / 2, a.threads, a.cpu,
                     a.torch_version, (min(a.read_spread[0], b.read_spread[0]), max(a.read_spread[1], b.read_spread[1])),
                     (min(a.tflops_spread[0], b.tflops_spread[0]), max(a.tflops_spread[1], b.tflops_spread[1])),
-                    b.measured_at)
+                    b.measured_at, a.hw_tflops or b.hw_tflops)
 
 
 def load_cached(threads: int) -> Roofline | None:
@@ -154,3 +207,21 @@ def get(threads: int, refresh: bool = False) -> Roofline:
         r = measure(threads)
         save(r)
     return r
+
+
+_hw: dict[int, dict] = {}
+
+
+def hw_limits(threads: int) -> dict[str, float]:
+    """The register-only limits at `threads` threads: from the cache where it has them, else
+    measured (about a second) and added to it."""
+    if threads not in _hw:
+        r = load_cached(threads)
+        if r is not None and r.hw_tflops:
+            _hw[threads] = r.hw_tflops
+        else:
+            _hw[threads] = measure_hw(threads)
+            if r is not None and _hw[threads]:
+                r.hw_tflops = _hw[threads]
+                save(r)
+    return _hw[threads]

@@ -30,6 +30,7 @@ from cpugen.host.cpu import cpu_info
 
 MODULES = ("gemv_bf16", "decode_attention", "decode_layer")  # AVX-512 kernels
 PORTABLE = ("threads",)  # thread pinning: any x86-64 or ARM CPU
+X86 = ("peak",)  # the roofline's register-only compute limits: any x86-64 CPU with AVX2 and FMA
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 BUILD_PEAK_BYTES = 1600 * 2**20  # the compiler's resident peak, building the kernels into an empty cache
@@ -81,6 +82,8 @@ def is_built(name: str) -> bool:
 
 def can_run(name: str) -> str | None:
     """Why kernels/<name>.cpp cannot run on this CPU, or None."""
+    if name in X86:
+        return None if cpu_info()["avx2"] else "the CPU lacks AVX2 and FMA (or is not x86-64)"
     if name not in PORTABLE and not cpu_info()["avx512"]:
         return "the CPU lacks AVX-512 (F, BW and VL)"
     return None
@@ -132,7 +135,7 @@ def why_not(name: str = "gemv_bf16") -> str | None:
 def build_all() -> dict[str, str]:
     """Builds (or finds built) every kernel module this CPU can run: name -> what happened."""
     out = {}
-    for name in (*PORTABLE, *MODULES):
+    for name in (*PORTABLE, *X86, *MODULES):
         why = can_run(name)
         if why:
             out[name] = f"not for this CPU: {why}"

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Checks kernels/peak.cpp, the roofline's register-only compute limits: at every ISA level this CPU
+has, each thread's chains end at the exact value their arithmetic gives (iters x y x lanes x chains:
+no instruction skipped, none folded away), a level the CPU lacks is refused, and the measured rate
+is at least what PyTorch's fp32 GEMM reaches on the same threads (a library cannot beat the
+hardware it runs on; 10% is left for the noise of a shared host).
+
+    python kernels/check_peak.py      # exits non-zero on a mismatch, or where the kernel is unavailable
+Used by cpugen/perf/roofline.py (`python -m cpugen roofline`); tests/test_roofline.py runs this."""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from cpugen.perf import roofline  # noqa: E402
+from cpugen.runtime.native import extension, why_not  # noqa: E402
+
+LANES = {"avx2": 8, "avx512": 16, "avx512_bf16": 16}
+
+
+def check_sums(ext) -> list[str]:
+    """Each level's checksums against the arithmetic, at two thread counts and two addends."""
+    done = []
+    for level in roofline.levels():
+        for threads in (1, torch.get_num_threads()):
+            for iters, y in ((1000, 1.0), (4096, 0.5)):
+                sums = ext.run(level, iters, threads, 1.0, y)
+                want = iters * y * LANES[level] * ext.chains(level)
+                if sums != [want] * threads:
+                    raise AssertionError(f"{level}, {threads} threads, y={y}: checksums {sums}, expected {want} each")
+                done.append(f"{level} x{threads} y={y}")
+    for level in set(LANES) - set(roofline.levels()):  # above this CPU: refused, never run
+        try:
+            ext.run(level, 10, 1, 1.0, 1.0)
+        except RuntimeError as e:
+            if "lacks" not in str(e):
+                raise
+        else:
+            raise AssertionError(f"{level} ran on a CPU without it")
+    return done
+
+
+def fp32_gemm_tflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def check_rate() -> tuple[float, float]:
+    """(the FMA limit of the widest fp32 level, torch.mm's fp32 rate); raises where torch beats it."""
+    threads = torch.get_num_threads()
+    hw = roofline.measure_hw(threads)
+    fma = hw["avx512"] if "avx512" in hw else hw["avx2"]
+    mm = fp32_gemm_tflops()
+    if mm > 1.1 * fma:
+        raise AssertionError(f"torch.mm fp32 reached {mm:.3f} TFLOP/s on {threads} threads, above the register-only "
+                             f"FMA limit {fma:.3f}: the chains do not measure the hardware")
+    return fma, mm
+
+
+if __name__ == "__main__":
+    ext = extension("peak")
+    if ext is None:
+        sys.exit(f"kernels/peak.cpp unavailable: {why_not('peak')}")
+    print(f"checksums exact: {', '.join(check_sums(ext))}")
+    fma, mm = check_rate()
+    print(f"fp32 FMA limit {fma:.3f} TFLOP/s; torch.mm fp32 {mm:.3f} ({mm / fma:.0%} of it)")

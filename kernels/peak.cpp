@@ -1,0 +1,105 @@
+// The hardware's compute limit at each x86 ISA level, measured register-only: on every ATen worker
+// thread, independent chains of one instruction (FMA on 8 or 16 fp32 lanes, or AVX512-BF16's
+// vdpbf16ps) with no memory traffic at all, so that nothing but the execution units sets the rate.
+// Enough chains run side by side to cover the instruction's latency on every port (4 cycles x 2
+// pipes = 8 at least: 16 with AVX-512's 32 registers, 12 within AVX2's 16). Each chain computes acc = acc * x + y from acc = 0 with x = 1 and
+// y = 1 passed in at run time (so the compiler cannot fold them), which leaves acc = iters exactly:
+// the checksum proves every instruction ran. Used by cpugen/perf/roofline.py; checked by
+// kernels/check_peak.py.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <immintrin.h>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kChains = 16;  // AVX-512: 32 zmm registers hold them and the two operands
+constexpr int kChainsAvx2 = 12;  // AVX2: 16 ymm registers; more chains would spill to memory
+
+__attribute__((target("avx2,fma"))) double fma_avx2(int64_t iters, float x, float y) {
+  __m256 acc[kChainsAvx2];
+  const __m256 vx = _mm256_set1_ps(x), vy = _mm256_set1_ps(y);
+  for (int c = 0; c < kChainsAvx2; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < iters; ++i)
+    for (int c = 0; c < kChainsAvx2; ++c) acc[c] = _mm256_fmadd_ps(acc[c], vx, vy);
+  float out[8];
+  double sum = 0;
+  for (int c = 0; c < kChainsAvx2; ++c) {
+    _mm256_storeu_ps(out, acc[c]);
+    for (float v : out) sum += v;
+  }
+  return sum;
+}
+
+__attribute__((target("avx512f"))) double fma_avx512(int64_t iters, float x, float y) {
+  __m512 acc[kChains];
+  const __m512 vx = _mm512_set1_ps(x), vy = _mm512_set1_ps(y);
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < iters; ++i)
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_fmadd_ps(acc[c], vx, vy);
+  double sum = 0;
+  for (int c = 0; c < kChains; ++c) sum += _mm512_reduce_add_ps(acc[c]);
+  return sum;
+}
+
+// vdpbf16ps: each fp32 lane adds a[2i] * b[2i] + a[2i+1] * b[2i+1]. With a = (x, 0) pairs and
+// b = (y, 0) pairs every lane adds x * y per instruction, so acc = iters exactly when x = y = 1.
+__attribute__((target("avx512f,avx512bf16"))) double dp_bf16(int64_t iters, float x, float y) {
+  __m512 acc[kChains];
+  uint32_t bx, by;  // the bf16 of x and of y (their fp32 bits' upper half; exact for 1.0) in each
+  std::memcpy(&bx, &x, 4);  // lane's low half, 0 in its high half
+  std::memcpy(&by, &y, 4);
+  const __m512i pair_x = _mm512_set1_epi32(static_cast<int>(bx >> 16));
+  const __m512i pair_y = _mm512_set1_epi32(static_cast<int>(by >> 16));
+  const __m512bh vx = reinterpret_cast<__m512bh>(pair_x), vy = reinterpret_cast<__m512bh>(pair_y);
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < iters; ++i)
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], vx, vy);
+  double sum = 0;
+  for (int c = 0; c < kChains; ++c) sum += _mm512_reduce_add_ps(acc[c]);
+  return sum;
+}
+
+}  // namespace
+
+// FLOP one instruction of `level` does: 8 lanes x 2 (AVX2 FMA), 16 x 2 (AVX-512 FMA), 16 x 4
+// (vdpbf16ps: two products and two sums a lane).
+int64_t flop_per_instruction(const std::string& level) {
+  if (level == "avx2") return 16;
+  if (level == "avx512") return 32;
+  if (level == "avx512_bf16") return 64;
+  TORCH_CHECK(false, "cpugen peak: unknown level ", level);
+}
+
+// Runs `iters` rounds of the chains of `level` on each of `threads` workers at once. Returns each
+// worker's checksum (iters x lanes x chains when every instruction ran), -1 for a worker that got
+// no task. The caller times the call.
+std::vector<double> run(const std::string& level, int64_t iters, int64_t threads, double x, double y) {
+  TORCH_CHECK(threads >= 1 && iters >= 1, "cpugen peak: threads and iters must be positive");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  TORCH_CHECK(level != "avx2" || avx2, "cpugen peak: this CPU lacks AVX2 and FMA");
+  TORCH_CHECK(level != "avx512" || avx512, "cpugen peak: this CPU lacks AVX-512F");
+  TORCH_CHECK(level != "avx512_bf16" || bf16, "cpugen peak: this CPU lacks AVX512-BF16");
+  flop_per_instruction(level);  // checks the name
+  std::vector<double> sums(threads, -1.0);
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float fx = static_cast<float>(x), fy = static_cast<float>(y);
+      sums[t] = level == "avx2" ? fma_avx2(iters, fx, fy) : level == "avx512" ? fma_avx512(iters, fx, fy)
+                                                                              : dp_bf16(iters, fx, fy);
+    }
+  });
+  return sums;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("run", &run, "register-only chains of one ISA level's instruction on every worker");
+  m.def("flop_per_instruction", &flop_per_instruction);
+  m.def("chains", [](const std::string& level) { return level == "avx2" ? kChainsAvx2 : kChains; });
+}
