@@ -41,6 +41,9 @@ KNOBS = (
          "0: do not ask for transparent huge pages for weights and KV cache"),
     Knob("CPUGEN_CACHE", "", None, False,
          "where native builds and measured limits are cached (default ~/.cache/cpugen)"),
+    Knob("CPUGEN_LIMITS", "measured", ("measured", "cached"), False,
+         "cached: run and bench judge their figures against the limits `cpugen roofline` cached, instead of "
+         "reading them right before and after each row (about a second each)"),
     Knob("CPUGEN_TP_COMM", "auto", ("auto", "gloo"), True,
          "gloo: tensor-parallel ranks on one host all-reduce through gloo instead of shared memory"),
     # Recorded, but never part of the configuration key: it exists to plant a regression that the
@@ -62,6 +65,7 @@ class Knobs:
     pin: bool
     hugepages: bool
     cache: Path
+    limits: str
     tp_comm: str
     test_slowdown: float
     values: tuple[tuple[str, str], ...]  # (name, value) of every knob, defaults included
@@ -101,7 +105,7 @@ def read(environ=None) -> Knobs:
     return Knobs(native=v["CPUGEN_NATIVE"] == "1", layout=v["CPUGEN_LAYOUT"], reorder=v["CPUGEN_REORDER"] == "1",
                  widen=v["CPUGEN_WIDEN"] == "auto",
                  isa=v["CPUGEN_ISA"], pin=v["CPUGEN_PIN"] == "1", hugepages=v["CPUGEN_HUGEPAGES"] == "1",
-                 cache=cache, tp_comm=v["CPUGEN_TP_COMM"], test_slowdown=slowdown, values=tuple(values))
+                 cache=cache, limits=v["CPUGEN_LIMITS"], tp_comm=v["CPUGEN_TP_COMM"], test_slowdown=slowdown, values=tuple(values))
 
 
 @lru_cache(maxsize=1)

@@ -31,7 +31,8 @@ def fake_roofline(cache_dir: Path) -> dict:
     with fixed limits instead of measuring them (a 1 GiB read and a large matmul). Returns the env
     for a child process: CPUGEN_CACHE pointing at it, and CPUGEN_NATIVE=0, since CPUGEN_CACHE also
     holds the native kernels' build (cpugen/runtime/native.py), which a fresh cache would compile afresh in
-    every child. In-process, monkeypatch cpugen.perf.roofline.cache_file."""
+    every child, and CPUGEN_LIMITS=cached, so that runs use these limits instead of reading the machine's
+    around each row. In-process, monkeypatch cpugen.perf.roofline.cache_file."""
     import json
 
     import torch
@@ -46,4 +47,4 @@ def fake_roofline(cache_dir: Path) -> dict:
                                    hw_tflops={lv: 0.25 for lv in roofline.levels()})
             for t in range(1, usable_cores() + 1)}
     (cache_dir / "roofline.json").write_text(json.dumps(data))
-    return {"CPUGEN_CACHE": str(cache_dir), "CPUGEN_NATIVE": "0"}
+    return {"CPUGEN_CACHE": str(cache_dir), "CPUGEN_NATIVE": "0", "CPUGEN_LIMITS": "cached"}

@@ -91,3 +91,27 @@ def test_a_run_reports_efficiency_against_the_hardware_of_its_level(tmp_path):
     assert rec["hw_level"] == roofline.run_level() and rec["hw_tflops"] == 0.25
     assert abs(rec["prefill_efficiency_hw"] - rec["prompt_flops"] / 0.25e12) < 1e-9
     assert rec["decode_efficiency_hw"] <= rec["decode_efficiency"] + 1e-12  # the same step, a higher ceiling
+
+
+def test_run_reads_the_limits_right_before_and_after_it_and_says_when_it_beat_them():
+    import json
+
+    from helpers import cli
+
+    r = cli("run", "--model", "tiny-gptj", "--prompt-len", "16", "--gen-len", "4", "--batch-size", "2", "--backend",
+            "eager", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["limits_source"] == "measured around this row"
+    before, after = rec["limits_before"], rec["limits_after"]
+    assert rec["roofline_read_gbps"] == (before["read_gbps"] + after["read_gbps"]) / 2
+    assert rec["roofline_bf16_tflops"] == (before["bf16_tflops"] + after["bf16_tflops"]) / 2
+    # above 100% of them, never without a word: which limits, and by how much
+    from cpugen.perf.measure import stale_limits_note
+    from cpugen.perf.record import RunRecord
+
+    beat = RunRecord.from_dict({**rec, "decode_efficiency": 1.03, "prefill_efficiency": 0.5})
+    note = stale_limits_note(beat)
+    assert "beat the limits read right before and after it" in note and "decode 103%" in note
+    assert "prefill" not in note.split("(")[1].split(")")[0]
+    assert stale_limits_note(RunRecord.from_dict({**rec, "decode_efficiency": 0.99, "prefill_efficiency": 1.0})) is None

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from cpugen import knobs
 from cpugen.errors import CpugenError
 from cpugen.host.memory import peak_rss_bytes, reset_peak_rss, rss_file_bytes
 from cpugen.model import shapes
@@ -213,11 +214,13 @@ def plan_rows(sweep: Sweep, s: Session) -> list[Row]:
     return distributed.same(s.group, rows)  # every rank runs rank 0's rows
 
 
-def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None, limits: bool = False) -> list[RunRecord]:
+def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None, limits: bool | None = None) -> list[RunRecord]:
     """Runs every row of the sweep; `on_record(record)` as each finishes (the nightly job appends it
     to the history at once, so a crash later loses nothing measured before). `limits`: read the
     machine's limits right before and after each row (about a second each) and judge the row
-    against them instead of the cached ones."""
+    against them instead of the cached ones (default: as CPUGEN_LIMITS says, measured)."""
+    if limits is None:
+        limits = knobs.current().limits == "measured"
     s = open_session(sweep.model, layers=sweep.layers, backend=sweep.backend, dtype=sweep.dtype,
                      threads=sweep.threads, seed=sweep.seed, quiet=quiet)
     for st in sweep.settings:

@@ -18,7 +18,7 @@ import torch
 from cpugen import knobs
 from cpugen.errors import CpugenError
 from cpugen.host.environment import environment
-from cpugen.host.memory import huge_page_bytes, peak_rss_bytes
+from cpugen.host.memory import huge_page_bytes, peak_rss_bytes, reset_peak_rss
 from cpugen.model import shapes
 from cpugen.model.config import ModelConfig
 from cpugen.model.kv_cache import kv_cache_bytes
@@ -104,19 +104,24 @@ def limits_extra(limits) -> dict:
                for when, r in zip(("before", "after"), limits)}}
 
 
-STALE_LIMITS = 1.05  # a run this far above the cached roofline says the limits are out of date
+STALE_LIMITS = 1.0  # no efficiency above 100% goes out without a word on which limit it beat
 
 
 def stale_limits_note(rec: RunRecord) -> str | None:
-    """A line for stderr when a run beat the cached limits: the machine is in a faster regime than
-    when `cpugen roofline` measured it (shared hosts swing), so its efficiencies overstate."""
+    """A line for stderr when a run beat its limits. Cached ones: the machine is in a faster regime
+    than when `cpugen roofline` measured it (shared hosts swing), so its efficiencies overstate.
+    Ones read around the row: the machine moved during the row."""
     over = [f"{name} {100 * eff:.0f}%" for name, eff in (("decode", rec.decode_efficiency),
                                                         ("prefill", rec.prefill_efficiency))
             if eff is not None and eff > STALE_LIMITS]
     if not over:
         return None
+    limits = f"{rec.roofline_read_gbps:.1f} GB/s, {rec.roofline_bf16_tflops:.3f} TFLOP/s"
+    if str(rec.extra.get("limits_source", "")).startswith("measured"):
+        return (f"cpugen: note: this run beat the limits read right before and after it ({', '.join(over)} of "
+                f"{limits}): the machine moved between regimes during the run; its efficiencies overstate")
     return (f"cpugen: note: this run beat the cached limits ({', '.join(over)} of them; "
-            f"{rec.roofline_read_gbps:.1f} GB/s, {rec.roofline_bf16_tflops:.3f} TFLOP/s): the machine is faster "
+            f"{limits}): the machine is faster "
             f"now than when they were measured; refresh them with `python -m cpugen roofline --refresh`")
 
 
@@ -256,8 +261,6 @@ def split_extra(s: Session, timings: list[Timing], step: float) -> dict:
 
 
 def note_stale(rec: RunRecord):
-    if rec.extra.get("limits_source", "").startswith("measured"):
-        return  # not cached: nothing to refresh
     note = stale_limits_note(rec)
     if note:
         print(note, file=sys.stderr)
@@ -271,13 +274,29 @@ def run(spec: RunSpec) -> RunRecord:
                spec.max_batch_size, spec.check_fit)
     say(f"{cfg.name}: {cfg.n_layer} layers, {count(shapes.n_params(cfg))} parameters; " + needs(p, s))
     s.load()
+    around = spec.roofline and knobs.current().limits == "measured"
+    if around:  # the probe's buffer must not count as the run's memory: the peak before it, then afresh
+        hwm = peak_rss_bytes()
+        before = roofline_probe(s)
+        if not reset_peak_rss():
+            hwm = None  # cannot start afresh: the peak below includes the probe, as the record says
     timings, warmup_s = measure(s, p, spec.prompt_len, spec.gen_len, 1, int(spec.warmup), spec.decode_steps)
+    peak = peak_rss_bytes() if not around or hwm is None else max(hwm, peak_rss_bytes())
+    limits = (before, roofline_probe(s)) if around else None
     say(f"weights ready in {s.load_s:.1f} s, backend in {s.prepare_s:.1f} s, warm-up {warmup_s:.1f} s "
         f"(backend and warm-up together: {1e3 * (s.prepare_s + warmup_s) / cfg.n_layer:.0f} ms a layer, "
         "counting any first build of the native kernels)")
-    rec = make_record(s, p, spec.prompt_len, spec.gen_len, timings, spec.roofline, warmup_s=warmup_s)
+    rec = make_record(s, p, spec.prompt_len, spec.gen_len, timings, spec.roofline, warmup_s=warmup_s, limits=limits,
+                      peak_rss=peak)
     note_stale(rec)
     return rec
+
+
+def roofline_probe(s: Session):
+    """The machine's limits now, in about a second (perf/roofline.py's probe), with the run's threads."""
+    from cpugen.perf import roofline
+
+    return roofline.probe(s.threads)
 
 
 def needs(p: planner.Plan, s: Session) -> str:
