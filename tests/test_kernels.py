@@ -402,7 +402,7 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
     backends.apply(model, "eager", torch.bfloat16)
     eager.for_batch(model, "eager", torch.bfloat16, 1)
     widened = not cpu_info()["avx512"]  # oneDNN's bf16 reorder needs AVX-512; without it bf16 is widened
-    assert eager.decode_matmul(model, "eager") in (("torch-widened",) if widened else ("cpugen-gemv", "torch"))
+    assert eager.decode_matmul(model, "eager") in (("cpugen-gemv-avx2",) if widened else ("cpugen-gemv", "torch"))
     eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
     assert eager.decode_matmul(model, "eager") == ("torch-widened" if widened else "onednn-packed")
     assert all(m.weight is None for m in model.blocks.modules() if hasattr(m, "onednn") and m.onednn is not None)
@@ -493,3 +493,38 @@ def test_the_eager_backend_widens_only_where_the_cpu_lacks_avx512(monkeypatch):
     monkeypatch.setenv("CPUGEN_WIDEN", "0")
     knobs.reload()
     assert not eager.widen_wanted()
+
+
+def test_the_avx2_gemv_matches_the_reference_at_every_shape_and_epilogue():
+    """kernels/gemv_avx2.cpp: every x86-64 CPU with AVX2 and FMA runs it, AVX-512 or not."""
+    from cpugen.runtime import native
+    from kernels import check_gemv
+
+    ext = native.extension("gemv_avx2")
+    assert ext is not None and ext.available()
+    results = check_gemv.check_avx2(ext, seed=6)  # raises past 2 bf16 ulps of the largest output
+    assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.AVX2_SHAPES)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        ext.gemv(torch.zeros(5, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16), None, 0)
+
+
+def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
+    """Decode's 1-4 row matmuls through the AVX2 gemv (what the eager backend installs on a CPU
+    without AVX-512; installed by hand here, so that any x86 CPU runs it) give the greedy tokens of
+    torch's ops on the same weights, the logits within a few bf16 roundings."""
+    cfg = from_name("gptj-1b").with_layers(2)
+    model = random_model(cfg, torch.bfloat16, 0)
+    prompts = Prompts(torch.randint(1000, (2, 12), generator=torch.Generator().manual_seed(2)),
+                      torch.ones(2, 12, dtype=torch.bool))
+    ref = _decode(model, prompts, 4)
+    if cpu_info()["avx512"]:
+        ext = native.extension("gemv_avx2")
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.kernel = ext.gemv
+    else:  # the backend's own choice on this CPU
+        assert eager.install(model) and eager.decode_matmul(model, "eager") == "cpugen-gemv-avx2"
+    assert all(m.kernel is not None for m in model.modules() if isinstance(m, Linear))
+    got = _decode(model, prompts, 4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.03

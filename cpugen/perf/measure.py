@@ -208,6 +208,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
     if timings is None:
         return RunRecord(**common, weight_bytes=p.weight_bytes, decode_steps=0, repeats=0,
                          **dict.fromkeys(MEASURED), extra=plan_extra)
+    peak = peak_rss_bytes() if peak_rss is None else peak_rss  # this rank's, before any later probe
     prompt_times = [t.prompt_time_s for t in timings]
     step_means = [statistics.fmean(t.steps) for t in timings if t.steps]
     all_steps = [x for t in timings for x in t.steps]
@@ -224,7 +225,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
         decode_time_min_s=min(all_steps, default=nan), decode_time_max_s=max(all_steps, default=nan),
         decode_steps=len(timings[0].steps), token_throughput=throughput, token_flops=throughput * t_flop,
         decode_weight_gbps=shapes.streamed_params(cfg) * s.itemsize / step / 1e9 if step_means else nan,
-        peak_rss_bytes=peak_rss_bytes() if peak_rss is None else peak_rss, repeats=len(timings),
+        peak_rss_bytes=peak, repeats=len(timings),
         prompt_flops_min=B * p_flop / max(prompt_times), prompt_flops_max=B * p_flop / min(prompt_times),
         token_throughput_min=B / max(step_means) if step_means else nan,
         token_throughput_max=B / min(step_means) if step_means else nan, **roof,
@@ -238,10 +239,10 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
                # one-time costs, per run, so that their growth with depth can be checked (no
                # per-layer compile or search: docs/performance.md, "One-time costs by depth")
                "load_s": s.load_s, "prepare_s": s.prepare_s, "warmup_s": warmup_s,
-               **(limits_extra(limits) if roof else {}), **hw_extra, **split_extra(s, timings, step)})
+               **(limits_extra(limits) if roof else {}), **hw_extra, **split_extra(s, timings, step, peak)})
 
 
-def split_extra(s: Session, timings: list[Timing], step: float) -> dict:
+def split_extra(s: Session, timings: list[Timing], step: float, peak: int) -> dict:
     """A tensor-parallel run's figures: its ranks and hosts, each rank's peak RSS (gathered from
     every rank: a collective, so every rank records every row), and what the collectives cost a
     decode step on this rank."""
@@ -250,7 +251,7 @@ def split_extra(s: Session, timings: list[Timing], step: float) -> dict:
         return {"tp": 1}
     from cpugen.runtime import distributed
 
-    peaks = distributed.gather_object(g, peak_rss_bytes())
+    peaks = distributed.gather_object(g, peak)
     steps = sum(len(t.steps) for t in timings) or 1
     comm = sum(t.comm_s for t in timings) / steps
     return {"tp": g.world, "tp_hosts": g.hosts, "tp_comm": g.comm, "tp_rank_peak_rss_bytes": peaks,

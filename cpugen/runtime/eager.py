@@ -78,7 +78,7 @@ def install(model: Transformer, pack: bool | None = None) -> bool:
         return False
     ext = native.extension()
     if ext is None:
-        return False
+        return install_avx2(model)
     attn = native.extension("decode_attention") if cpu_info()["avx512_bf16"] else None
     for m in model.modules():
         if isinstance(m, Linear):
@@ -99,6 +99,21 @@ def install(model: Transformer, pack: bool | None = None) -> bool:
             release_freed()
     if all(b.attn.decode_step is not None for b in model.blocks):
         stack.install(model)
+    return True
+
+
+def install_avx2(model: Transformer) -> bool:
+    """On CPUs with AVX2 but without AVX-512: decode's skinny matmuls (up to Linear.kernel_rows rows)
+    through kernels/gemv_avx2.cpp, which streams the bf16 weights itself instead of PyTorch's bf16
+    path; larger batches keep the widened fp32 GEMM. Nothing else of cpugen's runs at this level yet."""
+    if cpu_info()["avx512"] or not cpu_info()["avx2"]:
+        return False
+    ext = native.extension("gemv_avx2")
+    if ext is None:
+        return False
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.kernel = ext.gemv
     return True
 
 
@@ -169,5 +184,5 @@ def decode_matmul(model: Transformer, backend: str) -> str:
     if getattr(block, "onednn", None) is not None:
         return "onednn-packed"
     if getattr(block, "kernel", None) is not None:
-        return "cpugen-gemv"
+        return "cpugen-gemv" if cpu_info()["avx512"] else "cpugen-gemv-avx2"
     return "torch-widened" if getattr(block, "widen_above", None) is not None else "torch"

@@ -30,7 +30,8 @@ from cpugen.host.cpu import cpu_info
 
 MODULES = ("gemv_bf16", "decode_attention", "decode_layer")  # AVX-512 kernels
 PORTABLE = ("threads",)  # thread pinning: any x86-64 or ARM CPU
-X86 = ("peak",)  # the roofline's register-only compute limits: any x86-64 CPU with AVX2 and FMA
+X86 = ("peak", "gemv_avx2")  # any x86-64 CPU with AVX2 and FMA: the roofline's register-only limits,
+#                             and the decode gemv where there is no AVX-512
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 BUILD_PEAK_BYTES = 1600 * 2**20  # the compiler's resident peak, building the kernels into an empty cache
@@ -97,7 +98,8 @@ def switch_off(name: str) -> str:
 def missing_builds() -> list[str]:
     """The kernel modules this machine would compile before a run could use them."""
     k = knobs.current()
-    wanted = [*(PORTABLE if k.pin else ()), *(MODULES if k.native else ())]
+    wanted = [*(PORTABLE if k.pin else ()), *(MODULES if k.native else ()),
+              *(("gemv_avx2",) if k.native and not cpu_info()["avx512"] else ())]
     return [n for n in wanted if can_run(n) is None and not is_built(n)]
 
 
