@@ -402,9 +402,10 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
     backends.apply(model, "eager", torch.bfloat16)
     eager.for_batch(model, "eager", torch.bfloat16, 1)
     widened = not cpu_info()["avx512"]  # oneDNN's bf16 reorder needs AVX-512; without it bf16 is widened
-    assert eager.decode_matmul(model, "eager") in (("cpugen-gemv-avx2",) if widened else ("cpugen-gemv", "torch"))
+    assert eager.decode_matmul(model, "eager", 1) in (("cpugen-gemv-avx2",) if widened else ("cpugen-gemv", "torch"))
     eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
-    assert eager.decode_matmul(model, "eager") == ("torch-widened" if widened else "onednn-packed")
+    assert eager.decode_matmul(model, "eager", eager.gemv_max_batch() + 1) == ("torch-widened" if widened
+                                                                                else "onednn-packed")
     assert all(m.weight is None for m in model.blocks.modules() if hasattr(m, "onednn") and m.onednn is not None)
     assert weight_bytes(model) == before
     packed = run()

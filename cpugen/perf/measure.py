@@ -230,7 +230,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
         token_throughput_min=B / max(step_means) if step_means else nan,
         token_throughput_max=B / min(step_means) if step_means else nan, **roof,
         extra={**plan_extra, "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
-               "decode_matmul": eager.decode_matmul(s.model, s.backend),
+               "decode_matmul": eager.decode_matmul(s.model, s.backend, B),
                # what ran the timed decode steps, counted as they ran
                "decode_blocks": stack.observed(s.model.decode_paths),
                "decode_stack_refused": getattr(s.model, "stack_refused", None),

@@ -174,8 +174,8 @@ def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
         release_freed()
 
 
-def decode_matmul(model: Transformer, backend: str) -> str:
-    """What ran decode's matmuls, for the record."""
+def decode_matmul(model: Transformer, backend: str, batch: int | None = None) -> str:
+    """What ran decode's matmuls (at `batch` sequences, where given), for the record."""
     if backend != "eager":
         return backend
     block = model.blocks[0].mlp.w_in
@@ -183,6 +183,6 @@ def decode_matmul(model: Transformer, backend: str) -> str:
         return "cpugen-packed"
     if getattr(block, "onednn", None) is not None:
         return "onednn-packed"
-    if getattr(block, "kernel", None) is not None:
+    if getattr(block, "kernel", None) is not None and (batch is None or batch <= block.kernel_rows):
         return "cpugen-gemv" if cpu_info()["avx512"] else "cpugen-gemv-avx2"
     return "torch-widened" if getattr(block, "widen_above", None) is not None else "torch"
