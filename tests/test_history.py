@@ -287,3 +287,21 @@ def test_a_regression_that_a_re_measure_does_not_reproduce_is_transient():
     remeasures = [rec(20 + i, prompt_flops=0.5e11, confirmation=1) for i in range(10)]
     f = by_figure(history.compare([rec(40)], hist + remeasures))["prompt_flops"]
     assert f.runs == 10 and not f.regressed and f.raw.median == pytest.approx(np.median([r["prompt_flops"] for r in hist]))
+
+
+def test_a_drop_inside_the_raw_noise_but_beyond_the_steadier_normalized_noise_regresses():
+    """A decode that follows the bandwidth regimes: raw it swings (here +-7%), against the bandwidth
+    measured around it it holds (+-1.5%). A real 15% drop is inside the raw spread's 3 sigma but far
+    outside the normalized one's: a regression; the same raw drop with steady efficiency is the host."""
+    from cpugen.perf import history
+
+    eff = [0.72, 0.73, 0.71, 0.725, 0.715]
+    bws = [44.0, 47.0, 41.0, 45.0, 40.0, 48.0, 43.0]
+    nights = [regime(i, bws[i % 7], eff[i % 5]) for i in range(12)]
+    raw = history.judge(1.0, [n["token_throughput"] for n in nights[-10:]], +1, history.Rule())
+    slow = regime(30, 44.0, 0.72 * 0.82)  # the code 18% slower, the bandwidth at its usual
+    f = by_figure(history.compare([slow], nights))["token_throughput"]
+    assert not f.raw.worse and not f.raw.held and 3 * raw.spread > abs(f.raw.change)  # inside the raw noise
+    assert f.normalized.worse and f.regressed
+    host = regime(30, 30.0, 0.72)  # raw far lower, efficiency steady: the host
+    assert by_figure(history.compare([host], nights))["token_throughput"].verdict == "host"

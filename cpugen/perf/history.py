@@ -12,7 +12,9 @@ Comparing (`Rule`): each figure of a record is compared with the last `window` r
 configuration (KEY: same machine, model, backend, setting, batch, threads and knobs). A figure is
 worse when it is beyond the window's median by more than `threshold` AND by more than `k` times the
 window's spread (its median absolute deviation, scaled to a standard deviation): a figure that
-swings 8% run to run needs far more than 10% to count. Token throughput and prompt FLOPS are also
+swings 8% run to run needs far more than 10% to count. For throughput and prompt FLOPS the spread
+test may be passed by the figure divided by the limits read around each row instead, where that
+view is steadier (a decode that follows the host's bandwidth regimes). Token throughput and prompt FLOPS are also
 judged with the machine's limits divided out (decode and prefill efficiency, against the limits read
 right before and after each row): a raw figure worse with the normalized one steady (within the
 threshold of its median) is the host, in a slower regime, which the report names without failing;
@@ -235,9 +237,12 @@ class Finding:
             return "new"
         if self.raw is None:
             return "learning"
-        if not self.raw.worse:
+        n = self.normalized
+        # beyond the threshold, and beyond the noise of whichever view is steadier: the raw figure's
+        # spread, or the one left once the limits read around each row are divided out
+        if self.raw.held or not (self.raw.worse or (n is not None and n.worse)):
             return "ok"
-        if self.normalized is not None and self.normalized.held and self.normalized.spread <= self.raw.spread:
+        if n is not None and n.held and n.spread <= self.raw.spread:
             return "host"  # steady against the limits, which the figure follows (dividing made it steadier)
         if any(not r.regressed for r in self.retries):
             return "transient"  # a re-measure of the same row did not reproduce it

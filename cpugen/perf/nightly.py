@@ -244,54 +244,49 @@ def confirm(findings: list[history.Finding], sweeps, past: history.History, rule
 
 # --- calibration -------------------------------------------------------------------------------------------
 def calibrate(args, rule: history.Rule, sweeps, hist_path: Path, out_dir: Path, past: history.History) -> int:
-    """Runs the sweeps args.calibrate times on unchanged code, each run appended to the history (a
-    calibration also seeds it) and judged, as a night would be, against the runs before it: by the
-    rule (with its re-measures) and, for contrast, by a fixed threshold alone. Every alarm here is a
-    false one."""
+    """Runs args.calibrate nights on unchanged code, each the real job in a process of its own (a
+    process that has run the sweep before is warmer than a night's fresh one), all into the one
+    history (a calibration also seeds it). Each night judges itself, re-measures included; its exit
+    status says whether it alarmed. Every alarm here is a false one. For contrast, the nights are
+    judged again by a fixed threshold alone."""
+    import subprocess
+
     fixed = history.Rule(rule.threshold, 0.0, rule.window, 1)
-    runs: list[list[dict]] = []
-    counts = dict(rule=0, rule_nights=0, first=0, first_nights=0, fixed=0, fixed_nights=0, judged=0, judged_nights=0,
-                  fixed_judged_nights=0)
+    cmd = [sys.executable, "-m", "cpugen", "nightly", *[a for sw in args.sweep for a in ("--sweep", sw)],
+           "--history", str(hist_path), "--threshold", str(rule.threshold), "--spread-k", str(rule.k),
+           "--window", str(rule.window), "--min-runs", str(rule.min_runs), "--confirm", str(args.confirm),
+           "--confirm-pause", str(args.confirm_pause), "--quiet"] + (["--repeat", str(args.repeat)] if args.repeat else [])
+    c = dict(alarms=0, judged=0, fixed=0, fixed_judged=0)
     false_alarms = []
     for i in range(args.calibrate):
         if not args.quiet:
-            print(f"cpugen: calibration run {i + 1} of {args.calibrate}", file=sys.stderr)
-        before = history.History(past.records + [d for r in runs for d in r])
-        records, error = _run_sweeps(sweeps, hist_path, args.quiet, {"calibration_run": i + 1})
-        recs = [r.to_dict() for r in records]
-        ours = history.compare(recs, before.records, rule)
-        first = sum(f.regressed for f in ours)  # before any re-measure
-        if not error:
-            error = confirm(ours, sweeps, before, rule, hist_path, args)
-        if error:
-            print(f"cpugen: error: {error}", file=sys.stderr)
+            print(f"cpugen: calibration night {i + 1} of {args.calibrate}", file=sys.stderr)
+        before = history.read(hist_path).records
+        p = subprocess.run(cmd + ["--report-dir", str(out_dir / f"night-{i + 1}")], capture_output=True, text=True)
+        if p.returncode not in (0, 1):
+            print(f"cpugen: error: calibration night {i + 1}: {p.stderr.strip().splitlines()[-1:] or p.returncode}",
+                  file=sys.stderr)
             return 2
-        theirs = history.compare(recs, before.records, fixed, normalize=False)
-        runs.append(recs)
-        bad = [f for f in ours if f.regressed]
-        counts["rule"] += len(bad)
-        counts["rule_nights"] += bool(bad)
-        counts["first"] += first
-        counts["first_nights"] += bool(first)
-        counts["fixed"] += sum(f.regressed for f in theirs)
-        counts["fixed_nights"] += any(f.regressed for f in theirs)
-        counts["judged"] += sum(f.raw is not None for f in ours)
-        counts["judged_nights"] += any(f.raw is not None for f in ours)
-        counts["fixed_judged_nights"] += any(f.raw is not None for f in theirs)
-        false_alarms += [f"  run {i + 1}: false alarm: {line}" for line in history.report_lines(bad)]
-    c = counts
-    lines = [f"calibration: {args.calibrate} runs of {', '.join(sw.name for sw in sweeps)} on unchanged code; "
-             f"rule: {rule.describe()}; a regression is measured again up to {args.confirm} times",
-             *false_alarms,
-             f"the rule alarmed on {c['rule_nights']} of {c['judged_nights']} judged runs ({c['rule']} of {c['judged']} "
-             f"judged figures); before re-measuring, on {c['first_nights']} runs ({c['first']} figures); a fixed "
-             f"{rule.threshold:.0%} threshold against the median of the last {rule.window} runs would have alarmed "
-             f"on {c['fixed_nights']} of {c['fixed_judged_nights']} runs ({c['fixed']} figures)",
-             "", "spread over the calibration runs (MAD as a standard deviation, a share of the median; worst: "
-                 "the furthest run below the median):", *_spreads([d for r in runs for d in r])]
+        new = [d for d in history.read(hist_path).records[len(before):] if not d.get("confirmation")]
+        judged = any(f.raw is not None for f in history.compare(new, before, rule))
+        c["judged"] += judged
+        if p.returncode == 1:
+            c["alarms"] += 1
+            false_alarms += [f"  night {i + 1}: false alarm: {line}" for line in p.stdout.splitlines()
+                             if line.startswith("REGRESSION ")]
+        theirs = history.compare(new, [d for d in before if not d.get("confirmation")], fixed, normalize=False)
+        c["fixed_judged"] += any(f.raw is not None for f in theirs)
+        c["fixed"] += any(f.regressed for f in theirs)
+    records = [d for d in history.read(hist_path).records if not d.get("confirmation")]
+    lines = [f"calibration: {args.calibrate} nights of {', '.join(sw.name for sw in sweeps)} on unchanged code, each "
+             f"in its own process; rule: {rule.describe()}; a regression is measured again up to {args.confirm} "
+             "times", *false_alarms,
+             f"the rule alarmed on {c['alarms']} of {c['judged']} judged nights; a fixed {rule.threshold:.0%} threshold "
+             f"against the median of the last {rule.window} runs would have alarmed on {c['fixed']} of "
+             f"{c['fixed_judged']}", "",
+             "spread over the calibration nights (MAD as a standard deviation, a share of the median; worst: "
+             "the furthest night below the median):", *_spreads(records[len(past.records):])]
     text = "\n".join(lines)
-    if not _lead():
-        return _same(None)
     print(text)
     try:
         (out_dir / "calibration.md").write_text(f"# cpugen nightly calibration, "
@@ -299,8 +294,8 @@ def calibrate(args, rule: history.Rule, sweeps, hist_path: Path, out_dir: Path, 
                                                 f"```\n{text}\n```\n")
     except OSError as e:
         print(f"cpugen: error: cannot write {out_dir / 'calibration.md'}: {e.strerror}", file=sys.stderr)
-        return _same(2)
-    return _same(1 if c["rule"] else 0)
+        return 2
+    return 1 if c["alarms"] else 0
 
 
 def _spreads(records: list[dict]) -> list[str]:
