@@ -55,6 +55,7 @@ class Sweep:
     host_memory: str | None = None
     max_batch_size: int | None = None  # caps "auto"
     compare: bool = True  # False: the nightly job keeps the records but never judges them (a smoke sweep)
+    judge: list | None = None  # the figures the nightly job judges (default: every tracked one)
     source: str = field(default="", compare=False)  # where it was read from, for messages
 
 
@@ -115,6 +116,9 @@ def from_dict(d, source: str = "sweep") -> Sweep:
             bad(f"missing {k!r}")
     if not isinstance(d["name"], str) or not isinstance(d["model"], str):
         bad("name and model must be strings")
+    if d.get("judge") is not None and (not isinstance(d["judge"], list) or not d["judge"]
+                                       or not all(isinstance(x, str) for x in d["judge"])):
+        bad(f"judge must be a non-empty list of figure names, not {d['judge']!r}")
     if not isinstance(d.get("compare", True), bool):
         bad(f"compare must be true or false, not {d['compare']!r}")
     for k, t in _OPTIONAL.items():

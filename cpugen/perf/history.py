@@ -292,8 +292,8 @@ def compare(new: list[dict], past: list[dict], rule: Rule = Rule(), normalize: b
         if d.get("status", "ok") != "ok" or d.get("compare") is False:
             continue
         for figure, sign in TRACKED.items():
-            if not usable(d, figure):
-                continue
+            if not usable(d, figure) or (d.get("judge") and figure not in d["judge"]):
+                continue  # a sweep may judge only some figures (nightly-short: not its tiny prefill)
             window = [p for p in by_key.get(key(d), []) if usable(p, figure)][-rule.window:]
             raw = norm = None
             if len(window) >= rule.min_runs:

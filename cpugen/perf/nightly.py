@@ -140,6 +140,8 @@ def _run_sweeps(sweeps, hist_path: Path, quiet: bool, mark: dict | None = None) 
             def keep(r: RunRecord, sw=sw):
                 if not sw.compare:
                     r.extra["compare"] = False
+                if sw.judge:
+                    r.extra["judge"] = list(sw.judge)
                 r.extra.update(mark or {})
                 if _lead():
                     history.append(hist_path, [r])
