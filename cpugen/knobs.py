@@ -34,8 +34,10 @@ KNOBS = (
          "0: never reorder plain weights into oneDNN's blocked layout for decode batches above the gemv's rows"),
     Knob("CPUGEN_WIDEN", "auto", ("auto", "0"), True,
          "0: on CPUs without AVX-512, keep bf16 matmuls on PyTorch's bf16 GEMM instead of widened fp32 GEMM"),
-    Knob("CPUGEN_ISA", "auto", ("auto", "avx512"), True,
-         "avx512: the gemv takes its AVX-512F path on an AVX512-BF16 CPU (to test that path)"),
+    Knob("CPUGEN_ISA", "auto", ("auto", "avx2", "avx512", "avx512_bf16", "amx"), True,
+         "the whole engine behaves as on a CPU with at most this level: which kernels load, the weights' layout, what "
+         "the backend `auto` picks, what the record says (avx512: AVX-512 F/BW/VL without BF16); above the CPU's own "
+         "level it is an error"),
     Knob("CPUGEN_PIN", "1", ("1", "0"), True, "0: leave the compute threads unpinned"),
     Knob("CPUGEN_HUGEPAGES", "1", ("1", "0"), True,
          "0: do not ask for transparent huge pages for weights and KV cache"),

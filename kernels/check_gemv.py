@@ -72,7 +72,7 @@ AVX2_SHAPES = [s for s in SHAPES if s[0] <= 4] + [(4, 17, 9), (2, 4096, 130)]  #
 
 
 def check_avx2(ext, seed: int = 0) -> list[tuple[tuple, float]]:
-    """As check(), for kernels/gemv_avx2.cpp (1-4 rows of x)."""
+    """As check(), for the AVX2 gemv (kernels/gemv_avx2.h, bound in kernels/avx2.cpp; 1-4 rows of x)."""
     results = []
     for (M, K, N), x, w, bias, act in _cases(AVX2_SHAPES, seed):
         got = ext.gemv(x, w, bias, reference.ACTIVATIONS[act])
@@ -81,7 +81,7 @@ def check_avx2(ext, seed: int = 0) -> list[tuple[tuple, float]]:
 
 
 if __name__ == "__main__":
-    avx2 = extension("gemv_avx2")
+    avx2 = extension("avx2")
     if avx2 is not None:
         for shape, err in check_avx2(avx2):
             print(f"gemv_avx2 {shape}: max relative error {err:.2e}")

@@ -19,8 +19,12 @@ from kernels import reference  # noqa: E402
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str):
-    """Within one bf16 ulp of the larger value, and mostly identical."""
-    ulp = want.float().abs().clamp(min=2 ** -20) * 2 ** -7
+    """Within one bf16 ulp of the larger value, and mostly identical. Values under 2^-16 of the
+    tensor's largest are held to that floor: there torch's own bf16 ops disagree with themselves
+    (gelu's tanh form of -5.1 is -1.5e-7 through its scalar path and 0 through its vector one,
+    where the exact value is -1.2e-7)."""
+    floor = max(2 ** -20, want.float().abs().max().item() * 2 ** -16) if want.numel() else 2 ** -20
+    ulp = want.float().abs().clamp(min=floor) * 2 ** -7
     diff = (got.float() - want.float()).abs()
     if got.shape != want.shape or not (diff <= 2 * ulp).all() or (got == want).float().mean() < 0.8:
         raise AssertionError(f"{what}: max difference {diff.max():.3g}, {(got == want).float().mean():.0%} identical")

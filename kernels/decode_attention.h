@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "vec_avx2.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -124,6 +125,62 @@ void one_head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
   }
 }
 
+// one_head_group at the AVX2 level: q widened once, scores by FMA on widened K rows, 8 lanes; the
+// same prefetches. scores holds g * S floats, then g * hd for the widened q.
+CPUGEN_AVX2
+void one_head_group_avx2(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t g, int64_t S,
+                         int64_t hd, int64_t k_row, int64_t v_row, float scale, float* scores, const uint16_t* next_k) {
+  float* qf = scores + g * S;  // (g, hd)
+  for (int64_t i = 0; i < g * hd; i += 8) _mm256_storeu_ps(qf + i, cpugen_vec2::load8(q + i));
+  prefetch_rows(k, std::min(S, kAheadRows), k_row, hd);
+  for (int64_t s = 0; s < S; ++s) {
+    const uint16_t* kr = k + s * k_row;
+    if (s + kAheadRows < S) prefetch_rows(kr + kAheadRows * k_row, 1, k_row, hd);
+    prefetch_rows(v + s * v_row, 1, v_row, hd);
+    for (int64_t h = 0; h < g; ++h) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 16) {
+        a0 = _mm256_fmadd_ps(cpugen_vec2::load8(kr + d), _mm256_loadu_ps(qf + h * hd + d), a0);
+        a1 = _mm256_fmadd_ps(cpugen_vec2::load8(kr + d + 8), _mm256_loadu_ps(qf + h * hd + d + 8), a1);
+      }
+      scores[h * S + s] = cpugen_vec2::hsum(_mm256_add_ps(a0, a1)) * scale;
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {  // softmax in fp32, 8 scores at a time
+    float* sc = scores + h * S;
+    const float ninf = -INFINITY;
+    __m256 m = _mm256_set1_ps(ninf);
+    for (int64_t s = 0; s < S; s += 8) m = _mm256_max_ps(m, cpugen_vec2::loadf(sc + s, S - s, ninf));
+    const __m256 mx = _mm256_set1_ps(cpugen_vec2::hmax(m));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; s += 8) {  // lanes past S: e^-inf = 0 (exp8 clamps to e^-87, so masked off)
+      __m256 e = cpugen_vec2::exp8(_mm256_sub_ps(cpugen_vec2::loadf(sc + s, S - s), mx));
+      if (S - s < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                          _mm256_set1_epi32(static_cast<int>(S - s)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+      sum = _mm256_add_ps(sum, e);
+      cpugen_vec2::storef(sc + s, e, S - s);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / cpugen_vec2::hsum(sum));
+    for (int64_t s = 0; s < S; s += 8) cpugen_vec2::storef(sc + s, _mm256_mul_ps(cpugen_vec2::loadf(sc + s, S - s), inv), S - s);
+  }
+  constexpr int64_t kChunk = 64;  // out = p . V, 64 dims (8 registers) at a time
+  for (int64_t h = 0; h < g; ++h) {
+    const float* sc = scores + h * S;
+    for (int64_t d0 = 0; d0 < hd; d0 += kChunk) {
+      __m256 acc[kChunk / 8];
+      const int64_t n = std::min(kChunk, hd - d0) / 8;
+      for (int64_t i = 0; i < n; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) {
+        if (next_k && h == 0 && d0 == 0) prefetch_rows(next_k + s * k_row, 1, k_row, hd);
+        const __m256 p = _mm256_set1_ps(sc[s]);
+        const uint16_t* vr = v + s * v_row + d0;
+        for (int64_t i = 0; i < n; ++i) acc[i] = _mm256_fmadd_ps(p, cpugen_vec2::load8(vr + 8 * i), acc[i]);
+      }
+      for (int64_t i = 0; i < n; ++i) cpugen_vec2::store(out + h * hd + d0 + 8 * i, acc[i], 8);
+    }
+  }
+}
+
 bool supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
@@ -133,9 +190,23 @@ const bool kSupported = supported();
 
 }  // namespace
 
+using Level = cpugen_vec::Level;
+
+// Whether this CPU runs a level's kernel (AVX2 + FMA, or AVX512-BF16)
+inline void check_level(Level level, const char* what) {
+  TORCH_CHECK(level == Level::kAvx2 ? cpugen_vec2::supported() : kSupported, "cpugen ", what, ": needs ",
+              level == Level::kAvx2 ? "AVX2 and FMA" : "AVX512-BF16");
+}
+
+// A level's kernel for one (sequence, kv head); its scratch: g x (S + hd) floats
+inline decltype(&one_head_group) head_group(Level level) {
+  return level == Level::kAvx2 ? one_head_group_avx2 : one_head_group;
+}
+
 // q (B, nh, hd), k and v (B, nkv, S, hd) with unit stride on hd -> (B, nh, hd) bf16
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(kSupported, "cpugen decode_attention: needs AVX512-BF16");
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               Level level = Level::kAvx512) {
+  check_level(level, "decode_attention");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
               v.scalar_type() == at::kBFloat16, "cpugen decode_attention: bf16 only");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "cpugen decode_attention: q (B, nh, hd), k/v (B, nkv, S, hd)");
@@ -152,12 +223,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const auto attend = head_group(level);
   at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(g * S);
+    std::vector<float> scores(g * (S + hd));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nkv, h = t % nkv;
       const uint16_t* next_k = t + 1 < t1 ? kp + (t + 1) / nkv * k.stride(0) + (t + 1) % nkv * k.stride(1) : nullptr;
-      one_head_group(qp + (b * nh + h * g) * hd, kp + b * k.stride(0) + h * k.stride(1),
+      attend(qp + (b * nh + h * g) * hd, kp + b * k.stride(0) + h * k.stride(1),
                      vp + b * v.stride(0) + h * v.stride(1), op + (b * nh + h * g) * hd, g, S, hd, k.stride(2),
                      v.stride(2), scale, scores.data(), next_k);
     }
@@ -169,11 +241,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 // or null (rd = 0), caches (B, nkv, S_max, hd) contiguous, out (B, nh hd), all bf16 but the angles
 inline void decode_step_raw(const uint16_t* xp, int64_t ld, const float* cp, const float* sp, uint16_t* kp,
                             uint16_t* vp, int64_t B, int64_t nkv, int64_t S_max, int64_t hd, int64_t index, int64_t nh,
-                            int64_t rd, uint16_t* op) {
+                            int64_t rd, uint16_t* op, Level level = Level::kAvx512) {
   const int64_t g = nh / nkv, S = index + 1;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const auto attend = head_group(level);
   at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(g * S);
+    std::vector<float> scores(g * (S + hd));
     std::vector<uint16_t> q(g * hd);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nkv, h = t % nkv;
@@ -186,7 +259,7 @@ inline void decode_step_raw(const uint16_t* xp, int64_t ld, const float* cp, con
       rotate(x + (nh + h) * hd, kh + index * hd, c, s, rd, hd);
       std::memcpy(vh + index * hd, x + (nh + nkv + h) * hd, hd * sizeof(uint16_t));
       const uint16_t* next_k = t + 1 < t1 ? kp + (t + 1) * S_max * hd : nullptr;  // task t + 1's cache
-      one_head_group(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data(), next_k);
+      attend(q.data(), kh, vh, op + (b * nh + h * g) * hd, g, S, hd, hd, hd, scale, scores.data(), next_k);
     }
   });
 }
@@ -196,8 +269,9 @@ inline void decode_step_raw(const uint16_t* xp, int64_t ld, const float* cp, con
 // (B, nkv, S_max, hd) bf16, contiguous; index: this token's cache position, the same for every
 // sequence -> (B, nh hd) bf16. Writes k_cache/v_cache[:, :, index].
 torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                          torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t index, int64_t nh, int64_t rd) {
-  TORCH_CHECK(kSupported, "cpugen decode_step: needs AVX512-BF16");
+                          torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t index, int64_t nh, int64_t rd,
+                          Level level = Level::kAvx512) {
+  check_level(level, "decode_step");
   TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
               v_cache.scalar_type() == at::kBFloat16, "cpugen decode_step: bf16 only");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -219,7 +293,7 @@ torch::Tensor decode_step(const torch::Tensor& qkv, const torch::Tensor& cos, co
   decode_step_raw(reinterpret_cast<const uint16_t*>(qkv.data_ptr()), qkv.stride(0), rd ? cc.data_ptr<float>() : nullptr,
                   rd ? sc.data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(k_cache.data_ptr()),
                   reinterpret_cast<uint16_t*>(v_cache.data_ptr()), B, nkv, S_max, hd, index, nh, rd,
-                  reinterpret_cast<uint16_t*>(out.data_ptr()));
+                  reinterpret_cast<uint16_t*>(out.data_ptr()), level);
   return out;
 }
 

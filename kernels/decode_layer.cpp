@@ -23,12 +23,15 @@
 // Reference: the Python blocks (cpugen/model/transformer.py); refusal of what it lacks: cpugen/runtime/stack.py; check: tests/test_kernels.py.
 
 #include "decode_attention.h"
+#include "gemv_avx2.h"
 #include "gemv_bf16.h"
 #include "glu.h"
 #include "norm.h"
 
 #include <algorithm>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace cpugen_layer {
@@ -38,6 +41,7 @@ using Opt = c10::optional<Tensor>;
 
 using cpugen_vec::kNone;
 using cpugen_vec::kSilu;
+using Level = cpugen_vec::Level;
 
 Tensor defined_or_empty(const Opt& t) { return t.has_value() ? *t : Tensor(); }
 
@@ -65,10 +69,13 @@ struct Matrix {
     wp = bf16_ptr(w), bp = bf16_ptr(b);
   }
 
-  // y (M, n) = act(x (M, K) w^T + b); sums: M x n floats of scratch for the plain gemv
-  void operator()(const uint16_t* x, int64_t M, uint16_t* y, int64_t act, float* sums) const {
+  // y (M, n) = act(x (M, K) w^T + b) at `level` (packed weights: AVX512-BF16); sums: M x n floats
+  // of scratch for the plain gemv
+  void operator()(const uint16_t* x, int64_t M, uint16_t* y, int64_t act, float* sums, Level level) const {
     if (packed)
       cpugen_gemv::linear_packed_raw(x, M, K, wp, n, bp, act, y);
+    else if (level == Level::kAvx2)
+      cpugen_gemv_avx2::gemv_raw(x, M, K, wp, n, bp, act, y, sums);
     else
       cpugen_gemv::gemv_raw(x, M, K, wp, n, bp, act, y, sums);
   }
@@ -100,7 +107,7 @@ struct Head {  // what a step does around the blocks (transformer.py's Transform
 };
 
 // x = bf16(x + a), element by element (torch's bf16 add: fp32 sum, rounded once)
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void add_into(uint16_t* x, const uint16_t* a, int64_t n) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void add_into_avx512(uint16_t* x, const uint16_t* a, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = cpugen_vec::lanes(n, i);
     const __m512 s = _mm512_add_ps(cpugen_vec::load_bf16(x + i, m), cpugen_vec::load_bf16(a + i, m));
@@ -108,15 +115,36 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void add_into(uint16_t* x, 
   }
 }
 
+CPUGEN_AVX2 void add_into_avx2(uint16_t* x, const uint16_t* a, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8)
+    cpugen_vec2::store(x + i, _mm256_add_ps(cpugen_vec2::load(x + i, n - i), cpugen_vec2::load(a + i, n - i)), n - i);
+}
+
+// A stack's level: "avx2", "avx512" (AVX-512 F/BW/VL: decode attention takes the AVX2 kernel, as
+// its AVX-512 one needs vdpbf16ps) or "avx512_bf16" -> (the level of the matmuls, norms and adds,
+// the level of decode attention)
+std::pair<Level, Level> parse_level(const std::string& isa) {
+  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16",
+              "cpugen decode_layer: level avx2, avx512 or avx512_bf16, not ", isa);
+  const bool ok = isa == "avx2"     ? cpugen_vec2::supported()
+                  : isa == "avx512" ? cpugen_gemv::kIsa != cpugen_gemv::Isa::kNone && cpugen_vec2::supported()
+                                    : cpugen_gemv::kIsa == cpugen_gemv::Isa::kAvx512Bf16;
+  TORCH_CHECK(ok, "cpugen decode_layer: this CPU cannot run the ", isa, " level");
+  return {isa == "avx2" ? Level::kAvx2 : Level::kAvx512, isa == "avx512_bf16" ? Level::kAvx512 : Level::kAvx2};
+}
+
 class Stack {
  public:
   // blocks: per block [ln1_w, ln1_b, ln2_w, ln2_b, wqkv, bqkv, wo, bo, w_in, b_in, w_out, b_out],
   // None where absent, each weight plain or packed; outs: per block the outputs of wqkv, wo, w_in,
-  // w_out. Holds references to the model's own tensors: no weight is copied.
+  // w_out; isa: the level its kernels run at, "avx2", "avx512" or "avx512_bf16" (parse_level).
+  // Holds references to the model's own tensors: no weight is copied.
   Stack(const std::vector<std::vector<Opt>>& blocks, const std::vector<std::vector<int64_t>>& outs,
-        const std::string& norm, double eps, bool parallel, bool glu, int64_t act, int64_t nh, int64_t rd)
+        const std::string& norm, double eps, bool parallel, bool glu, int64_t act, int64_t nh, int64_t rd,
+        const std::string& isa)
       : rms_(norm == "rmsnorm"), eps_(static_cast<float>(eps)), parallel_(parallel), glu_(glu), act_(act), nh_(nh),
         rd_(rd) {
+    std::tie(level_, attn_level_) = parse_level(isa);
     TORCH_CHECK(norm == "rmsnorm" || norm == "layernorm", "cpugen decode_layer: unknown norm ", norm);
     TORCH_CHECK(act >= kNone && act <= kSilu, "cpugen decode_layer: unknown activation ", act);
     TORCH_CHECK(outs.size() == blocks.size() && !blocks.empty(), "cpugen decode_layer: one list of outputs per block");
@@ -133,10 +161,18 @@ class Stack {
       TORCH_CHECK(k.wqkv.K == k.wo.n && k.w_in.K == k.wo.n && k.w_out.n == k.wo.n &&
                       k.w_out.K == (glu ? k.w_in.n / 2 : k.w_in.n),
                   "cpugen decode_layer: the matrices of block ", i, " do not chain");
+      TORCH_CHECK(level_ == Level::kAvx512 || !(k.wqkv.packed || k.wo.packed || k.w_in.packed || k.w_out.packed),
+                  "cpugen decode_layer: packed weights need the avx512 level");
       blocks_.push_back(std::move(k));
     }
     h_ = blocks_[0].wo.n;
   }
+
+  // Tensor parallel: `reduce` sums a (B, h) bf16 tensor over the ranks in place (the
+  // row-parallel matmuls' partial outputs); called with the GIL held where the Python blocks call
+  // Block.reduce: once a block for the parallel residual (attention and MLP together), twice for
+  // the sequential one. None: a model held whole.
+  void set_reduce(py::object reduce) { reduce_ = std::move(reduce); }
 
   // wte (V, h); wpe (P, h) or none, read at pos + pos_offset; cos/sin tables (P, rd/2) fp32 or
   // none; the final norm; lm_w plain (n_vocab, h) or packed, lm_b or none
@@ -170,8 +206,9 @@ class Stack {
     TORCH_CHECK(k_caches.size() == blocks_.size() && v_caches.size() == blocks_.size(),
                 "cpugen decode_layer: one cache per block");
     const int64_t B = tokens.size(0), h = h_;
-    TORCH_CHECK(B >= 1 && (B <= cpugen_gemv::kMaxM || all_packed()), "cpugen decode_layer: ", B,
-                " sequences a step: the plain weights' gemv takes at most ", cpugen_gemv::kMaxM);
+    const int64_t max_rows = level_ == Level::kAvx2 ? cpugen_gemv_avx2::kMaxRows : cpugen_gemv::kMaxM;
+    TORCH_CHECK(B >= 1 && (B <= max_rows || all_packed()), "cpugen decode_layer: ", B,
+                " sequences a step: the plain weights' gemv takes at most ", max_rows);
     const auto tc = tokens.contiguous(), pc = pos.contiguous();
     const int64_t* tok = tc.data_ptr<int64_t>();
     const int64_t* ps = pc.data_ptr<int64_t>();
@@ -196,7 +233,7 @@ class Stack {
     for (int64_t b = 0; b < B; ++b)  // the token embedding (and learned positions)
       std::memcpy(x + b * h, bf16_ptr(head_.wte) + tok[b] * h, row);
     if (head_.wpe.defined())
-      for (int64_t b = 0; b < B; ++b) add_into(x + b * h, bf16_ptr(head_.wpe) + (ps[b] + head_.pos_offset) * h, h);
+      for (int64_t b = 0; b < B; ++b) add(x + b * h, bf16_ptr(head_.wpe) + (ps[b] + head_.pos_offset) * h, h);
     float *cos = nullptr, *sin = nullptr;
     if (rd_) {  // each sequence's angles, (B, rd/2)
       cos = f32(kCos), sin = f32(kSin);
@@ -206,9 +243,9 @@ class Stack {
       }
     }
     for (size_t i = 0; i < blocks_.size(); ++i) block(blocks_[i], B, x, cos, sin, k_caches[i], v_caches[i], index);
-    cpugen_norm::norm_raw(x, head_.lnf.wp, head_.lnf.bp, eps_, rms_, bf(kH), B, h);
+    cpugen_norm::norm_raw(x, head_.lnf.wp, head_.lnf.bp, eps_, rms_, bf(kH), B, h, level_);
     auto logits = torch::empty({B, head_.lm.n}, head_.wte.options());
-    head_.lm(bf(kH), B, reinterpret_cast<uint16_t*>(logits.data_ptr()), kNone, f32(kSums));
+    head_.lm(bf(kH), B, reinterpret_cast<uint16_t*>(logits.data_ptr()), kNone, f32(kSums), level_);
     return logits;
   }
 
@@ -251,7 +288,18 @@ class Stack {
   float* f32(int i) { return f32_.data() + f32_at_[i]; }
 
   void norm(const NormW& n, const uint16_t* x, uint16_t* y, int64_t B) {
-    cpugen_norm::norm_raw(x, n.wp, n.bp, eps_, rms_, y, B, h_);
+    cpugen_norm::norm_raw(x, n.wp, n.bp, eps_, rms_, y, B, h_, level_);
+  }
+
+  void add(uint16_t* x, const uint16_t* a, int64_t n) const {
+    (level_ == Level::kAvx2 ? add_into_avx2 : add_into_avx512)(x, a, n);
+  }
+
+  // Tensor parallel: the ranks' partial sums a (B, h) summed in place (a no-op for a whole model)
+  void reduce(uint16_t* a, int64_t B) {
+    if (reduce_.is_none()) return;
+    py::gil_scoped_acquire gil;
+    reduce_(torch::from_blob(a, {B, h_}, torch::TensorOptions().dtype(at::kBFloat16)));
   }
 
   void block(const Block& b, int64_t B, uint16_t* x, const float* cos, const float* sin, const Tensor& kc,
@@ -259,33 +307,41 @@ class Stack {
     float* sums = f32(kSums);
     uint16_t *hn = bf(kH), *a = bf(kA), *m = bf(kM);
     norm(b.ln1, x, hn, B);
-    b.wqkv(hn, B, bf(kQkv), kNone, sums);  // (B, (nh + 2 nkv) hd)
+    b.wqkv(hn, B, bf(kQkv), kNone, sums, level_);  // (B, (nh + 2 nkv) hd)
     cpugen_attn::decode_step_raw(bf(kQkv), b.wqkv.n, cos, sin, reinterpret_cast<uint16_t*>(kc.data_ptr()),
                                  reinterpret_cast<uint16_t*>(vc.data_ptr()), B, kc.size(1), kc.size(2), kc.size(3),
-                                 index, nh_, rd_, bf(kY));
-    b.wo(bf(kY), B, a, kNone, sums);  // (B, h)
+                                 index, nh_, rd_, bf(kY), attn_level_);
+    b.wo(bf(kY), B, a, kNone, sums, level_);  // (B, h)
     if (parallel_) {
       mlp(b, hn, m, B);
-      add_into(x, a, B * h_);  // x = (x + a) + mlp(h), rounded after each add
-      add_into(x, m, B * h_);
+      if (reduce_.is_none()) {
+        add(x, a, B * h_);  // x = (x + a) + mlp(h), rounded after each add
+        add(x, m, B * h_);
+      } else {  // x = x + reduce(a + mlp(h)): both partial sums in one all-reduce
+        add(a, m, B * h_);
+        reduce(a, B);
+        add(x, a, B * h_);
+      }
     } else {
-      add_into(x, a, B * h_);
+      reduce(a, B);
+      add(x, a, B * h_);
       norm(b.ln2, x, hn, B);
       mlp(b, hn, m, B);
-      add_into(x, m, B * h_);
+      reduce(m, B);
+      add(x, m, B * h_);
     }
   }
 
   void mlp(const Block& b, const uint16_t* hn, uint16_t* out, int64_t B) {
     float* sums = f32(kSums);
     if (!glu_) {
-      b.w_in(hn, B, bf(kM1), act_, sums);
-      b.w_out(bf(kM1), B, out, kNone, sums);
+      b.w_in(hn, B, bf(kM1), act_, sums, level_);
+      b.w_out(bf(kM1), B, out, kNone, sums, level_);
       return;
     }
-    b.w_in(hn, B, bf(kM1), kNone, sums);  // (B, 2 ffn): [gate; up]
-    cpugen_glu::glu_raw(bf(kM1), B, b.w_out.K, act_, bf(kGlu));  // (B, ffn)
-    b.w_out(bf(kGlu), B, out, kNone, sums);
+    b.w_in(hn, B, bf(kM1), kNone, sums, level_);  // (B, 2 ffn): [gate; up]
+    cpugen_glu::glu_raw(bf(kM1), B, b.w_out.K, act_, bf(kGlu), level_);  // (B, ffn)
+    b.w_out(bf(kGlu), B, out, kNone, sums, level_);
   }
 
   std::vector<Block> blocks_;
@@ -295,6 +351,8 @@ class Stack {
   float eps_;
   bool parallel_, glu_;
   int64_t act_, nh_, rd_, h_ = 0;
+  Level level_, attn_level_;  // of the matmuls, norms and adds; of decode attention
+  py::object reduce_ = py::none();
   int64_t rows_ = 0;  // the batch the workspace is laid out for
   std::vector<uint16_t> bf16_;
   std::vector<float> f32_;
@@ -306,9 +364,11 @@ class Stack {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<cpugen_layer::Stack>(m, "Stack")
       .def(py::init<const std::vector<std::vector<cpugen_layer::Opt>>&, const std::vector<std::vector<int64_t>>&,
-                    const std::string&, double, bool, bool, int64_t, int64_t, int64_t>(),
+                    const std::string&, double, bool, bool, int64_t, int64_t, int64_t, const std::string&>(),
            py::arg("blocks"), py::arg("outs"), py::arg("norm"), py::arg("eps"), py::arg("parallel"), py::arg("glu"),
-           py::arg("act"), py::arg("nh"), py::arg("rd"))
+           py::arg("act"), py::arg("nh"), py::arg("rd"), py::arg("isa"))
+      .def("set_reduce", &cpugen_layer::Stack::set_reduce, "tensor parallel: the in-place all-reduce of (B, h) partial sums",
+           py::arg("reduce"))
       .def("set_head", &cpugen_layer::Stack::set_head, "what a step does around the blocks", py::arg("wte"), py::arg("wpe"),
            py::arg("pos_offset"), py::arg("cos"), py::arg("sin"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("lm_w"),
            py::arg("lm_b"), py::arg("n_vocab"))

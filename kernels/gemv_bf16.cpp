@@ -15,11 +15,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p"));
   m.def("linear_packed", &cpugen_gemv::linear_packed, "y = act(x @ W.T + bias) for any M, W packed by pack_into",
         py::arg("x"), py::arg("p"), py::arg("n"), py::arg("bias"), py::arg("act") = 0);
-  m.def("argmax", &cpugen_argmax::argmax, "argmax of each row of logits (B, V), as torch.argmax answers",
+  m.def("argmax", [](const torch::Tensor& l) { return cpugen_argmax::argmax(l); }, "argmax of each row of logits (B, V), as torch.argmax answers",
         py::arg("logits"));
-  m.def("norm", &cpugen_norm::norm, "LayerNorm (or RMSNorm, rms=True) of each row of x (..., h), bf16, fp32 math",
+  m.def("norm", [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b, double eps,
+                   bool rms) { return cpugen_norm::norm(x, w, b, eps, rms); }, "LayerNorm (or RMSNorm, rms=True) of each row of x (..., h), bf16, fp32 math",
         py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"), py::arg("rms"));
-  m.def("glu", &cpugen_glu::glu, "act(gate) * up over the halves [gate; up] of the last dim, bf16", py::arg("gu"),
+  m.def("glu", [](const torch::Tensor& gu, int64_t act) { return cpugen_glu::glu(gu, act); }, "act(gate) * up over the halves [gate; up] of the last dim, bf16", py::arg("gu"),
         py::arg("act"));
   m.def("isa", &cpugen_gemv::isa, "the instruction set the kernel dispatched to");
 }

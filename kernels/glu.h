@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "vec_avx2.h"
 #include "vec_math.h"
 
 #include <cstdint>
@@ -29,15 +30,25 @@ inline void glu_row(const uint16_t* gu, int64_t ffn, int64_t act, uint16_t* y) {
   }
 }
 
+// The same at the AVX2 level, 8 lanes
+CPUGEN_AVX2 inline void glu_row_avx2(const uint16_t* gu, int64_t ffn, int64_t act, uint16_t* y) {
+  for (int64_t i = 0; i < ffn; i += 8) {
+    const __m256 a = cpugen_vec2::widen(cpugen_vec2::round_bf16(cpugen_vec2::activate(cpugen_vec2::load(gu + i, ffn - i), act)));
+    cpugen_vec2::store(y + i, _mm256_mul_ps(a, cpugen_vec2::load(gu + ffn + i, ffn - i)), ffn - i);
+  }
+}
+
 // rows of gu (M, 2 ffn) -> y (M, ffn), bf16, contiguous; rows split across threads from 16 on
-inline void glu_raw(const uint16_t* gu, int64_t M, int64_t ffn, int64_t act, uint16_t* y) {
+inline void glu_raw(const uint16_t* gu, int64_t M, int64_t ffn, int64_t act, uint16_t* y,
+                    cpugen_vec::Level level = cpugen_vec::Level::kAvx512) {
+  const auto row = level == cpugen_vec::Level::kAvx2 ? glu_row_avx2 : glu_row;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) glu_row(gu + m * 2 * ffn, ffn, act, y + m * ffn);
+    for (int64_t m = m0; m < m1; ++m) row(gu + m * 2 * ffn, ffn, act, y + m * ffn);
   });
 }
 
 // gu (..., 2 ffn) bf16, act (cpugen/model/activations.py's KERNEL_CODE) -> (..., ffn)
-inline torch::Tensor glu(const torch::Tensor& gu, int64_t act) {
+inline torch::Tensor glu(const torch::Tensor& gu, int64_t act, cpugen_vec::Level level = cpugen_vec::Level::kAvx512) {
   TORCH_CHECK(gu.scalar_type() == at::kBFloat16 && gu.dim() >= 1 && gu.size(-1) % 2 == 0,
               "cpugen glu: bf16 gu (..., 2 ffn)");
   TORCH_CHECK(act >= cpugen_vec::kNone && act <= cpugen_vec::kSilu, "cpugen glu: unknown activation ", act);
@@ -48,7 +59,7 @@ inline torch::Tensor glu(const torch::Tensor& gu, int64_t act) {
   auto y = torch::empty(sizes, gc.options());
   if (ffn)
     glu_raw(reinterpret_cast<const uint16_t*>(gc.data_ptr()), gc.numel() / (2 * ffn), ffn, act,
-            reinterpret_cast<uint16_t*>(y.data_ptr()));
+            reinterpret_cast<uint16_t*>(y.data_ptr()), level);
   return y;
 }
 

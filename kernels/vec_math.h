@@ -68,6 +68,10 @@ __attribute__((target("avx512f"))) inline __m512 erf16(__m512 x) {
   return _mm512_mask_sub_ps(y, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), y);
 }
 
+// The instruction level a kernel runs at, where it has more than one: AVX2 + FMA (vec_avx2.h's
+// 8 lanes) or AVX-512 (these 16 lanes; AVX512-BF16 where the kernel uses vdpbf16ps)
+enum class Level : int { kAvx2 = 0, kAvx512 = 1 };
+
 // The activations the kernels apply, by code (cpugen/model/activations.py's KERNEL_CODE)
 enum Act : int64_t { kNone = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3, kSilu = 4 };
 

@@ -36,6 +36,8 @@ def _decode(model, prompts, steps=4):
 
 needs_avx512 = pytest.mark.skipif(not cpu_info()["avx512"], reason="the native gemv needs AVX-512; "
                                   "machines without it run the torch reference (tested below)")
+needs_native = pytest.mark.skipif(not cpu_info()["avx2"], reason="cpugen's kernels need AVX2 and FMA at least; "
+                                  "CPUs without them run torch's ops")
 
 
 @needs_avx512
@@ -200,22 +202,22 @@ def test_native_glu_matches_torch(act):
     assert same > 0.9 * total, same / total
 
 
-@needs_avx512
+@needs_native
 @pytest.mark.parametrize("layout", ["plain", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_decode_with_and_without_the_kernels(family, layout):
     """The same model decodes to the same logits (within bf16 rounding) through the native kernels
     and through torch's ops, with the weights plain (the gemv takes decode's matmuls) or repacked
-    into cpugen's layout (its kernel takes every matmul, prefill's included). Two native routes:
-    a whole step in one call (the decode stack, kernels/decode_layer.cpp), and block by block from
-    Python (the matmul kernels with their fused epilogue, the fused decode step), which
-    the stack must match exactly: it runs the same kernels and ATen ops in the same order.
-    Prefill's blocks (3 x 16 rows) reach only the packed kernel; its lm_head (the last position
-    only: 3 rows) either kernel."""
+    into cpugen's layout (its kernel takes every matmul, prefill's included), at the CPU's level
+    (CPUGEN_ISA caps it: test_every_level_in_a_fresh_process). Two native routes: a whole step in
+    one call (the decode stack, kernels/decode_layer.cpp), and block by block from Python (the
+    matmul kernels with their fused epilogue, the fused decode step), which the stack must match
+    exactly: it runs the same kernels in the same order. Prefill's blocks (3 x 16 rows) reach only
+    the packed kernel; its lm_head (the last position only: 3 rows) either kernel."""
     packed = layout == "packed"
-    bf16 = cpu_info()["avx512_bf16"]
-    if packed and not bf16:
-        pytest.skip("cpugen's packed layout is multiplied by AVX512-BF16 instructions; this CPU has AVX-512 only")
+    if packed and not cpu_info()["avx512_bf16"]:
+        pytest.skip(f"cpugen's packed layout is multiplied by AVX512-BF16 instructions; this run's level is "
+                    f"{cpu_info()['isa']}")
     cfg = FAMILIES[family]()
     model = random_model(cfg, torch.bfloat16, 0)
     prompts = Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
@@ -235,27 +237,23 @@ def test_model_decode_with_and_without_the_kernels(family, layout):
     tied = model.lm_head.weight is model.wte.weight
     assert all((m.panels is not None) == (packed and m is not model.lm_head or packed and not tied)
                for m in model.modules() if type(m) is Linear)
-    stack = model.decode_stack
-    assert (stack is not None) == bf16  # the stack needs the decode step's AVX512-BF16 kernel
-    if bf16:
-        model.decode_stack = stack = _Counted(stack)
-        assert len(stack.fn) == cfg.n_layer
+    assert model.decode_stack is not None, model.stack_refused  # every level has its decode attention
+    model.decode_stack = stack = _Counted(model.decode_stack)
+    assert len(stack.fn) == cfg.n_layer
     stacked = run()
     n_linear = 4 * cfg.n_layer + 1
     prefill_blocks = [3 * 16] * (n_linear - 1) if packed else []
-    if bf16:
-        assert stack.calls == [3] * 4  # every decode step in one call, its lm_head included
-        assert kernel.calls == prefill_blocks + [3]  # otherwise only prefill: its blocks, its lm_head
-        model.decode_stack = None
+    assert stack.calls == [3] * 4  # every decode step in one call, its lm_head included
+    assert kernel.calls == prefill_blocks + [3]  # otherwise only prefill: its blocks, its lm_head
+    model.decode_stack = None
     kernel.calls.clear()
     steps = []
-    if bf16:
-        step = model.blocks[0].attn.decode_step
-        for b in model.blocks:
-            b.attn.decode_step = lambda *a: steps.append(1) or step(*a)
+    step = model.blocks[0].attn.decode_step
+    for b in model.blocks:
+        b.attn.decode_step = lambda *a: steps.append(1) or step(*a)
     per_block = run()
     assert kernel.calls == prefill_blocks + [3] * (4 * n_linear + 1)  # every linear of every decode step
-    assert len(steps) == (4 * cfg.n_layer if bf16 else 0)  # every layer of every step
+    assert len(steps) == 4 * cfg.n_layer  # every layer of every step
     assert torch.equal(stacked, per_block)
     # measured 0.1-0.7% (bf16 rounding in another order); attending one position short moves
     # these logits 1.9% (OPT) to 135% (GPT-J, Llama)
@@ -496,17 +494,23 @@ def test_the_eager_backend_widens_only_where_the_cpu_lacks_avx512(monkeypatch):
     assert not eager.widen_wanted()
 
 
-def test_the_avx2_gemv_matches_the_reference_at_every_shape_and_epilogue():
-    """kernels/gemv_avx2.cpp: every x86-64 CPU with AVX2 and FMA runs it, AVX-512 or not."""
-    from cpugen.runtime import native
-    from kernels import check_gemv
+@needs_native
+def test_every_avx2_kernel_matches_its_reference():
+    """kernels/avx2.cpp: every x86-64 CPU with AVX2 and FMA runs it, AVX-512 or not: the gemv at
+    every shape and epilogue, decode attention and the decode step (GQA, strided caches, partial
+    and no rotary, exact cache writes), the norms, a GLU's product and the argmax (ties, NaN,
+    infinities, row tails), each against kernels/reference.py or torch."""
+    from kernels import check_decode_attention, check_step_ops
 
-    ext = native.extension("gemv_avx2")
-    assert ext is not None and ext.available()
+    ext = native.extension("avx2")
+    assert ext is not None and ext.available() and ext.isa() == "avx2"
     results = check_gemv.check_avx2(ext, seed=6)  # raises past 2 bf16 ulps of the largest output
     assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.AVX2_SHAPES)
     with pytest.raises(RuntimeError, match="1 to 4 rows"):
         ext.gemv(torch.zeros(5, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16), None, 0)
+    assert len(check_decode_attention.check(ext, seed=5)) == len(check_decode_attention.SHAPES)
+    assert len(check_decode_attention.check_step(ext, seed=6)) == len(check_decode_attention.STEP_SHAPES)
+    assert (check_step_ops.check_argmax(ext), check_step_ops.check_norm(ext), check_step_ops.check_glu(ext)) == (72, 6, 12)
 
 
 def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
@@ -519,7 +523,7 @@ def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
                       torch.ones(2, 12, dtype=torch.bool))
     ref = _decode(model, prompts, 4)
     if cpu_info()["avx512"]:
-        ext = native.extension("gemv_avx2")
+        ext = native.extension("avx2")
         for m in model.modules():
             if isinstance(m, Linear):
                 m.kernel = ext.gemv
@@ -529,3 +533,40 @@ def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
     got = _decode(model, prompts, 4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.03
+
+
+@pytest.mark.parametrize("level", ["avx2", "avx512", "avx512_bf16", "amx"])
+def test_every_level_in_a_fresh_process(level, tmp_path):
+    """CPUGEN_ISA=level makes the whole engine run as on a CPU with at most that level. At each level
+    this CPU has, a fresh process runs the kernels' checks and the model's decode through the
+    kernels (the decode stack against the Python blocks at that level, both against torch's ops),
+    and a run records the level; above the CPU's level, a run is a one-line error."""
+    import os
+    import subprocess
+
+    from cpugen.host.cpu import LEVELS
+    from helpers import cli
+
+    env = {**os.environ, "CPUGEN_ISA": level}
+    own = cpu_info()["cpu_isa"]
+    if own is None or LEVELS.index(level) > LEVELS.index(own):
+        r = cli("run", "--model", "tiny-gptj", "--gen-len", "2", env={"CPUGEN_ISA": level})
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"CPUGEN_ISA={level} is above this CPU's level ({own or 'no AVX2'})" in r.stderr
+        return
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py"),
+                        "-k", "decode_with_and_without or every_avx2_kernel or gemv_matches or step_ops_check "
+                              "or decode_attention_matches"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    out = tmp_path / "r.json"
+    r = cli("run", "--model", "gptj-1b", "--layers", "1", "--prompt-len", "8", "--gen-len", "3", "--json", out,
+            env={"CPUGEN_ISA": level})
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rec = json.loads(out.read_text())
+    assert rec["knobs"]["CPUGEN_ISA"] == level and rec["isa"] == level and rec["cpu_isa"] == own
+    assert rec["decode_blocks"] == "native-stack"
+    if level == "avx2":
+        assert rec["decode_matmul"] == "cpugen-gemv-avx2"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS, hf_greedy
+from cpugen.host.cpu import cpu_info
 from helpers import ROOT, cli
 
 N_NEW = 12
@@ -151,24 +152,65 @@ def test_run_tp2_records_ranks_memory_and_collectives(tmp_path):
     h, V = 2048, 50400
     assert rec["tp_comm_bytes_per_step"] == 2 * (2 * h * 2) + 2 * (V // 2) * 2  # bf16 hidden x2 blocks + logits
     assert 0 < rec["tp_comm_share"] < 1
-    assert rec["decode_blocks"] == "python"  # the per-op path: the native stack has no all-reduce
+    # each rank's decode stack, calling the all-reduce between its blocks (torch's ops without AVX2)
+    assert rec["decode_blocks"] == ("native-stack" if cpu_info()["avx2"] else "python")
 
 
-def test_a_split_model_refuses_the_native_decode_stack():
+@pytest.mark.skipif(not cpu_info()["avx2"],
+                    reason="the native decode stack needs AVX2 and FMA at least")
+@pytest.mark.parametrize("family", ["gptj", "llama"])
+def test_a_split_models_decode_stack_all_reduces_where_its_python_blocks_do(family):
+    """A rank's decode stack calls the group's all-reduce once a block for GPT-J's parallel residual
+    (attention and MLP summed first) and twice for Llama's sequential one, on the same partial sums
+    as the Python blocks, and hands its vocabulary rows to the gather. Checked in one process with
+    a stand-in collective that changes what it is given in place (so a skipped or misplaced call
+    changes the logits): the stack's logits equal the Python blocks' exactly, call for call."""
+    from cpugen.model.config import from_name
     from cpugen.model.shard import Shard
-    from cpugen.model.source import resolve
     from cpugen.model.weights import random_model
-    from cpugen.runtime import stack
+    from cpugen.runtime import eager
+    from cpugen.runtime.engine import Engine, Prompts, compute_context
 
-    cfg, _ = resolve("gptj-1b")
-    cfg = cfg.with_layers(1)
-    assert stack.refusal(cfg) is None  # whole, the stack would take this model
+    cfg = from_name("gptj-1b" if family == "gptj" else "llama-3-8b").with_layers(2)
+    if family == "llama":  # small enough to build in a test, GQA kept
+        cfg = cfg.__class__(**{**cfg.__dict__, "n_embd": 512, "n_head": 8, "n_kv_head": 2, "head_dim": 64,
+                               "rotary_dim": 64, "intermediate_size": 1024, "vocab_size": 4096})
     model = random_model(cfg, torch.bfloat16, 0, s=Shard(0, 2))
+    seen = []
+
+    def reduce(t):  # (B, h) partial sums, changed in place as an all-reduce changes them
+        seen.append(t.clone())
+        return t.mul_(2)
+
     for b in model.blocks:
-        b.reduce = lambda t: t
-    model.gather = lambda logits: logits
-    assert stack.install(model) is False and model.decode_stack is None
-    assert model.stack_refused.startswith("tensor parallel")
+        b.reduce = reduce
+    model.gather = lambda logits: torch.cat((logits, logits.flip(-1)), dim=-1)  # (B, V/2) -> (B, V)
+    assert eager.install(model)
+    assert model.decode_stack is not None, model.stack_refused
+
+    def decode():
+        e = Engine(model, 2, 12, torch.bfloat16)
+        prompts = Prompts(torch.randint(1000, (2, 6), generator=torch.Generator().manual_seed(0)),
+                          torch.ones(2, 6, dtype=torch.bool))
+        with compute_context(torch.bfloat16):
+            logits, out = e.prefill(prompts), []
+            seen.clear()
+            for _ in range(3):
+                logits = e.decode_one_token(logits.argmax(-1))
+                out.append(logits)
+        return torch.stack(out), list(seen)
+
+    model.decode_paths.clear()
+    stacked, stack_calls = decode()
+    assert model.decode_paths == {"native-stack": 3}
+    stack = model.decode_stack
+    model.decode_stack = None
+    per_block, block_calls = decode()
+    model.decode_stack = stack
+    assert stacked.shape[-1] == 2 * model.lm_head.out_features  # gathered
+    assert len(stack_calls) == len(block_calls) == 3 * cfg.n_layer * (1 if family == "gptj" else 2)
+    assert all(torch.equal(a.view(-1, a.shape[-1]), b.view(-1, b.shape[-1])) for a, b in zip(stack_calls, block_calls))
+    assert torch.equal(stacked, per_block)
 
 
 # --- many hosts, simulated on one --------------------------------------------------------------------------

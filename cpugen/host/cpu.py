@@ -7,9 +7,12 @@ from functools import lru_cache
 from pathlib import Path
 
 
+LEVELS = ("avx2", "avx512", "avx512_bf16", "amx")  # cpugen's x86 levels, each including those before it
+
+
 @lru_cache(maxsize=1)
-def cpu_info() -> dict:
-    """The CPU's model name and the instruction sets cpugen's kernels dispatch on."""
+def _hardware() -> dict:
+    """The CPU's model name and the instruction sets cpugen's kernels dispatch on, as it has them."""
     model, flags = platform.processor() or "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -24,6 +27,39 @@ def cpu_info() -> dict:
     # Skylake-SP has all three; the first Xeon Phis had F alone)
     return {"cpu": model, "avx2": {"avx2", "fma"} <= flags, "avx512": {"avx512f", "avx512bw", "avx512vl"} <= flags,
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+def top_level(info: dict) -> str | None:
+    """The highest of LEVELS that `info`'s flags give, or None (no AVX2, or not x86-64)."""
+    have = [info["avx2"], info["avx512"], info["avx2"] and info["avx512"] and info["avx512_bf16"],
+            info["avx512"] and info["amx_bf16"]]
+    top = None
+    for name, ok in zip(LEVELS, have):
+        if not ok:
+            break
+        top = name
+    return top
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the instruction sets cpugen's kernels dispatch on, capped at
+    CPUGEN_ISA's level where it names one: every decision and record then reads a CPU with at most
+    that level. `isa` is the level cpugen runs at, `cpu_isa` the CPU's own. A level above the
+    CPU's is a one-line error."""
+    from cpugen import knobs
+    from cpugen.errors import CpugenError
+
+    hw = _hardware()
+    own = top_level(hw)
+    cap = knobs.current().isa
+    if cap == "auto":
+        return {**hw, "isa": own, "cpu_isa": own}
+    if own is None or LEVELS.index(cap) > LEVELS.index(own):
+        raise CpugenError(f"CPUGEN_ISA={cap} is above this CPU's level ({own or 'no AVX2'}): use auto"
+                          + "".join(f" or {lv}" for lv in LEVELS[: LEVELS.index(own) + 1] if own))
+    i = LEVELS.index(cap)
+    return {**hw, "avx512": hw["avx512"] and i >= 1, "avx512_bf16": hw["avx512_bf16"] and i >= 2,
+            "amx_bf16": hw["amx_bf16"] and i >= 3, "isa": cap, "cpu_isa": own}
 
 
 def usable_cores() -> int:

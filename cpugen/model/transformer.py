@@ -334,8 +334,10 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if (self.decode_stack is not None and T == 1 and mask is None and rows == slice(None)
                 and B <= self.decode_stack_rows and self.wte.weight.dtype == torch.bfloat16):
-            logits = self.decode_stack.step(tokens.view(B), pos.view(B), *self._caches, start)  # (B, V)
+            logits = self.decode_stack.step(tokens.view(B), pos.view(B), *self._caches, start)  # (B, V or this rank's)
             self.decode_paths["native-stack"] += 1
+            if self.gather is not None:
+                logits = self.gather(logits)  # (B, V)
             return logits if last_only else logits.view(B, 1, -1)
         if T == 1:
             self.decode_paths["python"] += 1

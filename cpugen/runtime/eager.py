@@ -79,16 +79,9 @@ def install(model: Transformer, pack: bool | None = None) -> bool:
     ext = native.extension()
     if ext is None:
         return install_avx2(model)
-    attn = native.extension("decode_attention") if cpu_info()["avx512_bf16"] else None
-    for m in model.modules():
-        if isinstance(m, Linear):
-            m.kernel = ext.gemv
-        elif isinstance(m, Attention) and attn is not None and stack.attention_supported(m.hd):
-            m.decode_step = attn.decode_step
-        elif type(m) is Norm and m.weight.dtype == torch.bfloat16 and m.impl is None:
-            m.impl = NativeNorm(ext, m)
-        elif type(m) is MLP and m.glu and m.product is None:
-            m.product = NativeGlu(ext, m)
+    # decode attention: vdpbf16ps where the CPU has it, else the AVX2 kernel (AVX-512 F alone)
+    attn = native.extension("decode_attention") if cpu_info()["avx512_bf16"] else native.extension("avx2")
+    _route(model, ext, attn)
     if (panels_wanted() if pack is None else pack) and ext.packed_available():
         tied = model.wte.weight
         for part in [*model.blocks, model]:  # the model last: its lm_head (the blocks are done by then)
@@ -103,18 +96,34 @@ def install(model: Transformer, pack: bool | None = None) -> bool:
 
 
 def install_avx2(model: Transformer) -> bool:
-    """On CPUs with AVX2 but without AVX-512: decode's skinny matmuls (up to Linear.kernel_rows rows)
-    through kernels/gemv_avx2.cpp, which streams the bf16 weights itself instead of PyTorch's bf16
-    path; larger batches keep the widened fp32 GEMM. Nothing else of cpugen's runs at this level yet."""
+    """On CPUs with AVX2 but without AVX-512 (or CPUGEN_ISA=avx2): kernels/avx2.cpp's kernels, the
+    same routes as install() at 8 lanes: decode's skinny matmuls (up to Linear.kernel_rows rows)
+    through the AVX2 gemv, which streams the bf16 weights itself instead of PyTorch's bf16 path
+    (larger batches keep the widened fp32 GEMM), the fused decode step, the norms, a GLU's product,
+    and where every block has them, the decode stack at the AVX2 level. The weights stay plain."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
-    ext = native.extension("gemv_avx2")
+    ext = native.extension("avx2")
     if ext is None:
         return False
+    _route(model, ext, ext)
+    if all(b.attn.decode_step is not None for b in model.blocks):
+        stack.install(model)
+    return True
+
+
+def _route(model: Transformer, ext, attn):
+    """Gives every module its native kernel: `ext`'s gemv, norm and GLU product, `attn`'s decode
+    step (or none)."""
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel = ext.gemv
-    return True
+        elif isinstance(m, Attention) and attn is not None and stack.attention_supported(m.hd):
+            m.decode_step = attn.decode_step
+        elif type(m) is Norm and m.weight.dtype == torch.bfloat16 and m.impl is None:
+            m.impl = NativeNorm(ext, m)
+        elif type(m) is MLP and m.glu and m.product is None:
+            m.product = NativeGlu(ext, m)
 
 
 class NativeNorm:

@@ -28,10 +28,10 @@ import torch
 from cpugen import knobs
 from cpugen.host.cpu import cpu_info
 
-MODULES = ("gemv_bf16", "decode_attention", "decode_layer")  # AVX-512 kernels
+MODULES = ("gemv_bf16", "decode_attention")  # AVX-512 kernels
 PORTABLE = ("threads",)  # thread pinning: any x86-64 or ARM CPU
-X86 = ("peak", "gemv_avx2")  # any x86-64 CPU with AVX2 and FMA: the roofline's register-only limits,
-#                             and the decode gemv where there is no AVX-512
+X86 = ("peak", "avx2", "decode_layer")  # any x86-64 CPU with AVX2 and FMA: the roofline's register-only
+#   limits, every step kernel at the AVX2 level, and the decode stack (at the level it is given)
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 BUILD_PEAK_BYTES = 1600 * 2**20  # the compiler's resident peak, building the kernels into an empty cache
@@ -98,9 +98,24 @@ def switch_off(name: str) -> str:
 def missing_builds() -> list[str]:
     """The kernel modules this machine would compile before a run could use them."""
     k = knobs.current()
-    wanted = [*(PORTABLE if k.pin else ()), *(MODULES if k.native else ()),
-              *(("gemv_avx2",) if k.native and not cpu_info()["avx512"] else ())]
+    wanted = [*(PORTABLE if k.pin else ()),
+              *((*(MODULES if cpu_info()["avx512"] else ("avx2",)), "decode_layer") if k.native else ())]
     return [n for n in wanted if can_run(n) is None and not is_built(n)]
+
+
+def level() -> str | None:
+    """The level cpugen's kernels run at on this CPU (capped by CPUGEN_ISA): avx512_bf16, avx512,
+    avx2, or None where none of them can (no AVX2, not x86-64)."""
+    info = cpu_info()
+    return next((n for n in ("avx512_bf16", "avx512", "avx2") if info[n]), None)
+
+
+def step_kernels():
+    """The extension holding the gemv, norm, GLU product and argmax at this CPU's level (kernels/
+    gemv_bf16.cpp with AVX-512, kernels/avx2.cpp with AVX2 alone), or None."""
+    if not knobs.current().native:
+        return None
+    return extension("gemv_bf16") if cpu_info()["avx512"] else extension("avx2") if cpu_info()["avx2"] else None
 
 
 @lru_cache(maxsize=None)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from cpugen import knobs
 from cpugen.errors import CpugenError
 from cpugen.runtime import native
 
@@ -37,8 +36,8 @@ class Sampling:
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits (B, V) -> (B,) int64: greedy decoding's choice, torch.argmax's answer (first maximum,
     first NaN), through kernels/argmax.h where it builds (7 against 180 us a row of 50400 logits on
-    a Zen 4 core), torch.argmax otherwise or with CPUGEN_NATIVE=0."""
-    ext = native.extension() if knobs.current().native else None
+    a Zen 4 core), at the CPU's level (AVX-512 or AVX2), torch.argmax otherwise or with CPUGEN_NATIVE=0."""
+    ext = native.step_kernels()
     if ext is None or logits.dim() != 2 or logits.dtype not in (torch.bfloat16, torch.float32):
         return logits.argmax(dim=-1)
     return ext.argmax(logits)

@@ -114,6 +114,9 @@ def install(model: Transformer) -> bool:
     not the stack's, or the stack does not build."""
     cfg = model.cfg
     why = refusal(cfg) or _split(model) or _modules_ready(model)
+    isa = native.level()
+    if why is None and isa is None:
+        why = "the CPU lacks AVX2 and FMA"
     if why is None and native.extension("decode_layer") is None:
         why = f"the native stack is unavailable ({native.why_not('decode_layer')})"
     model.stack_refused = why
@@ -127,7 +130,10 @@ def install(model: Transformer) -> bool:
     ext = native.extension("decode_layer")
     model.decode_stack = ext.Stack(blocks, outs, cfg.norm, cfg.norm_eps, cfg.parallel_residual, cfg.mlp == "glu",
                                    KERNEL_CODE[cfg.activation], cfg.n_head,
-                                   cfg.rotary_dim if cfg.position == "rotary" else 0)
+                                   cfg.rotary_dim if cfg.position == "rotary" else 0, isa)
+    reduce = model.blocks[0].reduce
+    if reduce is not None:  # tensor parallel: the all-reduce between the row-parallel matmuls
+        model.decode_stack.set_reduce(reduce)
     head = model.lm_head
     every = [*(m for b in model.blocks for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)), head]
     model.decode_stack_rows = ANY_BATCH if all(m.panels is not None for m in every) else Linear.kernel_rows
@@ -140,10 +146,12 @@ def install(model: Transformer) -> bool:
 
 
 def _split(model: Transformer) -> str | None:
-    """A tensor-parallel rank's model: its blocks all-reduce between them, which the stack (all blocks
-    in one native call) does not do."""
-    if model.gather is not None or any(b.reduce is not None for b in model.blocks):
-        return "tensor parallel: the stack runs every block in one call, with no all-reduce between blocks"
+    """A tensor-parallel rank's model: the stack calls one all-reduce for every block (they share
+    the group's), where the Python blocks call Block.reduce; the logits' gather stays in Python."""
+    if any(b.reduce != model.blocks[0].reduce for b in model.blocks):
+        return "tensor parallel: blocks with different all-reduces"
+    if (model.blocks[0].reduce is None) != (model.gather is None):
+        return "tensor parallel: a model with its logits gathered but no all-reduce between blocks, or the reverse"
     return None
 
 
