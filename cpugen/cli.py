@@ -154,6 +154,11 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--limit-kind", default="auto", choices=("auto", "cgroup", "rlimit", "watchdog"))
     pr.add_argument("--max-batch", type=int, help="never try a batch above this")
     pr.add_argument("--json", metavar="PATH|-", help="write the report as JSON")
+    pr.add_argument("--tp", type=int, default=1, metavar="N",
+                    help="each try runs N tensor-parallel ranks on this host, each under its own limit of "
+                         "--memory-limit / N (the host's memory shared among them)")
+    pr.add_argument("--tp-timeout", type=float, default=120.0, metavar="SECONDS",
+                    help="how long a rank waits for the others (default 120)")
 
     n = command("nightly", "run performance sweeps, keep their history, flag regressions")
     n.add_argument("--sweep", action="append", required=True, metavar="FILE",
@@ -355,11 +360,12 @@ def cmd_probe(args) -> int:
     backend = "eager" if args.backend == "auto" else args.backend
     try:
         rep = probe(cfg, args.model, args.prompt_len, args.gen_len, limit, backend, args.dtype, args.decode_steps,
-                    args.threads, args.limit_kind, args.max_batch, row)
+                    args.threads, args.limit_kind, args.max_batch, row, tp=args.tp, tp_timeout=args.tp_timeout)
     except RuntimeError as e:  # a try that failed for another reason than memory, or no cgroup to make
         raise CpugenError(str(e)) from None
     print(f"planner: batch {rep['planner_batch']}; probe: batch {rep['probe_batch']} "
           f"(limit {fmt(rep['limit_bytes'])} by {rep['limit_kind']}"
+          + (f", {fmt(rep['rank_limit_bytes'])} for each of {rep['tp']} ranks" if rep["tp"] > 1 else "")
           + (", the top of the searched range" if rep["probe_batch"] == rep["search_top"] else "") + ")", file=out)
     if args.json == "-":
         print(json.dumps(rep))

@@ -157,6 +157,26 @@ def test_planner_against_the_operating_system():
     assert rep["probe_batch"] < rep["search_top"]  # the search found a real boundary (an OOM row)
 
 
+def test_the_probe_limits_each_tensor_parallel_rank():
+    """`probe --tp 2`: each try runs two ranks, each under its own hard limit of half the host's
+    memory; the planner's per-rank predictions against the largest rank's measured peak (the
+    operating system's count), and the planner's batch against the largest that really runs."""
+    limit = 4 * GiB
+    p = cli("probe", "--model", "gptj-1b", "--layers", "2", "--prompt-len", "8", "--gen-len", "1016",
+            "--memory-limit", f"{limit}B", "--tp", "2", "--decode-steps", "1", "--max-batch", "170", "--json", "-",
+            timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rep["tp"] == 2 and rep["rank_limit_bytes"] == limit // 2
+    fits = [t for t in rep["tries"] if t["fits"]]
+    assert fits and any(not t["fits"] and "(rank " in t["why"] for t in rep["tries"]), rep["tries"]
+    for t in fits:
+        assert abs(t["predicted_peak_bytes"] / t["measured_peak_bytes"] - 1) < 0.10, t
+    assert rep["planner_batch"] in [t["batch_size"] for t in fits]
+    assert rep["planner_batch"] >= 0.85 * rep["probe_batch"], rep
+    assert rep["probe_batch"] < rep["search_top"]  # a real boundary: a try past it ran out of memory
+
+
 def test_generate_checks_its_batch_against_the_budget_before_loading():
     # 2.6 GiB of gptj-1b weights against a 1 GiB budget: refused before the weights exist
     p = cli("generate", "--model", "gptj-1b", "--prompt-ids", "1,2,3", "--prompt-ids", "4",
