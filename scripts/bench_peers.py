@@ -4,6 +4,7 @@
     python scripts/bench_peers.py [--model gptj-1b] [--prompt-len 128] [--gen-len 32]
                                   [--batch-sizes 1,4,16,32] [--rounds 5] [--engines cpugen,hf,hf-ipex]
                                   [--engines cpugen,cpugen-plain,...]
+                                  [--isa avx2,avx512,avx512_bf16]
                                   [--ipex-python ~/.cache/cpugen/ipex-venv/bin/python] [--out FILE.md]
 
 Engines, each a long-lived worker process holding its model, all loading one bf16 checkpoint
@@ -107,12 +108,29 @@ for line in sys.stdin:
 """
 
 
+# --isa: each engine capped at a level. cpugen takes CPUGEN_ISA; PyTorch and oneDNN (HF, IPEX) their own caps
+ATEN_CAP = {"avx2": "avx2", "avx512": "avx512", "avx512_bf16": "avx512", "amx": "avx512"}
+ONEDNN_CAP = {"avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_bf16": "AVX512_CORE_BF16", "amx": "AVX512_CORE_AMX"}
+
+
+def level_env(engine: str) -> dict[str, str]:
+    """The environment that caps `engine@level` at its level ({} for an engine without one)."""
+    base, _, level = engine.partition("@")
+    if not level:
+        return {}
+    if base.startswith("cpugen"):
+        return {"CPUGEN_ISA": level}
+    return {"ATEN_CPU_CAPABILITY": ATEN_CAP[level], "ONEDNN_MAX_CPU_ISA": ONEDNN_CAP[level]}
+
+
 class Worker:
     def __init__(self, engine: str, python: str, ckpt: Path, threads: int):
+        base = engine.partition("@")[0]
         env = {**os.environ, "CPUGEN_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONWARNINGS": "ignore", **({"CPUGEN_LAYOUT": "plain"} if engine == "cpugen-plain" else {})}
+               "PYTHONWARNINGS": "ignore", **({"CPUGEN_LAYOUT": "plain"} if base == "cpugen-plain" else {}),
+               **level_env(engine)}
         self.engine = engine
-        self.proc = subprocess.Popen([python, "-c", WORKER, engine, str(ckpt), str(threads)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-c", WORKER, base, str(ckpt), str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
         self.name = self._read()["ready"]
 
@@ -219,6 +237,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--engines", default="cpugen,hf,hf-ipex")
     ap.add_argument("--ipex-python", default=str(Path.home() / ".cache/cpugen/ipex-venv/bin/python"))
+    ap.add_argument("--isa", help="levels to run every engine at, e.g. avx2,avx512,avx512_bf16 (cpugen through "
+                                  "CPUGEN_ISA, PyTorch and oneDNN through ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA)")
     ap.add_argument("--out", help="also write the markdown report here")
     a = ap.parse_args()
 
@@ -232,8 +252,11 @@ def main() -> int:
     if "hf-ipex" in engines and not Path(a.ipex_python).exists():
         print(f"hf-ipex skipped: no IPEX environment at {a.ipex_python} (bash scripts/ipex_env.sh)", file=sys.stderr)
         engines.remove("hf-ipex")
+    if a.isa:
+        engines = [f"{e}@{lv}" for lv in a.isa.split(",") for e in engines]
     bw0, tf0 = limits(a.threads)
-    workers = [Worker(e, a.ipex_python if e == "hf-ipex" else sys.executable, ckpt, a.threads) for e in engines]
+    workers = [Worker(e, a.ipex_python if e.startswith("hf-ipex") else sys.executable, ckpt, a.threads)
+               for e in engines]
     batches = [int(b) for b in a.batch_sizes.split(",")]
     weight_bytes = shapes.streamed_params(cfg) * 2
     res: dict = {(w.engine, b): [] for w in workers for b in batches}
@@ -288,7 +311,8 @@ def main() -> int:
             kv = 2 * cfg.n_layer * b * cfg.kv_dim * c * 2
             ideal = max((weight_bytes + kv) / (bw * 1e9), b * flops.token_flops(cfg, c) / (tf * 1e12))
             pf = [b * flops.prompt_flops(cfg, a.prompt_len) / x["prompt_time_s"] / (tf * 1e12) for x in rows]
-            rel = lambda other: f"{med[e] / med[other]:.2f}x" if other in med else "-"  # noqa: E731
+            at = e[e.index("@"):] if "@" in e else ""  # against the peer at the same level
+            rel = lambda other: f"{med[e] / med[other + at]:.2f}x" if other + at in med else "-"  # noqa: E731
             lines.append(f"| {b} | {e} | {fmt(tps, 1, 1)} | {fmt([x['prompt_time_s'] for x in rows], 1, 2)} | "
                          f"{fmt(steps, 1e3, 1)} | {weight_bytes / statistics.median(steps) / 1e9:.1f} | "
                          f"{weight_bytes / statistics.median(steps) / 1e9 / bw:.0%} | "
