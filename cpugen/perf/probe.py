@@ -55,6 +55,8 @@ finally:
     distributed.finish(ok)
 from cpugen.host.memory import peak_rss_bytes
 print(json.dumps({"peak": peak_rss_bytes(), "predicted": rec.extra["predicted_peak_bytes"]}))
+if a["tp"] > 1:
+    distributed.exit_rank(0)
 """
 
 
