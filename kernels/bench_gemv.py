@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpugen.host.memory import empty_huge  # noqa: E402
-from cpugen.runtime.native import extension  # noqa: E402
+from cpugen.runtime.native import step_kernels  # noqa: E402
 from cpugen.perf.roofline import measure_bandwidth  # noqa: E402
 
 
@@ -62,8 +62,8 @@ def main():
     ws = [_weight(n, k) for n, k in shapes]
     nbytes = sum(w.numel() * 2 for w in ws)
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, None if a.tflops else 1) for w in ws]
-    ext = extension()
-    panels = [_panels(ext, w) for w in ws] if ext and ext.packed_available() else None
+    ext = step_kernels()  # the gemv at this CPU's level: AVX-512 (kernels/gemv_bf16.cpp) or AVX2 (kernels/avx2.cpp)
+    panels = [_panels(ext, w) for w in ws] if ext and hasattr(ext, "packed_available") and ext.packed_available() else None
     print(f"{torch.get_num_threads()} threads, {nbytes / 1e9:.2f} GB of bf16 weights, native isa "
           f"{ext.isa() if ext else 'unavailable'}; {'TFLOP/s' if a.tflops else 'GB/s of weights'}")
     print(f"{'M':>3} {'F.linear':>22} {'oneDNN prepacked':>22} {'cpugen gemv':>22} {'cpugen packed':>22}")
@@ -75,7 +75,7 @@ def main():
                 "oneDNN prepacked": lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
                                              for w, p in zip(ws, packed)],
             }
-            if ext and M <= 16:
+            if ext and M <= (16 if panels is not None or ext.isa() != "avx2" else 4):
                 impls["cpugen gemv"] = lambda: [ext.gemv(xs[w.shape[1]], w, None) for w in ws]
             if panels:
                 impls["cpugen packed"] = lambda: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
@@ -94,20 +94,22 @@ def main():
 
 
 def by_shape(h: int, ffn: int, layers: int, rounds: int):
-    ext = extension()
-    if ext is None or not ext.packed_available():
-        sys.exit("the native gemv and packed kernel did not build here (they need AVX512-BF16)")
+    ext = step_kernels()
+    if ext is None:
+        sys.exit("the native gemv did not build here (it needs AVX2 and FMA at least)")
+    kinds = ("sum", "gemv", "packed") if hasattr(ext, "packed_available") and ext.packed_available() else ("sum", "gemv")
     groups = {f"{n}x{k}": [_weight(n, k) for _ in range(layers)]
               for n, k in [(3 * h, h), (h, h), (ffn, h), (h, ffn)]}  # wqkv, wo, w_in, w_out
     xs = {k: torch.randn(1, k).to(torch.bfloat16) for k in (h, ffn)}
     runs = {}  # (shape, "sum" | "gemv" | "packed") -> (bytes, fn)
     for name, ws in groups.items():
         nb = sum(w.numel() * 2 for w in ws)
-        ps = [_panels(ext, w) for w in ws]
         runs[(name, "sum")] = (nb, lambda ws=ws: [w.view(torch.float32).sum() for w in ws])
         runs[(name, "gemv")] = (nb, lambda ws=ws: [ext.gemv(xs[w.shape[1]], w, None) for w in ws])
-        runs[(name, "packed")] = (nb, lambda ws=ws, ps=ps: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
-                                                           for w, p in zip(ws, ps)])
+        if "packed" in kinds:
+            ps = [_panels(ext, w) for w in ws]
+            runs[(name, "packed")] = (nb, lambda ws=ws, ps=ps: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
+                                                               for w, p in zip(ws, ps)])
     print(f"{torch.get_num_threads()} threads, one row of x, {layers} matrices of each shape; GB/s of weights")
     kept = []  # (mean reading, {key: GB/s}) of the steady rounds
     with torch.inference_mode():
@@ -126,17 +128,16 @@ def by_shape(h: int, ffn: int, layers: int, rounds: int):
             if steady:
                 kept.append(((before + after) / 2, med))
             print(f"round {r + 1}: read {before:.1f} / {after:.1f}{'' if steady else ' (not steady)'} | "
-                  + " | ".join(f"{n} sum {med[(n, 'sum')]:.1f} gemv {med[(n, 'gemv')]:.1f} packed {med[(n, 'packed')]:.1f}"
-                               for n in groups), flush=True)
+                  + " | ".join(f"{n} " + " ".join(f"{k} {med[(n, k)]:.1f}" for k in kinds) for n in groups), flush=True)
     for label, sel in (("below 45 GB/s", [x for x in kept if x[0] < 45]), ("45 GB/s and above", [x for x in kept if x[0] >= 45])):
         if not sel:
             continue
         read = statistics.median(x[0] for x in sel)
         print(f"{len(sel)} steady rounds read {label} (median {read:.1f}):")
         for n in groups:
-            s_, g_, p_ = (statistics.median(x[1][(n, k)] for x in sel) for k in ("sum", "gemv", "packed"))
-            print(f"  {n:>10}: torch's sum {s_:.1f} ({s_ / read:.0%} of read), gemv {g_:.1f} ({g_ / read:.0%}), "
-                  f"packed {p_:.1f} ({p_ / read:.0%})")
+            got = {k: statistics.median(x[1][(n, k)] for x in sel) for k in kinds}
+            label = {"sum": "torch's sum", "gemv": "gemv", "packed": "packed"}
+            print(f"  {n:>10}: " + ", ".join(f"{label[k]} {v:.1f} ({v / read:.0%} of read)" for k, v in got.items()))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,10 @@ def bench(ext):
 
 
 if __name__ == "__main__":
-    ext = extension("decode_attention")
+    from cpugen.runtime.native import level
+
+    # the kernel at this CPU's level: vdpbf16ps (kernels/decode_attention.cpp) or AVX2 (kernels/avx2.cpp)
+    ext = extension("decode_attention" if level() == "avx512_bf16" else "avx2") if level() else None
     if ext is None:
         sys.exit("native decode attention unavailable on this machine")
     for shape, err in check(ext):

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cpugen.runtime.native import extension, why_not  # noqa: E402
+from cpugen.runtime.native import step_kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def check_glu(ext, seed: int = 0) -> int:
 
 
 if __name__ == "__main__":
-    ext = extension()
+    ext = step_kernels()  # at this CPU's level: AVX-512 (kernels/gemv_bf16.cpp) or AVX2 (kernels/avx2.cpp)
     if ext is None:
-        sys.exit(f"native step kernels unavailable on this machine: {why_not()}")
+        sys.exit("native step kernels unavailable on this machine (they need AVX2 and FMA at least)")
     print(f"argmax: {check_argmax(ext)} cases, norm: {check_norm(ext)}, glu: {check_glu(ext)}: all within tolerance")

@@ -570,3 +570,22 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
     assert rec["decode_blocks"] == "native-stack"
     if level == "avx2":
         assert rec["decode_matmul"] == "cpugen-gemv-avx2"
+
+
+def test_every_kernel_module_compiles_and_imports_here_even_where_it_cannot_run():
+    """Each level's code is compiled with its own target attributes, so every module builds on any
+    x86-64 machine, and importing one runs nothing of a level the CPU lacks (only the CPU checks):
+    a module this CPU cannot run is still compiled and imported here, so a change that breaks the
+    AVX-512 code is caught on an AVX2-only host too."""
+    from torch.utils import cpp_extension
+
+    for name in (*native.MODULES, *native.X86):
+        if native.can_run(name) is None:
+            assert native.extension(name) is not None, native.why_not(name)
+            continue
+        d = native.build_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        m = cpp_extension.load(name=f"cpugen_{name}", sources=[str(native.source_dir() / f"{name}.cpp")],
+                               extra_cflags=list(native.CFLAGS), extra_ldflags=list(native.LDFLAGS),
+                               build_directory=str(d), verbose=False)
+        assert callable(getattr(m, "gemv", None) or getattr(m, "decode_step", None)), name

@@ -98,8 +98,10 @@ def switch_off(name: str) -> str:
 def missing_builds() -> list[str]:
     """The kernel modules this machine would compile before a run could use them."""
     k = knobs.current()
-    wanted = [*(PORTABLE if k.pin else ()),
-              *((*(MODULES if cpu_info()["avx512"] else ("avx2",)), "decode_layer") if k.native else ())]
+    info = cpu_info()
+    # AVX-512 without BF16 takes its decode attention from the AVX2 module
+    level_modules = (*MODULES, *(() if info["avx512_bf16"] else ("avx2",))) if info["avx512"] else ("avx2",)
+    wanted = [*(PORTABLE if k.pin else ()), *((*level_modules, "decode_layer") if k.native else ())]
     return [n for n in wanted if can_run(n) is None and not is_built(n)]
 
 
