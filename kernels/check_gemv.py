@@ -59,12 +59,12 @@ def check_packed(ext, seed: int = 0) -> list[tuple[tuple, float]]:
     return results
 
 
-def check(ext, seed: int = 0) -> list[tuple[tuple, float]]:
+def check(ext, seed: int = 0, shapes=None, name: str = "gemv") -> list[tuple[tuple, float]]:
     """Max error of each shape, relative to the largest reference output; raises if out of tolerance."""
     results = []
-    for (M, K, N), x, w, bias, act in _cases(SHAPES, seed):
+    for (M, K, N), x, w, bias, act in _cases(SHAPES if shapes is None else shapes, seed):
         got = ext.gemv(x, w, bias, reference.ACTIVATIONS[act])
-        results.append(_compare("gemv", got, reference.gemv(x, w, bias, act), M, K, N, bias, act))
+        results.append(_compare(name, got, reference.gemv(x, w, bias, act), M, K, N, bias, act))
     return results
 
 
@@ -73,11 +73,7 @@ AVX2_SHAPES = [s for s in SHAPES if s[0] <= 4] + [(4, 17, 9), (2, 4096, 130)]  #
 
 def check_avx2(ext, seed: int = 0) -> list[tuple[tuple, float]]:
     """As check(), for the AVX2 gemv (kernels/gemv_avx2.h, bound in kernels/avx2.cpp; 1-4 rows of x)."""
-    results = []
-    for (M, K, N), x, w, bias, act in _cases(AVX2_SHAPES, seed):
-        got = ext.gemv(x, w, bias, reference.ACTIVATIONS[act])
-        results.append(_compare("gemv_avx2", got, reference.gemv(x, w, bias, act), M, K, N, bias, act))
-    return results
+    return check(ext, seed, AVX2_SHAPES, "gemv_avx2")
 
 
 if __name__ == "__main__":
