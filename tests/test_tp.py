@@ -3,6 +3,7 @@ the single process computes, holds only its share, and fails as one."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,8 +242,11 @@ def test_two_torchrun_nodes_give_the_same_tokens(checkpoints):
     procs = torchrun_nodes(args)
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert json.loads(outs[0][0].strip().splitlines()[-1])["tokens"] == hf_greedy(ck.hf, PROMPTS, N_NEW)
-    assert outs[1][0].strip() == ""  # only rank 0 writes the result
+    # the c10d rendezvous numbers the ranks in the order they join, not by --node-rank: either
+    # launcher may hold rank 0, and only rank 0 writes the result
+    written = [o[0].strip() for o in outs if o[0].strip()]
+    assert len(written) == 1, outs
+    assert json.loads(written[0].splitlines()[-1])["tokens"] == hf_greedy(ck.hf, PROMPTS, N_NEW)
 
 
 def test_ranks_started_differently_refuse_to_start():
@@ -295,7 +299,7 @@ def test_a_rank_killed_mid_decode_ends_every_rank_within_30_s():
 def test_a_rank_killed_on_another_host_ends_the_other_within_30_s():
     args = ["run", "--model", "gptj-1b", "--layers", "2", "--prompt-len", "8", "--gen-len", "2000",
             "--batch-size", "1", "--tp", "2", "--threads", "1", "--dtype", "float32"]
-    procs = torchrun_nodes(args)
+    procs = torchrun_nodes(args, env={"CPUGEN_TP_COMM": "gloo"})  # as across hosts: no shared memory
     time.sleep(30)
     assert all(p.poll() is None for p in procs)
     workers = subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True, text=True).stdout.split()
@@ -304,7 +308,10 @@ def test_a_rank_killed_on_another_host_ends_the_other_within_30_s():
     t0 = time.monotonic()
     out, err = procs[0].communicate(timeout=60)
     assert time.monotonic() - t0 < 30 and procs[0].returncode != 0
-    assert "cpugen: error: rank 0" in err and "another rank stopped" in err, err[-2000:]
+    # the c10d rendezvous numbers ranks by join order: the survivor may be rank 0 or 1; its one
+    # line names itself and what happened
+    line = next(x for x in err.splitlines() if x.startswith("cpugen: error: rank "))
+    assert re.match(r"cpugen: error: rank [01] \(", line) and "another rank stopped mid-run" in line, err[-2000:]
     procs[1].communicate(timeout=60)
 
 

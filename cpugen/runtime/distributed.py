@@ -76,6 +76,8 @@ class Group:
         t0 = time.perf_counter()
         try:
             fn()
+        except CpugenError:  # the shared-memory path's own, already in words
+            raise
         except Exception as e:  # noqa: BLE001 - gloo's errors are RuntimeError subclasses of several kinds
             raise CpugenError(peer_failure(e)) from None
         self.comm_s += time.perf_counter() - t0

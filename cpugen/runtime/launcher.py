@@ -46,7 +46,8 @@ def launch(argv: list[str], tp: int, stop_after_s: float = 10.0) -> int:
             codes = [p.poll() for p in procs]
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                r = failed[0]
+                # a rank killed by a signal is the cause: the others' errors (a peer gone) follow from it
+                r = min(failed, key=lambda r: (codes[r] >= 0, r))
                 _stop(procs, stop_after_s)
                 c = codes[r]
                 if c < 0:  # killed by a signal: it could not say why itself
