@@ -4,7 +4,7 @@
 // accumulation. A bf16 is the upper half of an fp32, so each 16 weights (one 256-bit load) give
 // their even ones as fp32 by a 16-bit shift and their odd ones by a mask (no F16C, no AVX512-BF16),
 // multiplied with FMA by x's values in the same order. W's rows are split across threads in
-// contiguous ranges and each is read once, front to back, for every row of x
+// contiguous ranges and each is read once, front to back, for all rows of x at once
 // (x is widened to fp32 once per call). The epilogue adds the bias and applies the activation 8 outputs at
 // a time (vec_avx2.h) before one rounding to bf16.
 // Reference: kernels/reference.py's gemv; check: kernels/check_gemv.py (check_avx2); bound in
@@ -14,6 +14,9 @@
 #include <torch/extension.h>
 
 #include <immintrin.h>
+#include <sys/mman.h>
+
+#include <cstdlib>
 
 #include "vec_avx2.h"
 
@@ -25,54 +28,110 @@ constexpr int64_t kMaxRows = 4;
 
 namespace {
 
-// x's rows for the kernel: each block of 16 values as its 8 even then its 8 odd ones, fp32, (M, K16);
-// then the tail past K16 in order, (M, K - K16)
+// x's rows for the kernel: for each block of 16 values, each row's 8 even then 8 odd ones, fp32, the
+// M rows side by side ((K16 / 16, M, 16): one sequential stream); then the tail past K16 in order,
+// (M, K - K16)
 constexpr int64_t kBlock = 16;
 
-// Rows [n0, n1) of W against the M rows of x (split as above); sums[m * N + n] gets the dot
-// products. 16 weights are one 256-bit load: shifting each 32-bit lane left by 16 gives the even
-// weights as fp32, masking off its low half the odd ones (no widening instructions), each
-// multiplied by x's even or odd values with FMA; one row of x keeps 4 chains of sums (two blocks
-// at a time) against FMA's latency. W is one sequential stream per thread, left to the hardware
-// prefetchers: a software prefetch 2 or 4 KiB ahead measured 9-13% slower at one row of x (2 Zen 3
-// threads, 0.8 GB of gptj-1b's matrices, interleaved rounds), and 8 chains no faster than 4.
-template <int M>
-CPUGEN_AVX2 void rows(const uint16_t* w, const float* xs, const float* xt, int64_t K, int64_t n0, int64_t n1,
-                      float* sums, int64_t N) {
+// the dot product of W's row past its last whole block (K16 on) with x's tail
+inline float tail_dot(const uint16_t* wr, const float* xt, int64_t K16, int64_t tail) {
+  float s = 0.f;
+  for (int64_t t = 0; t < tail; ++t) {
+    const uint32_t u = static_cast<uint32_t>(wr[K16 + t]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    s += f * xt[t];
+  }
+  return s;
+}
+
+// Rows [n0, n1) of W against one row of x (split as above); sums[n] gets the dot products. 16
+// weights are one 256-bit load: shifting each 32-bit lane left by 16 gives the even weights as
+// fp32, masking off its low half the odd ones (no widening instructions), each multiplied by x's
+// even or odd values with FMA, in 4 chains of sums (two blocks at a time) against FMA's latency.
+// W is one sequential stream per thread, left to the hardware prefetchers: a software prefetch 2
+// or 4 KiB ahead measured 9-13% slower (2 Zen 3 threads, 0.8 GB of gptj-1b's matrices,
+// interleaved rounds), and 8 chains no faster than 4.
+CPUGEN_AVX2 void rows1(const uint16_t* w, const float* xs, const float* xt, int64_t K, int64_t n0, int64_t n1,
+                       float* sums) {
   const int64_t K16 = K / kBlock * kBlock, tail = K - K16;
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * K;
-    __m256 ae[M], ao[M], be[M], bo[M];
-    for (int m = 0; m < M; ++m) ae[m] = ao[m] = be[m] = bo[m] = _mm256_setzero_ps();
+    __m256 ae = _mm256_setzero_ps(), ao = ae, be = ae, bo = ae;
     int64_t k = 0;
-    if (M == 1)
-      for (; k + 2 * kBlock <= K16; k += 2 * kBlock) {
-        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
-        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + kBlock));
-        ae[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(xs + k), ae[0]);
-        ao[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, odd)), _mm256_loadu_ps(xs + k + 8), ao[0]);
-        be[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), _mm256_loadu_ps(xs + k + 16), be[0]);
-        bo[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, odd)), _mm256_loadu_ps(xs + k + 24), bo[0]);
-      }
+    for (; k + 2 * kBlock <= K16; k += 2 * kBlock) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + kBlock));
+      ae = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(xs + k), ae);
+      ao = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, odd)), _mm256_loadu_ps(xs + k + 8), ao);
+      be = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), _mm256_loadu_ps(xs + k + 16), be);
+      bo = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, odd)), _mm256_loadu_ps(xs + k + 24), bo);
+    }
     for (; k < K16; k += kBlock) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
-      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      ae = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xs + k), ae);
+      ao = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), _mm256_loadu_ps(xs + k + 8), ao);
+    }
+    sums[n] = cpugen_vec2::hsum(_mm256_add_ps(_mm256_add_ps(ae, ao), _mm256_add_ps(be, bo))) + tail_dot(wr, xt, K16, tail);
+  }
+}
+
+// Rows [n0, n1) of W against M = 2-4 rows of x, two rows of W at a time: each block of x's values
+// (its M rows' 16 values side by side, one sequential stream) is loaded once for both rows of W,
+// so x, which at K = 8192 and 4 rows is 128 KiB of fp32 and lives in L2, not L1, is read half as
+// often per weight. One row of x loaded per W row (the old loop) left 4 rows of x bound by L2's
+// bandwidth at 17-19 GB/s of weights on 2 Zen 3 threads against 36 at one row, and where its rows
+// landed in the caches moved it by 15% from one process to the next. Even and odd products share a
+// chain at 3-4 rows (2M x 2 chains of sums would not fit the 16 registers), keep their own at 2.
+template <int M>
+CPUGEN_AVX2 void rows_m(const uint16_t* w, const float* xs, const float* xt, int64_t K, int64_t n0, int64_t n1,
+                        float* sums, int64_t N) {
+  constexpr bool split = M <= 2;  // separate even and odd chains
+  constexpr int C = split ? 2 : 1;
+  const int64_t K16 = K / kBlock * kBlock, tail = K - K16;
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const uint16_t* w0 = w + n * K;
+    const uint16_t* w1 = w0 + K;
+    __m256 acc[2][M][C];
+    for (int r = 0; r < 2; ++r)
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < C; ++c) acc[r][m][c] = _mm256_setzero_ps();
+    const float* xb = xs;
+    for (int64_t k = 0; k < K16; k += kBlock, xb += M * kBlock) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + k));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + k));
+      const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd));
+      const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd));
       for (int m = 0; m < M; ++m) {
-        ae[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xs + m * K16 + k), ae[m]);
-        ao[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xs + m * K16 + k + 8), ao[m]);
+        const __m256 xe = _mm256_loadu_ps(xb + m * kBlock), xo = _mm256_loadu_ps(xb + m * kBlock + 8);
+        acc[0][m][0] = _mm256_fmadd_ps(e0, xe, acc[0][m][0]);
+        acc[1][m][0] = _mm256_fmadd_ps(e1, xe, acc[1][m][0]);
+        acc[0][m][C - 1] = _mm256_fmadd_ps(o0, xo, acc[0][m][C - 1]);
+        acc[1][m][C - 1] = _mm256_fmadd_ps(o1, xo, acc[1][m][C - 1]);
       }
     }
-    for (int m = 0; m < M; ++m) {
-      float s = cpugen_vec2::hsum(_mm256_add_ps(_mm256_add_ps(ae[m], ao[m]), _mm256_add_ps(be[m], bo[m])));
-      for (int64_t t = 0; t < tail; ++t) {
-        const uint32_t u = static_cast<uint32_t>(wr[K16 + t]) << 16;
-        float f;
-        std::memcpy(&f, &u, sizeof(f));
-        s += f * xt[m * tail + t];
+    for (int r = 0; r < 2; ++r)
+      for (int m = 0; m < M; ++m) {
+        const __m256 a = split ? _mm256_add_ps(acc[r][m][0], acc[r][m][C - 1]) : acc[r][m][0];
+        sums[m * N + n + r] = cpugen_vec2::hsum(a) + tail_dot(r ? w1 : w0, xt + m * tail, K16, tail);
       }
-      sums[m * N + n] = s;
+  }
+  for (; n < n1; ++n) {  // an odd row left over
+    const uint16_t* wr = w + n * K;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    const float* xb = xs;
+    for (int64_t k = 0; k < K16; k += kBlock, xb += M * kBlock) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+      const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), o = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(xb + m * kBlock + 8),
+                                 _mm256_fmadd_ps(e, _mm256_loadu_ps(xb + m * kBlock), acc[m]));
     }
+    for (int m = 0; m < M; ++m) sums[m * N + n] = cpugen_vec2::hsum(acc[m]) + tail_dot(wr, xt + m * tail, K16, tail);
   }
 }
 
@@ -89,16 +148,39 @@ CPUGEN_AVX2 void finish(const float* sums, const uint16_t* bias, int64_t act, ui
 
 }  // namespace
 
+// A thread's scratch for x widened, on a 2 MiB huge page (where the kernel gives one, as it does for
+// cpugen's weights): 4 rows of x at K = 8192 are 128 KiB of fp32, read from L2 once per pair of W's
+// rows. On 4 KiB pages, where its pages fell in the physically indexed L2 decided how often they
+// clashed with W's stream there: the same 4-row gemv ran at 18 or at 23 GB/s from one process to
+// the next (2 Zen 3 threads, gptj-1b's fc_in), steady within each. Physically contiguous, its lines
+// fill L2's sets evenly.
+struct HugeScratch {
+  static constexpr size_t kHuge = size_t(2) << 20;
+  float* p = nullptr;
+  size_t cap = 0;  // floats
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      const size_t bytes = (n * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+      p = static_cast<float*>(std::aligned_alloc(kHuge, bytes));
+      TORCH_CHECK(p, "cpugen gemv_avx2: no memory for ", bytes, " bytes of scratch");
+      madvise(p, bytes, MADV_HUGEPAGE);  // advice: 4 KiB pages if the kernel has none to give
+      cap = bytes / sizeof(float);
+    }
+    return p;
+  }
+  ~HugeScratch() { std::free(p); }
+};
+
 inline bool available() { return cpugen_vec2::supported(); }
 
 // The gemv on raw pointers, checked by the caller: x (M, K), w (N, K), bias (N) or null, out
 // (M, N), all bf16 and contiguous; sums: M x N floats of scratch
 inline void gemv_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, int64_t N, const uint16_t* bp,
                      int64_t act, uint16_t* op, float* sums) {
-  thread_local std::vector<float> xf;  // x widened once: its blocks split even / odd, then its tail
+  thread_local HugeScratch xf;  // x widened once: its blocks split even / odd, then its tail
   const int64_t K16 = K / kBlock * kBlock, tail = K - K16;
-  xf.resize(M * K);
-  float* xs = xf.data();
+  float* xs = xf.get(M * K);
   float* xt = xs + M * K16;
   auto widen1 = [](uint16_t b) {
     const uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -108,19 +190,21 @@ inline void gemv_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* w
   };
   for (int64_t m = 0; m < M; ++m) {
     const uint16_t* x = xp + m * K;
-    for (int64_t k = 0; k < K16; k += kBlock)
+    for (int64_t k = 0; k < K16; k += kBlock) {
+      float* b = xs + (k / kBlock * M + m) * kBlock;
       for (int64_t j = 0; j < 8; ++j) {
-        xs[m * K16 + k + j] = widen1(x[k + 2 * j]);
-        xs[m * K16 + k + 8 + j] = widen1(x[k + 2 * j + 1]);
+        b[j] = widen1(x[k + 2 * j]);
+        b[8 + j] = widen1(x[k + 2 * j + 1]);
       }
+    }
     for (int64_t t = 0; t < tail; ++t) xt[m * tail + t] = widen1(x[K16 + t]);
   }
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     switch (M) {
-      case 1: rows<1>(wp, xs, xt, K, n0, n1, sums, N); break;
-      case 2: rows<2>(wp, xs, xt, K, n0, n1, sums, N); break;
-      case 3: rows<3>(wp, xs, xt, K, n0, n1, sums, N); break;
-      default: rows<4>(wp, xs, xt, K, n0, n1, sums, N); break;
+      case 1: rows1(wp, xs, xt, K, n0, n1, sums); break;
+      case 2: rows_m<2>(wp, xs, xt, K, n0, n1, sums, N); break;
+      case 3: rows_m<3>(wp, xs, xt, K, n0, n1, sums, N); break;
+      default: rows_m<4>(wp, xs, xt, K, n0, n1, sums, N); break;
     }
     finish(sums, bp, act, op, M, N, n0, n1);
   });
