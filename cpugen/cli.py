@@ -174,10 +174,11 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--window", type=int, default=10, help="judge against the last N runs (default 10)")
     n.add_argument("--min-runs", type=int, default=5,
                    help="judge a configuration once it has this many earlier runs (default 5)")
-    n.add_argument("--confirm", type=int, default=2,
-                   help="measure a row that regressed again up to N times; a regression must reproduce (default 2)")
+    n.add_argument("--confirm", type=int, default=3,
+                   help="measure a row that regressed again up to N times; a regression must reproduce (default 3)")
     n.add_argument("--confirm-pause", type=float, default=10.0, metavar="SECONDS",
-                   help="wait this long before measuring a regressed row again (default 10)")
+                   help="wait this long before measuring a regressed row again, three times as long before each "
+                        "further re-measure (default 10: 10, 30, 90 s)")
     n.add_argument("--repeat", type=int,
                    help="timed runs of each row of a compared sweep (default: the sweep's, at least 3)")
     n.add_argument("--calibrate", type=int, metavar="N",

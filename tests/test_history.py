@@ -305,3 +305,46 @@ def test_a_drop_inside_the_raw_noise_but_beyond_the_steadier_normalized_noise_re
     assert f.normalized.worse and f.regressed
     host = regime(30, 30.0, 0.72)  # raw far lower, efficiency steady: the host
     assert by_figure(history.compare([host], nights))["token_throughput"].verdict == "host"
+
+
+def test_a_drop_while_others_had_the_cpus_is_the_host_and_a_quiet_one_is_not():
+    """The operating system's count of the CPUs' time others took during the row (hypervisor steal,
+    other processes: host/contention.py) is a witness of its own: a row slowed while others had a
+    share beyond what they had in the history is the host's; the same drop on a quiet row regresses."""
+    from cpugen.perf import history
+
+    quiet = dict(host_steal_share=0.01, host_other_cpu_share=0.02)
+    hist = past(**quiet)
+    base = np.median([r["token_throughput"] for r in hist])
+    busy = by_figure(history.compare([rec(19, token_throughput=0.8 * base, host_steal_share=0.09,
+                                          host_other_cpu_share=0.03)], hist))["token_throughput"]
+    assert busy.busy == pytest.approx((0.12, 0.03)) and busy.verdict == "host" and not busy.regressed
+    line = history.report_lines([busy])[0]
+    assert line.startswith("host") and "the OS counted 12% of the CPUs' time" in line and "median: 3%" in line
+    calm = by_figure(history.compare([rec(19, token_throughput=0.8 * base, **quiet)], hist))["token_throughput"]
+    assert calm.regressed and "others took 3% of the CPUs' time" in history.report_lines([calm])[0]
+    # a host that is always this busy excuses nothing: only a share beyond the history's counts
+    always = past(host_steal_share=0.10, host_other_cpu_share=0.02)
+    f = by_figure(history.compare([rec(19, token_throughput=0.8 * base, host_steal_share=0.10,
+                                       host_other_cpu_share=0.04)], always))["token_throughput"]
+    assert f.regressed
+    # records from before the counters: no witness, the rule as before
+    assert by_figure(history.compare([rec(19, token_throughput=0.8 * base)], hist))["token_throughput"].busy is None
+
+
+def test_the_contention_witness_counts_other_processes_and_not_this_one():
+    """Against the OS's own accounting: a process spinning beside an idle one is counted as others'
+    time (about one CPU of those this process may use); this process spinning is not."""
+    from cpugen.host import contention
+
+    cpus = len(os.sched_getaffinity(0))
+    with contention.Watch() as w:
+        spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"])
+        spin.wait()
+    assert w.result["host_other_cpu_share"] > 0.5 / cpus, w.result  # one CPU of `cpus`, less start-up
+    assert 0 <= w.result["host_steal_share"] < 0.5
+    with contention.Watch() as w:
+        t = time.time()
+        while time.time() - t < 1.5:
+            pass
+    assert w.result["host_other_cpu_share"] < 0.25 / cpus, w.result

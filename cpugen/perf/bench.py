@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cpugen import knobs
 from cpugen.errors import CpugenError
+from cpugen.host import contention
 from cpugen.host.memory import peak_rss_bytes, reset_peak_rss, rss_file_bytes
 from cpugen.model import shapes
 from cpugen.model.config import preset_dir
@@ -250,12 +251,14 @@ def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None, limits: bool | 
             say(f"{where}: " + needs(p, s))
             before = roofline.probe(s.threads) if limits else None
             reset = reset_peak_rss()
-            timings, warmup_s = measure(s, p, st.prompt_len, st.gen_len, sweep.repeat, sweep.warmup)
+            with contention.Watch() as others:  # what else had the CPUs while the row ran
+                timings, warmup_s = measure(s, p, st.prompt_len, st.gen_len, sweep.repeat, sweep.warmup)
             peak = peak_rss_bytes()
             around = (before, roofline.probe(s.threads)) if limits else None
             rec = make_record(s, p, st.prompt_len, st.gen_len, timings, warmup_s=warmup_s, limits=around,
                               peak_rss=peak,
-                              extra={**extra, "peak_rss_since": "batch start" if reset else "process start"})
+                              extra={**extra, "peak_rss_since": "batch start" if reset else "process start",
+                                     **others.result})
             note_stale(rec)
         rec.sweep, rec.setting = sweep.name, st.name
         records.append(rec)

@@ -22,7 +22,9 @@ with the normalized one down too, it is the code. The exemption holds only where
 its limit: where the normalized figure's history is no noisier than the raw one's. Where it is
 noisier (decode on CPUs that widen bf16 does not follow the read bandwidth), dividing by the limit
 only adds the limit's noise, and a coincident dip of the limit would excuse a real drop; the raw
-figure alone decides there. Peak memory, which no regime moves, is judged raw. A regression
+figure alone decides there. A worse figure from a row in which the OS counted others (hypervisor
+steal, other processes: host/contention.py) as taking more than HOST_BUSY of the CPUs' time beyond
+their median over the window is the host's too. Peak memory, which no regime moves, is judged raw. A regression
 is then measured again (the nightly job's `--confirm`): one that a re-measure of the same row does
 not reproduce was a passing disturbance ("transient"); re-measures are kept in the history, marked
 `confirmation`, and never count as runs of their own.
@@ -229,6 +231,7 @@ class Finding:
     normalized: Judgement | None  # the same with the limits divided out; None where not measured
     runs: int  # how many earlier runs of the configuration there are (in the window)
     rule: Rule = field(default_factory=Rule)
+    busy: tuple[float, float] | None = None  # (this row's, the window's median) share of CPU time others took
     retries: list["Finding"] = field(default_factory=list)  # the same figure re-measured to confirm a regression
 
     @property
@@ -244,9 +247,18 @@ class Finding:
             return "ok"
         if n is not None and n.held and n.spread <= self.raw.spread:
             return "host"  # steady against the limits, which the figure follows (dividing made it steadier)
+        if self.busy is not None and self.busy[0] - self.busy[1] > HOST_BUSY:
+            return "host"  # the OS counted the CPUs as taken by the hypervisor or other processes
         if any(not r.regressed for r in self.retries):
             return "transient"  # a re-measure of the same row did not reproduce it
         return "REGRESSION"
+
+    def _host_note(self) -> str:
+        if self.busy is not None and self.busy[0] - self.busy[1] > HOST_BUSY:
+            return (f"the host was busy, not the code: the OS counted {self.busy[0]:.0%} of the CPUs' time during "
+                    f"the row as taken by the hypervisor or other processes (the history's median: "
+                    f"{self.busy[1]:.0%})")
+        return "the host was slower, not the code: the figure held against the limits measured around it"
 
     @property
     def regressed(self) -> bool:
@@ -264,8 +276,7 @@ class Finding:
     def note(self) -> str:
         return {"new": "new configuration: no history to compare with",
                 "learning": f"{self.runs} earlier runs: judged from {self.rule.min_runs}, once the spread is known",
-                "ok": "ok", "host": "the host was slower, not the code: the figure held against the limits measured "
-                                    "around it",
+                "ok": "ok", "host": self._host_note(),
                 "transient": "not reproduced when the row was measured again: a passing disturbance of the host",
                 "REGRESSION": "REGRESSION"}[self.verdict]
 
@@ -273,6 +284,17 @@ class Finding:
 # figure -> the same figure with the machine's limits divided out (measured around each row by the
 # nightly job; a record without them is judged raw only)
 NORMALIZED = {"token_throughput": "decode_efficiency", "prompt_flops": "prefill_efficiency"}
+
+
+# a row in which others (hypervisor steal, other processes) took more than this share of the CPUs'
+# time beyond what they took in the history's runs: a slower figure there is the host's
+HOST_BUSY = 0.05
+BUSY = ("host_steal_share", "host_other_cpu_share")  # read around each row (host/contention.py)
+
+
+def busy_share(d: dict) -> float | None:
+    v = [d.get(k) for k in BUSY]
+    return sum(v) if all(isinstance(x, (int, float)) for x in v) else None
 
 
 def _measured_limits(d: dict) -> bool:
@@ -303,7 +325,11 @@ def compare(new: list[dict], past: list[dict], rule: Rule = Rule(), normalize: b
                     nwin = [p[nf] for p in window if _measured_limits(p) and usable(p, nf)]
                     if len(nwin) >= rule.min_runs:
                         norm = judge(d[nf], nwin, sign, rule)
-            out.append(Finding(d, figure, d[figure], raw, norm, len(window), rule))
+            busy = None
+            if busy_share(d) is not None:  # a record from before the counters: no witness either way
+                past_busy = [b for b in map(busy_share, window) if b is not None]
+                busy = (busy_share(d), statistics.median(past_busy) if past_busy else 0.0)
+            out.append(Finding(d, figure, d[figure], raw, norm, len(window), rule, busy=busy))
     return out
 
 
@@ -338,8 +364,10 @@ def report_lines(findings: list[Finding]) -> list[str]:
             if f.normalized is not None:
                 line += (f"; against the limits measured around it ({NORMALIZED[f.figure]}): "
                          + f.normalized.text(_pct))
-                if f.verdict == "host":
-                    line += " - the host was slower, not the code"
+            if f.verdict == "host":
+                line += f" - {f.note}"
+            elif f.busy is not None and f.verdict != "ok":
+                line += f"; others took {f.busy[0]:.0%} of the CPUs' time during the row (its history: {f.busy[1]:.0%})"
             for i, r in enumerate(f.retries):
                 line += (f"; measured again ({i + 1}): {fmt(r.now)} ({r.change:+.1%}): "
                          + ("worse again" if r.regressed else "not reproduced"))

@@ -20,6 +20,7 @@ or run error.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -214,6 +215,13 @@ def _verdict(args, rule, sweeps, hist_path, out_dir, past, records, new, finding
     return 1 if n["REGRESSION"] else 0
 
 
+def confirm_pause(pause: float, attempt: int) -> float:
+    """The wait before re-measure `attempt` (1, 2, ...): tripled each time (10, 30, 90 s by default), so
+    that the re-measures span both the host's passing disturbances (seconds) and its slow regimes
+    (a minute or more), while a regression of the code, which stays, costs a few minutes at most."""
+    return pause * 3 ** (attempt - 1)
+
+
 def confirm(findings: list[history.Finding], sweeps, past: history.History, rule: history.Rule, hist_path: Path,
             args) -> str | None:
     """Measures each row with a regressed figure again, up to args.confirm times, while it still looks
@@ -228,10 +236,11 @@ def confirm(findings: list[history.Finding], sweeps, past: history.History, rule
                                                                       and s_ == st.name))
                                        for st in sw.settings if (sw.name, st.name) in {(n, s_) for n, s_, _ in rows}])
                  for sw in sweeps if sw.name in {n for n, _, _ in rows}]
+        pause = confirm_pause(args.confirm_pause, attempt)
         if not args.quiet:
             print(f"cpugen: {len(suspects)} figure(s) look regressed: measuring {len(rows)} row(s) again in "
-                  f"{args.confirm_pause:g} s ({attempt} of {args.confirm})", file=sys.stderr)
-        time.sleep(args.confirm_pause)  # the host's disturbances come and go within seconds; the code's stay
+                  f"{pause:g} s ({attempt} of {args.confirm})", file=sys.stderr)
+        time.sleep(pause)  # the host's disturbances come and go, some within seconds, some over a minute; the code's stay
         records, error = _run_sweeps(again, hist_path, args.quiet, {"confirmation": attempt})
         if error:
             return error
@@ -316,5 +325,8 @@ def _spreads(records: list[dict]) -> list[str]:
                 j = history.judge(vals[0], vals, sign, history.Rule())
                 worst = min(sign * (v - j.median) / j.median for v in vals)
                 parts.append(f"{f} {j.sigma / j.median:.1%} (worst {worst:+.1%})")
+        busy = [b for b in map(history.busy_share, recs) if b is not None]
+        if busy:  # what the OS counted others as taking of the CPUs during the rows
+            parts.append(f"others' share of the CPUs {statistics.median(busy):.1%} (most {max(busy):.1%})")
         out.append(f"  {history.describe(recs[0])}: " + ", ".join(parts))
     return out
