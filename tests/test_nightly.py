@@ -269,10 +269,11 @@ def test_ten_runs_then_five_more_on_unchanged_code_never_alarm(short_history):
 
 def test_a_real_slowdown_of_one_figure_is_named_and_nothing_else(short_history):
     d, hist, _, _ = short_history
-    # every timed decode step sleeps a quarter of its own time: decode throughput falls by 20%,
-    # prompt FLOPS and memory stay
+    # every timed decode step sleeps half its own time: decode throughput falls by a third, prompt
+    # FLOPS and memory stay. (A planted 20% is not always beyond 3 spreads of a noisy history: in one
+    # CI run batch 4's spread was 8.0%, its bound 24.1%, and -22.7% was rightly not flagged.)
     p = nightly("--sweep", "nightly-short", "--history", hist, "--report-dir", d / "slow", "--quiet",
-                "--confirm-pause", "2", env={"CPUGEN_TEST_SLOWDOWN": "0.25", "CPUGEN_PIN": "1"}, timeout=300)
+                "--confirm-pause", "2", env={"CPUGEN_TEST_SLOWDOWN": "0.5", "CPUGEN_PIN": "1"}, timeout=300)
     assert p.returncode == 1, p.stdout + p.stderr
     out = p.stdout.splitlines()
     assert out[0].startswith("REGRESSION: 2 figure(s)"), p.stdout
@@ -282,8 +283,8 @@ def test_a_real_slowdown_of_one_figure_is_named_and_nothing_else(short_history):
     assert {"batch 1," in x for x in flagged} == {True, False}  # one line per batch
     for x in flagged:
         change = float(x.split("(")[1].split("%")[0])
-        assert -35 < change < -12, x  # 1/1.25 - 1 = -20%, give or take the host's noise
+        assert -50 < change < -20, x  # 1/1.5 - 1 = -33%, give or take the host's noise
     slow = lines(hist)[-8:]
     assert [r.get("confirmation") for r in slow] == [None, None, 1, 1, 2, 2, 3, 3]  # the night, its 3 re-measures
     # recorded, and kept out of the configuration key (which is why it was judged against the history)
-    assert all(r["knobs"]["CPUGEN_TEST_SLOWDOWN"] == "0.25" and "SLOWDOWN" not in r["knobs_key"] for r in slow)
+    assert all(r["knobs"]["CPUGEN_TEST_SLOWDOWN"] == "0.5" and "SLOWDOWN" not in r["knobs_key"] for r in slow)
