@@ -328,8 +328,11 @@ def test_a_drop_while_others_had_the_cpus_is_the_host_and_a_quiet_one_is_not():
     f = by_figure(history.compare([rec(19, token_throughput=0.8 * base, host_steal_share=0.10,
                                        host_other_cpu_share=0.04)], always))["token_throughput"]
     assert f.regressed
-    # records from before the counters: no witness, the rule as before
+    # records from before the counters, tonight's or the history's: no witness, the rule as before
     assert by_figure(history.compare([rec(19, token_throughput=0.8 * base)], hist))["token_throughput"].busy is None
+    f = by_figure(history.compare([rec(19, token_throughput=0.8 * base, host_steal_share=0.2, host_other_cpu_share=0.1)],
+                                  past()))["token_throughput"]
+    assert f.busy is None and f.regressed
 
 
 def test_the_contention_witness_counts_other_processes_and_not_this_one():
@@ -348,3 +351,6 @@ def test_the_contention_witness_counts_other_processes_and_not_this_one():
         while time.time() - t < 1.5:
             pass
     assert w.result["host_other_cpu_share"] < 0.25 / cpus, w.result
+    with contention.Watch() as w:  # too short to tell: a tick is 10 ms
+        time.sleep(0.1)
+    assert w.result == {"host_steal_share": None, "host_other_cpu_share": None}

@@ -8,7 +8,8 @@ before and after a row, and this process's own CPU time (every thread's) over th
     steal_share  steal ticks / all ticks of those CPUs
     other_share  busy ticks (user, nice, system, irq, softirq) that were not this process's / all ticks
 
-Linux only; elsewhere (or where /proc cannot be read) both are None and nothing depends on them.
+Linux only; elsewhere (or where /proc cannot be read), and over spans under a second (a tick is
+10 ms), both are None and nothing depends on them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/stat
 
 @dataclass(frozen=True)
 class Ticks:
+    cpus: int  # how many CPUs' counters are summed
     busy: int  # user + nice + system + irq + softirq (guest time is inside user)
     steal: int
     total: int  # every state, idle and iowait included
@@ -34,10 +36,11 @@ def read() -> Ticks | None:
             rows = [line.split() for line in f if line.startswith("cpu")]
     except (OSError, AttributeError):
         return None
-    busy = steal = total = 0
+    busy = steal = total = cpus = 0
     for row in rows:
         if row[0] not in mine:
             continue
+        cpus += 1
         v = [int(x) for x in row[1:9]] + [0] * (8 - len(row[1:9]))
         user, nice, system, idle, iowait, irq, softirq, st = v
         busy += user + nice + system + irq + softirq
@@ -46,12 +49,16 @@ def read() -> Ticks | None:
     if total == 0:
         return None
     t = os.times()
-    return Ticks(busy, steal, total, t.user + t.system)
+    return Ticks(cpus, busy, steal, total, t.user + t.system)
+
+
+MIN_SPAN_S = 1.0  # shorter spans are a few ticks a CPU: one tick of another process would read as 5%
 
 
 def shares(a: Ticks | None, b: Ticks | None) -> dict:
-    """{"host_steal_share", "host_other_cpu_share"} between two readings; None where unknown."""
-    if a is None or b is None or b.total <= a.total:
+    """{"host_steal_share", "host_other_cpu_share"} between two readings; None where unknown or
+    where the span was under MIN_SPAN_S (too few ticks to tell)."""
+    if a is None or b is None or a.cpus != b.cpus or b.total - a.total < MIN_SPAN_S * TICK * b.cpus:
         return {"host_steal_share": None, "host_other_cpu_share": None}
     total = b.total - a.total
     own = (b.own_s - a.own_s) * TICK

@@ -326,9 +326,9 @@ def compare(new: list[dict], past: list[dict], rule: Rule = Rule(), normalize: b
                     if len(nwin) >= rule.min_runs:
                         norm = judge(d[nf], nwin, sign, rule)
             busy = None
-            if busy_share(d) is not None:  # a record from before the counters: no witness either way
-                past_busy = [b for b in map(busy_share, window) if b is not None]
-                busy = (busy_share(d), statistics.median(past_busy) if past_busy else 0.0)
+            past_busy = [b for b in map(busy_share, window) if b is not None]
+            if busy_share(d) is not None and past_busy:  # without the counters on both sides: no witness
+                busy = (busy_share(d), statistics.median(past_busy))
             out.append(Finding(d, figure, d[figure], raw, norm, len(window), rule, busy=busy))
     return out
 
