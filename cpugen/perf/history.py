@@ -247,14 +247,19 @@ class Finding:
             return "ok"
         if n is not None and n.held and n.spread <= self.raw.spread:
             return "host"  # steady against the limits, which the figure follows (dividing made it steadier)
-        if self.busy is not None and self.busy[0] - self.busy[1] > HOST_BUSY:
+        if self.host_busy:
             return "host"  # the OS counted the CPUs as taken by the hypervisor or other processes
         if any(not r.regressed for r in self.retries):
             return "transient"  # a re-measure of the same row did not reproduce it
         return "REGRESSION"
 
+    @property
+    def host_busy(self) -> bool:
+        """Others took more of the CPUs during this row than during the history's, by HOST_BUSY."""
+        return self.busy is not None and self.busy[0] - self.busy[1] > HOST_BUSY
+
     def _host_note(self) -> str:
-        if self.busy is not None and self.busy[0] - self.busy[1] > HOST_BUSY:
+        if self.host_busy:
             return (f"the host was busy, not the code: the OS counted {self.busy[0]:.0%} of the CPUs' time during "
                     f"the row as taken by the hypervisor or other processes (the history's median: "
                     f"{self.busy[1]:.0%})")
