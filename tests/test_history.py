@@ -307,6 +307,34 @@ def test_a_drop_inside_the_raw_noise_but_beyond_the_steadier_normalized_noise_re
     assert by_figure(history.compare([host], nights))["token_throughput"].verdict == "host"
 
 
+def test_a_figure_near_its_limit_follows_it_even_where_dividing_adds_a_little_noise():
+    """CI's case: batch-1 decode at 87% of the read bandwidth, 5.2% spread raw and 5.8% divided by the
+    bandwidth (two 10-run spreads, each uncertain by about a third); the host's bandwidth fell 26% for
+    minutes and the decode with it. Near its limit the limit bounds it: the host. Far below its limit
+    (a decode bound by something else), the same numbers leave the raw figure to decide."""
+    from cpugen.perf import history
+
+    def nights(level):
+        eff = [level * x for x in (1.0, 1.06, 0.94, 1.03, 0.97, 1.05, 0.95, 1.01, 0.99, 1.0)]
+        bws = [33.0 * x for x in (1.0, 0.97, 1.03, 1.0, 1.02, 0.98, 1.0, 0.99, 1.01, 1.0)]
+        return [regime(i, bws[i], eff[i]) for i in range(10)]
+
+    for level, verdict in ((0.87, "host"), (0.40, "REGRESSION")):
+        hist = nights(level)
+        tonight = regime(20, 33.0 * 0.74, level)  # the bandwidth 26% lower, the efficiency at its median
+        f = by_figure(history.compare([tonight], hist))["token_throughput"]
+        assert f.raw.worse and f.normalized.held and f.normalized.spread > f.raw.spread  # dividing: noisier
+        assert f.verdict == verdict, (level, f.raw.spread, f.normalized.spread)
+        line = history.report_lines([f])[0]
+        if verdict == "REGRESSION":
+            assert "its limits do not excuse it: it runs at 40% of them (below 70%)" in line
+        else:
+            assert "the host was slower, not the code" in line
+        # the code slower at the same level of bandwidth: a regression near the limit too
+        slow = regime(21, 33.0, level * 0.75)
+        assert by_figure(history.compare([slow], hist))["token_throughput"].regressed
+
+
 def test_a_drop_while_others_had_the_cpus_is_the_host_and_a_quiet_one_is_not():
     """The operating system's count of the CPUs' time others took during the row (hypervisor steal,
     other processes: host/contention.py) is a witness of its own: a row slowed while others had a
