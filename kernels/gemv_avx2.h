@@ -45,18 +45,38 @@ inline float tail_dot(const uint16_t* wr, const float* xt, int64_t K16, int64_t 
   return s;
 }
 
-// Rows [n0, n1) of W against one row of x (split as above); sums[n] gets the dot products. 16
-// weights are one 256-bit load: shifting each 32-bit lane left by 16 gives the even weights as
-// fp32, masking off its low half the odd ones (no widening instructions), each multiplied by x's
-// even or odd values with FMA, in 4 chains of sums (two blocks at a time) against FMA's latency.
-// W is one sequential stream per thread, left to the hardware prefetchers: a software prefetch 2
-// or 4 KiB ahead measured 9-13% slower (2 Zen 3 threads, 0.8 GB of gptj-1b's matrices,
-// interleaved rounds), and 8 chains no faster than 4.
+// Rows [n0, n1) of W against one row of x (split as above), four rows of W at a time; sums[n] gets
+// the dot products. 16 weights are one 256-bit load: shifting each 32-bit lane left by 16 gives the
+// even weights as fp32, masking off its low half the odd ones (no widening instructions), each
+// multiplied by x's even or odd values with FMA, in 8 chains of sums (even and odd for each row).
+// Each block of x is loaded once for the four rows: at K = 8192, x is 32 KiB of fp32, all of L1,
+// and read once per row of W it came from L2 as fast as W from memory: gptj-1b's fc_out streamed at
+// 27 GB/s one row a pass and 33 four rows a pass, the plain read 31-34 (2 Zen 3 threads,
+// interleaved rounds; the 2048-wide matrices were the same either way). W is four sequential
+// streams per thread, left to the hardware prefetchers: a software prefetch 2 or 4 KiB ahead
+// measured 9-13% slower.
 CPUGEN_AVX2 void rows1(const uint16_t* w, const float* xs, const float* xt, int64_t K, int64_t n0, int64_t n1,
                        float* sums) {
+  constexpr int R = 4;
   const int64_t K16 = K / kBlock * kBlock, tail = K - K16;
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t n = n0; n < n1; ++n) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    const uint16_t* wr = w + n * K;
+    __m256 ae[R], ao[R];
+    for (int r = 0; r < R; ++r) ae[r] = ao[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K16; k += kBlock) {
+      const __m256 xe = _mm256_loadu_ps(xs + k), xo = _mm256_loadu_ps(xs + k + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * K + k));
+        ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, ae[r]);
+        ao[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), xo, ao[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      sums[n + r] = cpugen_vec2::hsum(_mm256_add_ps(ae[r], ao[r])) + tail_dot(wr + r * K, xt, K16, tail);
+  }
+  for (; n < n1; ++n) {  // up to three rows left over: one at a time, two blocks a step in 4 chains
     const uint16_t* wr = w + n * K;
     __m256 ae = _mm256_setzero_ps(), ao = ae, be = ae, bo = ae;
     int64_t k = 0;
