@@ -16,7 +16,8 @@ constexpr auto kAvx2 = cpugen_vec::Level::kAvx2;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &cpugen_gemv_avx2::available, "whether this CPU has AVX2 and FMA");
   m.def("isa", []() { return std::string("avx2"); });
-  m.def("gemv", &cpugen_gemv_avx2::gemv, "y = act(x W^T + b) for 1-4 rows of x, bf16, fp32 accumulation",
+  m.def("max_rows", []() { return cpugen_gemv_avx2::kMaxRows; }, "the most rows of x the gemv takes");
+  m.def("gemv", &cpugen_gemv_avx2::gemv, "y = act(x W^T + b) for 1-32 rows of x, bf16, fp32 accumulation",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("act") = 0);
   m.def("argmax", [](const torch::Tensor& l) { return cpugen_argmax::argmax(l, kAvx2); },
         "argmax of each row of logits (B, V), as torch.argmax answers", py::arg("logits"));

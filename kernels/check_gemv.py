@@ -68,12 +68,15 @@ def check(ext, seed: int = 0, shapes=None, name: str = "gemv") -> list[tuple[tup
     return results
 
 
-AVX2_SHAPES = [s for s in SHAPES if s[0] <= 4] + [(4, 17, 9), (2, 4096, 130), (1, 8200, 67)]  # its 1-4 rows; k off its 16;
-# one row, four rows of W a pass: N split across threads off the 4, k past L1
+# its 1-32 rows: k off its 16; one row, four rows of W a pass: N split across threads off the 4, k
+# past L1; above 4 rows, x in blocks of 4 and a ragged last block, W's chunks (64 rows at k = 1024,
+# 8 at k = 8200) ragged at the ends of each thread's range
+AVX2_SHAPES = [s for s in SHAPES if s[0] <= 32] + [(4, 17, 9), (2, 4096, 130), (1, 8200, 67), (32, 1024, 130),
+                                                   (7, 8200, 67), (13, 48, 5)]
 
 
 def check_avx2(ext, seed: int = 0) -> list[tuple[tuple, float]]:
-    """As check(), for the AVX2 gemv (kernels/gemv_avx2.h, bound in kernels/avx2.cpp; 1-4 rows of x)."""
+    """As check(), for the AVX2 gemv (kernels/gemv_avx2.h, bound in kernels/avx2.cpp; 1-32 rows of x)."""
     return check(ext, seed, AVX2_SHAPES, "gemv_avx2")
 
 

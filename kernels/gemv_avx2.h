@@ -1,11 +1,12 @@
 #pragma once
 // The decode gemv for CPUs with AVX2 and FMA but without AVX-512 (AMD Zen 2/3, Intel before
-// Skylake-SP): y (M, N) = act(x (M, K) W (N, K)^T + b) for 1-4 rows of x, bf16 in and out, fp32
-// accumulation. A bf16 is the upper half of an fp32, so each 16 weights (one 256-bit load) give
+// Skylake-SP): y (M, N) = act(x (M, K) W (N, K)^T + b) for 1-32 rows of x (decode's batches), bf16 in
+// and out, fp32 accumulation. A bf16 is the upper half of an fp32, so each 16 weights (one 256-bit load) give
 // their even ones as fp32 by a 16-bit shift and their odd ones by a mask (no F16C, no AVX512-BF16),
 // multiplied with FMA by x's values in the same order. W's rows are split across threads in
-// contiguous ranges and each is read once, front to back, for all rows of x at once
-// (x is widened to fp32 once per call). The epilogue adds the bias and applies the activation 8 outputs at
+// contiguous ranges and each is read once, front to back, for all rows of x at once up to 4 rows,
+// and above 4 in chunks that stay in L2 while blocks of 4 rows of x pass over them (x is widened to
+// fp32 once per call). The epilogue adds the bias and applies the activation 8 outputs at
 // a time (vec_avx2.h) before one rounding to bf16.
 // Reference: kernels/reference.py's gemv; check: kernels/check_gemv.py (check_avx2); bound in
 // kernels/avx2.cpp, run by the decode stack (decode_layer.cpp) at the AVX2 level.
@@ -24,7 +25,9 @@
 
 namespace cpugen_gemv_avx2 {
 
-constexpr int64_t kMaxRows = 4;
+constexpr int64_t kMaxRows = 32;  // decode batches up to this; prefill goes to the widened fp32 GEMM
+constexpr int64_t kRowBlock = 4;  // rows of x a pass of W (rows_m: 4 rows x 2 rows of W fill the registers)
+constexpr int64_t kChunkBytes = 128 << 10;  // above 4 rows: W's rows a chunk, read by every block of x from L2
 
 namespace {
 
@@ -194,37 +197,64 @@ struct HugeScratch {
 
 inline bool available() { return cpugen_vec2::supported(); }
 
-// The gemv on raw pointers, checked by the caller: x (M, K), w (N, K), bias (N) or null, out
-// (M, N), all bf16 and contiguous; sums: M x N floats of scratch
-inline void gemv_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, int64_t N, const uint16_t* bp,
-                     int64_t act, uint16_t* op, float* sums) {
-  thread_local HugeScratch xf;  // x widened once: its blocks split even / odd, then its tail
+// x's M rows widened for the kernels, in blocks of kRowBlock rows: each block as rows1 and rows_m
+// read it ((K16 / 16, rows, 16), then its tail (rows, K - K16)) at offset m0 * K
+inline void widen_x(const uint16_t* xp, int64_t M, int64_t K, float* xs) {
   const int64_t K16 = K / kBlock * kBlock, tail = K - K16;
-  float* xs = xf.get(M * K);
-  float* xt = xs + M * K16;
   auto widen1 = [](uint16_t b) {
     const uint32_t u = static_cast<uint32_t>(b) << 16;
     float f;
     std::memcpy(&f, &u, sizeof(f));
     return f;
   };
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* x = xp + m * K;
-    for (int64_t k = 0; k < K16; k += kBlock) {
-      float* b = xs + (k / kBlock * M + m) * kBlock;
-      for (int64_t j = 0; j < 8; ++j) {
-        b[j] = widen1(x[k + 2 * j]);
-        b[8 + j] = widen1(x[k + 2 * j + 1]);
+  for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, M - m0);
+    float* xb = xs + m0 * K;
+    float* xt = xb + rows * K16;
+    for (int64_t m = 0; m < rows; ++m) {
+      const uint16_t* x = xp + (m0 + m) * K;
+      for (int64_t k = 0; k < K16; k += kBlock) {
+        float* b = xb + (k / kBlock * rows + m) * kBlock;
+        for (int64_t j = 0; j < 8; ++j) {
+          b[j] = widen1(x[k + 2 * j]);
+          b[8 + j] = widen1(x[k + 2 * j + 1]);
+        }
       }
+      for (int64_t t = 0; t < tail; ++t) xt[m * tail + t] = widen1(x[K16 + t]);
     }
-    for (int64_t t = 0; t < tail; ++t) xt[m * tail + t] = widen1(x[K16 + t]);
   }
+}
+
+// Rows [n0, n1) of W against x's rows [m0, m0 + rows), rows <= kRowBlock; sums (M, N)
+inline void rows_any(const uint16_t* w, const float* xs, int64_t K, int64_t m0, int64_t rows, int64_t n0, int64_t n1,
+                     float* sums, int64_t N) {
+  const int64_t K16 = K / kBlock * kBlock;
+  const float* xb = xs + m0 * K;
+  const float* xt = xb + rows * K16;
+  float* s = sums + m0 * N;
+  switch (rows) {
+    case 1: rows1(w, xb, xt, K, n0, n1, s); break;
+    case 2: rows_m<2>(w, xb, xt, K, n0, n1, s, N); break;
+    case 3: rows_m<3>(w, xb, xt, K, n0, n1, s, N); break;
+    default: rows_m<4>(w, xb, xt, K, n0, n1, s, N); break;
+  }
+}
+
+// The gemv on raw pointers, checked by the caller: x (M, K), w (N, K), bias (N) or null, out
+// (M, N), all bf16 and contiguous; sums: M x N floats of scratch. Up to 4 rows, each thread streams
+// its range of W's rows once, front to back. Above, x goes in blocks of 4 rows against a chunk of
+// W's rows small enough to stay in L2 (kChunkBytes): W comes from memory once, and every block of
+// x reads the chunk from L2.
+inline void gemv_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, int64_t N, const uint16_t* bp,
+                     int64_t act, uint16_t* op, float* sums) {
+  thread_local HugeScratch xf;  // x widened once: its blocks split even / odd, then its tail
+  float* xs = xf.get(M * K);
+  widen_x(xp, M, K, xs);
+  const int64_t chunk = M <= kRowBlock ? N : std::max<int64_t>(2, kChunkBytes / (2 * K) / 2 * 2);  // W's rows, even
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: rows1(wp, xs, xt, K, n0, n1, sums); break;
-      case 2: rows_m<2>(wp, xs, xt, K, n0, n1, sums, N); break;
-      case 3: rows_m<3>(wp, xs, xt, K, n0, n1, sums, N); break;
-      default: rows_m<4>(wp, xs, xt, K, n0, n1, sums, N); break;
+    for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+      const int64_t c1 = std::min(n1, c0 + chunk);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) rows_any(wp, xs, K, m0, std::min(kRowBlock, M - m0), c0, c1, sums, N);
     }
     finish(sums, bp, act, op, M, N, n0, n1);
   });

@@ -295,7 +295,7 @@ def test_packing_replaces_the_weights_in_place():
     pad = (-cfg.vocab_size % 64) * cfg.n_embd * 2  # the lm_head's last panel, filled out with zeros
     assert weight_bytes(model) == weights + pad
     assert all(m.weight is None for m in model.modules() if type(m) is Linear)
-    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
+    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch(model) + 1)
     assert eager.decode_matmul(model, "eager") == "cpugen-packed"
     assert model.decode_stack is not None and weight_bytes(model) == weights + pad
 
@@ -316,7 +316,7 @@ def test_decode_stack_holds_the_weights_without_copying_them():
     before = rss_bytes()
     assert stack.install(model)
     assert rss_bytes() - before < blocks / 100, (rss_bytes() - before, blocks)
-    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
+    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch(model) + 1)
     assert model.decode_stack is None
 
 
@@ -401,8 +401,8 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
     eager.for_batch(model, "eager", torch.bfloat16, 1)
     widened = not cpu_info()["avx512"]  # oneDNN's bf16 reorder needs AVX-512; without it bf16 is widened
     assert eager.decode_matmul(model, "eager", 1) in (("cpugen-gemv-avx2",) if widened else ("cpugen-gemv", "torch"))
-    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch() + 1)
-    assert eager.decode_matmul(model, "eager", eager.gemv_max_batch() + 1) == ("torch-widened" if widened
+    eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch(model) + 1)
+    assert eager.decode_matmul(model, "eager", eager.gemv_max_batch(model) + 1) == ("torch-widened" if widened
                                                                                 else "onednn-packed")
     assert all(m.weight is None for m in model.blocks.modules() if hasattr(m, "onednn") and m.onednn is not None)
     assert weight_bytes(model) == before
@@ -506,8 +506,9 @@ def test_every_avx2_kernel_matches_its_reference():
     assert ext is not None and ext.available() and ext.isa() == "avx2"
     results = check_gemv.check_avx2(ext, seed=6)  # raises past 2 bf16 ulps of the largest output
     assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.AVX2_SHAPES)
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        ext.gemv(torch.zeros(5, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16), None, 0)
+    assert ext.max_rows() == 32
+    with pytest.raises(RuntimeError, match="1 to 32 rows"):
+        ext.gemv(torch.zeros(33, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16), None, 0)
     assert len(check_decode_attention.check(ext, seed=5)) == len(check_decode_attention.SHAPES)
     assert len(check_decode_attention.check_step(ext, seed=6)) == len(check_decode_attention.STEP_SHAPES)
     assert (check_step_ops.check_argmax(ext), check_step_ops.check_norm(ext), check_step_ops.check_glu(ext)) == (72, 6, 12)
@@ -533,6 +534,52 @@ def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
     got = _decode(model, prompts, 4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.03
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [7, 32])
+def test_decode_batches_up_to_32_through_the_avx2_gemv(batch):
+    """Above 4 rows the AVX2 gemv takes x in blocks of 4 rows against chunks of W's rows
+    (kernels/gemv_avx2.h), up to 32: decode at 7 and 32 sequences through it gives the greedy tokens
+    of torch's ops on the same weights, the logits within a few bf16 roundings; where the CPU has no
+    AVX-512 the decode stack takes those batches too, with the Python blocks' logits exactly.
+    Prefill here (4 tokens a sequence: 28 rows, then 128 past the gemv's 32) the gemv, then the
+    widened fp32 GEMM."""
+    cfg = from_name("gptj-1b").with_layers(1)
+    model = random_model(cfg, torch.bfloat16, 0)
+    prompts = Prompts(torch.randint(1000, (batch, 4), generator=torch.Generator().manual_seed(3)),
+                      torch.ones(batch, 4, dtype=torch.bool))
+    ref = _decode(model, prompts, 3)
+    ext = native.extension("avx2")
+    if cpu_info()["avx512"]:  # the AVX2 level's matmul route by hand, block by block
+        eager._route(model, ext, None, rows=ext.max_rows())
+    else:  # the backend's own choice on this CPU, the decode stack included
+        assert eager.install(model) and model.decode_stack is not None and model.decode_stack_rows == 32
+        assert eager.decode_matmul(model, "eager", batch) == "cpugen-gemv-avx2"
+    kernel = _Counted(None)
+    for m in model.modules():
+        if type(m) is Linear:
+            m.kernel = _Counted(m.kernel)
+            m.kernel.calls = kernel.calls
+    got = _decode(model, prompts, 3)  # (4, B, V)
+    tg, tr, scale = got.argmax(-1), ref.argmax(-1), ref.abs().max()
+    for b in range(batch):
+        # the same tokens, except where the random model's logits nearly tie (a gap of a bf16
+        # rounding or two, which fp32 sums in another order may flip); the logits agree up to and
+        # with the step that flipped (its inputs were the same)
+        flips = (tg[:, b] != tr[:, b]).nonzero().flatten().tolist()
+        last = flips[0] if flips else tg.shape[0] - 1
+        if flips:
+            assert ref[last, b, tr[last, b]] - ref[last, b, tg[last, b]] < 0.02 * scale, (b, last)
+        assert ((got[: last + 1, b] - ref[: last + 1, b]).abs().max() / scale).item() < 0.03, b
+    assert (tg == tr).all(0).sum() >= batch - 2  # near-ties are rare
+    prefill = [4 * batch] * 4 if 4 * batch <= 32 else []  # its four matmuls; the lm_head: the last position
+    if model.decode_stack is not None:
+        assert kernel.calls == prefill + [batch]  # decode went through the stack, not the Python blocks
+        model.decode_stack = None
+        kernel.calls.clear()
+        assert torch.equal(_decode(model, prompts, 3), got)
+    assert kernel.calls == prefill + [batch] * 16  # the prefill's lm_head, then 3 steps x 5 matmuls
 
 
 @pytest.mark.parametrize("level", ["avx2", "avx512", "avx512_bf16", "amx"])

@@ -97,27 +97,29 @@ def install(model: Transformer, pack: bool | None = None) -> bool:
 
 def install_avx2(model: Transformer) -> bool:
     """On CPUs with AVX2 but without AVX-512 (or CPUGEN_ISA=avx2): kernels/avx2.cpp's kernels, the
-    same routes as install() at 8 lanes: decode's skinny matmuls (up to Linear.kernel_rows rows)
-    through the AVX2 gemv, which streams the bf16 weights itself instead of PyTorch's bf16 path
-    (larger batches keep the widened fp32 GEMM), the fused decode step, the norms, a GLU's product,
+    same routes as install() at 8 lanes: decode's matmuls up to the AVX2 gemv's rows (32: ahead of
+    the widened fp32 GEMM there, docs/performance.md) through that gemv, which streams the bf16
+    weights itself instead of PyTorch's bf16 path (prefill keeps the widened fp32 GEMM), the fused decode step, the norms, a GLU's product,
     and where every block has them, the decode stack at the AVX2 level. The weights stay plain."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
     ext = native.extension("avx2")
     if ext is None:
         return False
-    _route(model, ext, ext)
+    _route(model, ext, ext, rows=ext.max_rows())
     if all(b.attn.decode_step is not None for b in model.blocks):
         stack.install(model)
     return True
 
 
-def _route(model: Transformer, ext, attn):
-    """Gives every module its native kernel: `ext`'s gemv, norm and GLU product, `attn`'s decode
-    step (or none)."""
+def _route(model: Transformer, ext, attn, rows: int | None = None):
+    """Gives every module its native kernel: `ext`'s gemv (for up to `rows` rows of x where given,
+    else Linear.kernel_rows), norm and GLU product, `attn`'s decode step (or none)."""
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel = ext.gemv
+            if rows is not None:
+                m.kernel_rows = rows
         elif isinstance(m, Attention) and attn is not None and stack.attention_supported(m.hd):
             m.decode_step = attn.decode_step
         elif type(m) is Norm and m.weight.dtype == torch.bfloat16 and m.impl is None:
@@ -157,10 +159,12 @@ class NativeGlu:
         return self.ext.glu(gu, self.code)
 
 
-def gemv_max_batch() -> int:
+def gemv_max_batch(model: Transformer | None = None) -> int:
     """Where the weights stay plain, decode batches up to this use cpugen's gemv, larger ones
-    oneDNN's reordered weights (docs/performance.md, "Gemv up to 4 rows at plain weights")."""
-    return Linear.kernel_rows
+    oneDNN's reordered weights (docs/performance.md, "Gemv up to 4 rows at plain weights"): the
+    model's gemv's rows where it has one (the AVX2 gemv takes 32), else Linear.kernel_rows."""
+    m = model.blocks[0].mlp.w_in if model is not None else None
+    return m.kernel_rows if m is not None and getattr(m, "kernel", None) is not None else Linear.kernel_rows
 
 
 def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
@@ -168,7 +172,7 @@ def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
     weights are reordered into oneDNN's blocked layout (in place, layer by layer, one way: the gemv
     needs the plain layout, so a model once reordered stays so). Weights in cpugen's packed layout
     serve every batch as they are."""
-    if backend != "eager" or dtype != torch.bfloat16 or batch <= gemv_max_batch():
+    if backend != "eager" or dtype != torch.bfloat16 or batch <= gemv_max_batch(model):
         return
     if not knobs.current().reorder or not cpu_info()["avx512"]:  # oneDNN's bf16 reorder needs AVX-512
         return

@@ -136,7 +136,7 @@ def install(model: Transformer) -> bool:
         model.decode_stack.set_reduce(reduce)
     head = model.lm_head
     every = [*(m for b in model.blocks for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_in, b.mlp.w_out)), head]
-    model.decode_stack_rows = ANY_BATCH if all(m.panels is not None for m in every) else Linear.kernel_rows
+    model.decode_stack_rows = ANY_BATCH if all(m.panels is not None for m in every) else min(m.kernel_rows for m in every)
     rope = model.rotary
     model.decode_stack.set_head(model.wte.weight, model.wpe.weight if model.wpe is not None else None,
                                 cfg.position_offset, rope.cos if rope else None, rope.sin if rope else None,
