@@ -9,7 +9,8 @@ once per step. Reports GB/s of weights streamed (median over repeats, min-max).
 
 --tflops: TFLOP/s instead of GB/s, for the compute-bound sizes (prefill, large batches): the
 packed kernel against oneDNN (its weights reordered with no batch hint, as the model's are) and
-F.linear; the gemv takes at most 16 rows ('-' above).
+F.linear; the gemv takes at most 16 rows at AVX-512, 32 at AVX2 ('-' above); on CPUs without
+AVX-512, also the widened fp32 GEMM (what cpugen runs above the gemv's rows there).
 
 --by-shape: one row of x, the gemv and the packed kernel beside torch's sum (over an fp32 view of the
 same weights, one call per matrix: a plain read) for each of gptj-1b's four matrix shapes, in a shuffled order within
@@ -29,9 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cpugen.host.cpu import cpu_info  # noqa: E402
 from cpugen.host.memory import empty_huge  # noqa: E402
 from cpugen.runtime.native import step_kernels  # noqa: E402
 from cpugen.perf.roofline import measure_bandwidth  # noqa: E402
+from cpugen.model.transformer import widened_linear  # noqa: E402
+from cpugen.runtime.eager import widen_wanted  # noqa: E402
 
 
 def _weight(n: int, k: int) -> torch.Tensor:
@@ -61,22 +65,28 @@ def main():
     shapes = [(3 * h, h), (h, h), (ffn, h), (h, ffn)] * a.layers  # wqkv, wo, w_in, w_out
     ws = [_weight(n, k) for n, k in shapes]
     nbytes = sum(w.numel() * 2 for w in ws)
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, None if a.tflops else 1) for w in ws]
+    # oneDNN's bf16 reorder needs AVX-512 (or AVX-NE-CONVERT): '-' in its column elsewhere
+    packed = ([torch.ops.mkldnn._reorder_linear_weight(w, None if a.tflops else 1) for w in ws]
+              if cpu_info()["avx512"] else None)
     ext = step_kernels()  # the gemv at this CPU's level: AVX-512 (kernels/gemv_bf16.cpp) or AVX2 (kernels/avx2.cpp)
     panels = [_panels(ext, w) for w in ws] if ext and hasattr(ext, "packed_available") and ext.packed_available() else None
     print(f"{torch.get_num_threads()} threads, {nbytes / 1e9:.2f} GB of bf16 weights, native isa "
           f"{ext.isa() if ext else 'unavailable'}; {'TFLOP/s' if a.tflops else 'GB/s of weights'}")
-    print(f"{'M':>3} {'F.linear':>22} {'oneDNN prepacked':>22} {'cpugen gemv':>22} {'cpugen packed':>22}")
+    names = ["F.linear", "oneDNN prepacked", "cpugen gemv", "cpugen packed"]
+    if widen_wanted():  # no AVX-512: cpugen's route above the gemv's rows is the widened fp32 GEMM
+        names.append("widened fp32 GEMM")
+    print(f"{'M':>3} " + " ".join(f"{n:>22}" for n in names))
     with torch.inference_mode():
         for M in map(int, a.rows.split(",")):
             xs = {k: torch.randn(M, k).to(torch.bfloat16) for k in (h, ffn)}
-            impls = {
-                "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws],
-                "oneDNN prepacked": lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
-                                             for w, p in zip(ws, packed)],
-            }
-            if ext and M <= (16 if panels is not None or ext.isa() != "avx2" else 4):
+            impls = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws]}
+            if packed is not None:
+                impls["oneDNN prepacked"] = lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none",
+                                                                                        [], "") for w, p in zip(ws, packed)]
+            if ext and M <= (ext.max_rows() if ext.isa() == "avx2" else 16):
                 impls["cpugen gemv"] = lambda: [ext.gemv(xs[w.shape[1]], w, None) for w in ws]
+            if "widened fp32 GEMM" in names:
+                impls["widened fp32 GEMM"] = lambda: [widened_linear(xs[w.shape[1]], w, None) for w in ws]
             if panels:
                 impls["cpugen packed"] = lambda: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
                                                   for w, p in zip(ws, panels)]
@@ -88,7 +98,6 @@ def main():
                     dt = time.perf_counter() - t0
                     res[name].append(nbytes * M / dt / 1e12 if a.tflops else nbytes / dt / 1e9)  # 2 M N K flops
             fmt = "{:6.3f} ({:5.3f}-{:5.3f})" if a.tflops else "{:6.1f} ({:4.1f}-{:4.1f})"
-            names = ["F.linear", "oneDNN prepacked", "cpugen gemv", "cpugen packed"]
             cells = [fmt.format(statistics.median(res[k]), min(res[k]), max(res[k])) if k in res else "-" for k in names]
             print(f"{M:>3} " + " ".join(f"{c:>22}" for c in cells))
 

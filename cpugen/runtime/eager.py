@@ -99,8 +99,9 @@ def install_avx2(model: Transformer) -> bool:
     """On CPUs with AVX2 but without AVX-512 (or CPUGEN_ISA=avx2): kernels/avx2.cpp's kernels, the
     same routes as install() at 8 lanes: decode's matmuls up to the AVX2 gemv's rows (32: ahead of
     the widened fp32 GEMM there, docs/performance.md) through that gemv, which streams the bf16
-    weights itself instead of PyTorch's bf16 path (prefill keeps the widened fp32 GEMM), the fused decode step, the norms, a GLU's product,
-    and where every block has them, the decode stack at the AVX2 level. The weights stay plain."""
+    weights itself instead of PyTorch's bf16 path (prefill keeps the widened fp32 GEMM), the fused
+    decode step, the norms, a GLU's product, and where every block has them, the decode stack at the
+    AVX2 level. The weights stay plain."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
     ext = native.extension("avx2")
