@@ -543,8 +543,8 @@ def test_decode_batches_up_to_32_through_the_avx2_gemv(batch):
     (kernels/gemv_avx2.h), up to 32: decode at 7 and 32 sequences through it gives the greedy tokens
     of torch's ops on the same weights, the logits within a few bf16 roundings; where the CPU has no
     AVX-512 the decode stack takes those batches too, with the Python blocks' logits exactly.
-    Prefill here (4 tokens a sequence: 28 rows, then 128 past the gemv's 32) the gemv, then the
-    widened fp32 GEMM."""
+    Prefill (4 tokens a sequence) goes through the gemv at batch 7 (28 rows) and through the widened
+    fp32 GEMM at batch 32 (128 rows, past the gemv's 32)."""
     cfg = from_name("gptj-1b").with_layers(1)
     model = random_model(cfg, torch.bfloat16, 0)
     prompts = Prompts(torch.randint(1000, (batch, 4), generator=torch.Generator().manual_seed(3)),
