@@ -1,5 +1,5 @@
 // Python bindings of cpugen's kernels at the AVX2 level (AVX2 + FMA, no AVX-512): the decode gemv
-// (gemv_avx2.h), decode attention and the decode step (decode_attention.h), the norms (norm.h), a
+// (gemv_avx2.h), the packed layout's kernel for any number of rows (packed_avx2.h), decode attention and the decode step (decode_attention.h), the norms (norm.h), a
 // GLU's product (glu.h) and the argmax (argmax.h), each the same computation as its AVX-512 version
 // on 8 lanes (vec_avx2.h). The decode stack takes this level through decode_layer.cpp.
 
@@ -8,6 +8,7 @@
 #include "gemv_avx2.h"
 #include "glu.h"
 #include "norm.h"
+#include "packed_avx2.h"
 
 namespace {
 constexpr auto kAvx2 = cpugen_vec::Level::kAvx2;
@@ -19,6 +20,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_rows", []() { return cpugen_gemv_avx2::kMaxRows; }, "the most rows of x the gemv takes");
   m.def("gemv", &cpugen_gemv_avx2::gemv, "y = act(x W^T + b) for 1-32 rows of x, bf16, fp32 accumulation",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("act") = 0);
+  m.def("packed_available", &cpugen_packed_avx2::packed_available, "whether linear_packed runs here (AVX2 + FMA)");
+  m.def("packed_shape", &cpugen_packed::packed_shape, "shape of the packed form of an (n, k) weight", py::arg("n"),
+        py::arg("k"));
+  m.def("pack_into", &cpugen_packed::pack_into, "writes w (N, K) into p in cpugen's packed layout", py::arg("w"),
+        py::arg("p"));
+  m.def("linear_packed", &cpugen_packed_avx2::linear_packed, "y = act(x @ W.T + bias) for any M, W packed by pack_into",
+        py::arg("x"), py::arg("p"), py::arg("n"), py::arg("bias"), py::arg("act") = 0);
   m.def("argmax", [](const torch::Tensor& l) { return cpugen_argmax::argmax(l, kAvx2); },
         "argmax of each row of logits (B, V), as torch.argmax answers", py::arg("logits"));
   m.def("norm", [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b, double eps,

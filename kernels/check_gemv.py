@@ -22,10 +22,12 @@ SHAPES = [(1, 2048, 6144), (4, 2048, 8192), (16, 256, 96), (3, 100, 7), (1, 33, 
 
 
 # (M, K, N) for the packed layout: one row (K with an even and an odd count of pairs), the micro-
-# kernel's 6 rows and the ragged groups past them, prefill's hundreds of rows; N off the 64-wide
-# panels; K over one 256-pair chunk (sums carried between chunks) and K with an odd count of pairs
+# kernels' 5 (AVX2) and 6 rows and the ragged groups past them, prefill's hundreds of rows (past the
+# 240-row block); N off the 64-wide panels (a last panel of 1-15 outputs: a quarter of the AVX2
+# kernel's); K over one 256-pair chunk (sums carried between chunks) and K with an odd count of pairs;
+# K so wide that the AVX2 kernel's widened block of x holds fewer rows (232 at K = 9000)
 PACKED_SHAPES = [(1, 2048, 6144), (1, 2, 1), (1, 66, 100), (2, 130, 64), (6, 514, 129), (7, 1030, 200),
-                 (16, 2048, 2048), (130, 600, 300), (300, 256, 70)]
+                 (16, 2048, 2048), (130, 600, 300), (300, 256, 70), (5, 1024, 72), (33, 520, 136), (250, 9000, 70)]
 
 
 def _cases(shapes, seed):
@@ -85,6 +87,8 @@ if __name__ == "__main__":
     if avx2 is not None:
         for shape, err in check_avx2(avx2):
             print(f"gemv_avx2 {shape}: max relative error {err:.2e}")
+        for shape, err in check_packed(avx2):
+            print(f"packed_avx2 {shape}: max relative error {err:.2e}")
     ext = extension()
     if ext is None:
         sys.exit(0 if avx2 is not None else "native gemv unavailable on this machine")

@@ -8,7 +8,8 @@
 //   parallel:   x = x + a + mlp(h)
 //   sequential: x = x + a;  x = x + mlp(norm_2(x))
 //   mlp(h) = w_out(act(w_in(h)))  or, GLU,  w_out(act(gate) * up) with [gate; up] = w_13(h)
-// The matmuls are gemv_bf16.h's kernels, on the plain weights or on cpugen's packed layout (bias and
+// The matmuls are gemv_bf16.h's kernels (gemv_avx2.h's and packed_avx2.h's at the AVX2 level), on
+// the plain weights or on cpugen's packed layout (bias and
 // a plain MLP's activation in their epilogue); the norms are norm.h's and a GLU's product glu.h's,
 // which the Python blocks call too (Norm.impl, MLP.glu); the residual adds round to bf16 after each
 // add, as torch's do. So the logits are those of the Python blocks, bit for bit.
@@ -24,6 +25,7 @@
 
 #include "decode_attention.h"
 #include "gemv_avx2.h"
+#include "packed_avx2.h"
 #include "gemv_bf16.h"
 #include "glu.h"
 #include "norm.h"
@@ -69,10 +71,13 @@ struct Matrix {
     wp = bf16_ptr(w), bp = bf16_ptr(b);
   }
 
-  // y (M, n) = act(x (M, K) w^T + b) at `level` (packed weights: AVX512-BF16); sums: M x n floats
+  // y (M, n) = act(x (M, K) w^T + b) at `level` (packed weights: packed_avx2.h's kernel at the AVX2
+  // level, gemv_bf16.h's AVX512-BF16 one above); sums: M x n floats
   // of scratch for the plain gemv
   void operator()(const uint16_t* x, int64_t M, uint16_t* y, int64_t act, float* sums, Level level) const {
-    if (packed)
+    if (packed && level == Level::kAvx2)
+      cpugen_packed_avx2::linear_packed_raw(x, M, K, wp, n, bp, act, y);
+    else if (packed)
       cpugen_gemv::linear_packed_raw(x, M, K, wp, n, bp, act, y);
     else if (level == Level::kAvx2)
       cpugen_gemv_avx2::gemv_raw(x, M, K, wp, n, bp, act, y, sums);
@@ -161,8 +166,6 @@ class Stack {
       TORCH_CHECK(k.wqkv.K == k.wo.n && k.w_in.K == k.wo.n && k.w_out.n == k.wo.n &&
                       k.w_out.K == (glu ? k.w_in.n / 2 : k.w_in.n),
                   "cpugen decode_layer: the matrices of block ", i, " do not chain");
-      TORCH_CHECK(level_ == Level::kAvx512 || !(k.wqkv.packed || k.wo.packed || k.w_in.packed || k.w_out.packed),
-                  "cpugen decode_layer: packed weights need the avx512 level");
       blocks_.push_back(std::move(k));
     }
     h_ = blocks_[0].wo.n;

@@ -9,9 +9,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &cpugen_gemv::gemv, "y = act(x @ w.T + bias) for small M, bf16 in/out, fp32 accumulation", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("act") = 0);
   m.def("packed_available", &cpugen_gemv::packed_available, "whether linear_packed runs here (AVX512-BF16)");
-  m.def("packed_shape", &cpugen_gemv::packed_shape, "shape of the packed form of an (n, k) weight", py::arg("n"),
+  m.def("packed_shape", &cpugen_packed::packed_shape, "shape of the packed form of an (n, k) weight", py::arg("n"),
         py::arg("k"));
-  m.def("pack_into", &cpugen_gemv::pack_into, "writes w (N, K) into p in cpugen's packed layout", py::arg("w"),
+  m.def("pack_into", &cpugen_packed::pack_into, "writes w (N, K) into p in cpugen's packed layout", py::arg("w"),
         py::arg("p"));
   m.def("linear_packed", &cpugen_gemv::linear_packed, "y = act(x @ W.T + bias) for any M, W packed by pack_into",
         py::arg("x"), py::arg("p"), py::arg("n"), py::arg("bias"), py::arg("act") = 0);

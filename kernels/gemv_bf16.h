@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "packed_layout.h"
 #include "vec_math.h"
 
 #include <cmath>
@@ -249,9 +250,8 @@ Isa detect() {
 const Isa kIsa = detect();
 
 // ---- cpugen's packed layout ---------------------------------------------------------------------
-// W (N, K) repacked once into panels of 64 outputs, each holding its outputs' k pairs side by side:
-//   P (ceil(N/64), K/2, 128): P[p, j, 2 c + i] = W[64 p + c, 2 j + i]  (zeros past N)
-// This is the pair order vdpbf16ps multiplies, so one broadcast pair of x (4 bytes) serves 64
+// W (N, K) repacked once into panels of 64 outputs, each holding its outputs' k pairs side by side
+// (packed_layout.h, which packs it). This is the pair order vdpbf16ps multiplies, so one broadcast pair of x (4 bytes) serves 64
 // outputs (4 vectors of W), and a panel is read front to back: every matrix is one sequential
 // stream, whatever the number of rows of x. The plain layout's one-row loop must load a vector
 // of x beside each vector of W; in this machine's fast regime (55-65 GB/s read) that loop reads
@@ -260,7 +260,7 @@ const Isa kIsa = detect();
 // registers, serves prefill: level with oneDNN's prepacked bf16 matmul from 4 rows to 512, ahead
 // at 1-2 (docs/performance.md). One layout for every batch, so the weights are never held twice.
 // Where packing pays is the caller's choice (cpugen/native.py: AVX512-BF16 without AMX).
-constexpr int64_t kPanel = 64;  // outputs per panel
+using cpugen_packed::kPanel;  // outputs per panel
 constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x (64 KB of a panel: L2)
 constexpr int64_t kMicroRows = 6;  // rows of x per micro-kernel call: 6 x 4 accumulators
 constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (40 micro-kernel calls)
@@ -362,35 +362,6 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
 
 bool packed_available() { return kIsa == Isa::kAvx512Bf16; }
 
-// Shape of the packed form of an (n, k) weight (k even)
-std::vector<int64_t> packed_shape(int64_t n, int64_t k) { return {(n + kPanel - 1) / kPanel, k / 2, 2 * kPanel}; }
-
-// Writes w (N, K) bf16 into p (packed_shape(N, K), bf16, allocated by the caller), zeros past N
-void pack_into(const torch::Tensor& w, torch::Tensor& p) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 2 == 0,
-              "cpugen pack: w (N, K) bf16 with K even");
-  const int64_t N = w.size(0), K = w.size(1), np = (N + kPanel - 1) / kPanel;
-  TORCH_CHECK(p.scalar_type() == at::kBFloat16 && p.is_contiguous() && p.sizes() == at::IntArrayRef(packed_shape(N, K)),
-              "cpugen pack: p must be contiguous bf16 of shape packed_shape(N, K)");
-  const auto wc = w.contiguous();
-  const auto* src = reinterpret_cast<const uint32_t*>(wc.data_ptr());  // (N, K/2) pairs
-  auto* dst = reinterpret_cast<uint32_t*>(p.data_ptr());  // (np, K/2, 64) pairs
-  const int64_t K2 = K / 2;
-  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t q = p0; q < p1; ++q)
-      for (int64_t c = 0; c < kPanel; ++c) {  // one row of W at a time: read in order, written with a stride
-        const int64_t n = q * kPanel + c;
-        uint32_t* d = dst + q * K2 * kPanel + c;
-        if (n < N) {
-          const uint32_t* s = src + n * K2;
-          for (int64_t j = 0; j < K2; ++j) d[j * kPanel] = s[j];
-        } else {
-          for (int64_t j = 0; j < K2; ++j) d[j * kPanel] = 0;
-        }
-      }
-  });
-}
-
 // The packed kernel on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
 // weight, bias (n) or null, out (M, n), all bf16 and contiguous
 inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, int64_t n,
@@ -434,24 +405,7 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int64_t n,
                             const c10::optional<torch::Tensor>& bias, int64_t act) {
   TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU has no AVX512-BF16");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && p.scalar_type() == at::kBFloat16, "cpugen linear_packed: bf16 only");
-  TORCH_CHECK(x.dim() == 2 && p.dim() == 3 && p.size(2) == 2 * kPanel && x.size(1) == 2 * p.size(1) &&
-                  (n + kPanel - 1) / kPanel == p.size(0) && p.is_contiguous(),
-              "cpugen linear_packed: x (M, K) and a packed (n, K) weight");
-  TORCH_CHECK(act >= kNone && act <= kSilu, "cpugen linear_packed: unknown activation ", act);
-  const auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
-  torch::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "cpugen linear_packed: bias of ", bias->numel(), " for ", n, " outputs");
-    bc = bias->to(at::kBFloat16).contiguous();
-  }
-  auto out = torch::empty({M, n}, x.options());
-  linear_packed_raw(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K,
-                    reinterpret_cast<const uint16_t*>(p.data_ptr()), n,
-                    bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr, act,
-                    reinterpret_cast<uint16_t*>(out.data_ptr()));
-  return out;
+  return cpugen_packed::linear_packed_with(linear_packed_raw, x, p, n, bias, act);
 }
 
 }  // namespace cpugen_gemv

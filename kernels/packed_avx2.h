@@ -1,0 +1,191 @@
+#pragma once
+// cpugen's packed layout (gemv_bf16.h: panels of 64 outputs, each holding its outputs' k pairs side
+// by side) multiplied at the AVX2 level (AVX2 + FMA, no AVX-512): y (M, n) = act(x (M, K) W^T + b)
+// for any number of rows of x, bf16 in and out, fp32 accumulation. A 256-bit load of a panel's
+// k pair row is 8 outputs' pairs: a 16-bit shift gives their weights at the even k as fp32, a
+// mask those at the odd k, each multiplied with FMA by one of x's values broadcast (x widened to
+// fp32 once per block of rows). The micro-kernel holds 5 rows of x x 16 outputs in 10
+// registers: 20 FMAs a k pair for 2 loads and 4 shifts or masks of W and 10 broadcasts of x, an
+// outer product as fp32 BLAS kernels run it, where the gemv (a dot product along k, one row of W
+// against its own vector of x) loads a vector of x beside every few FMAs.
+// Reference: kernels/reference.py's gemv on the unpacked weight; check: kernels/check_gemv.py
+// (check_packed); bound in kernels/avx2.cpp, run by the decode stack (decode_layer.cpp) at the AVX2
+// level.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gemv_avx2.h"
+#include "packed_layout.h"
+#include "vec_avx2.h"
+
+namespace cpugen_packed_avx2 {
+
+using cpugen_packed::kPanel;  // outputs per panel
+constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x: 64 KiB of a panel, kept in L2
+// rows of x per micro-kernel call: 5 x 2 accumulators of 8 lanes. 6 rows (12 accumulators, W's two
+// vectors, the broadcast and the mask: all 16 registers) had GCC keep 4 sums on the stack, and ran
+// gptj-1b's matrices at 52-60% of the FMA limit against 59-77% for 5 rows (32 and 2048 rows of x,
+// 2 Zen 3 threads, 5 interleaved rounds)
+constexpr int64_t kMicroRows = 5;
+constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (x widened per block)
+// floats between widened rows of x past K: at K a multiple of 1024 the rows' lines would fall in
+// the same sets of the L1 (4 KiB apart), a group's 5 rows and W's lines more than its 8 ways
+constexpr int64_t kPad = 16;
+constexpr int64_t kScratchBytes = 8 << 20;  // the most a block of widened x takes: wide models get fewer rows a block
+
+namespace {
+
+// Rows [0, MB) of x (fp32, row stride K) against k pairs [c0, c1) of outputs [16 q, 16 q + 16) of one
+// panel, into C's fp32 sums (row stride ldc, column 16 q on); onto C's sums when `more`. The
+// panel's k pair row is 256 bytes; this reads 64 of them (one cache line) per pair. `pre`, where
+// not null, is the next chunk's start: its lines are prefetched into L2, 4 a pair, so memory
+// streams while the other quarters and groups of rows compute from L2.
+template <int MB>
+CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* panel, int q, float* C, int64_t ldc, int64_t c0,
+                       int64_t c1, bool more, const char* pre, const char* end) {
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[MB][2];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 2; ++j)
+      acc[m][j] = more ? _mm256_loadu_ps(C + m * ldc + 16 * q + 8 * j) : _mm256_setzero_ps();
+  const uint16_t* r = panel + c0 * 2 * kPanel + 32 * q;
+  const float* xk = x + 2 * c0;
+  for (int64_t k2 = c0; k2 < c1; ++k2, r += 2 * kPanel, xk += 2) {
+    if (pre) {
+      const char* p = pre + (k2 - c0) * 4 * kPanel + 64 * q;
+      if (p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
+    }
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16));
+    const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+    for (int m = 0; m < MB; ++m) {
+      const __m256 b = _mm256_broadcast_ss(xk + m * ldx);
+      acc[m][0] = _mm256_fmadd_ps(b, e0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, e1, acc[m][1]);
+    }
+    const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd));
+    const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd));
+    for (int m = 0; m < MB; ++m) {
+      const __m256 b = _mm256_broadcast_ss(xk + m * ldx + 1);
+      acc[m][0] = _mm256_fmadd_ps(b, o0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, o1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 2; ++j) _mm256_storeu_ps(C + m * ldc + 16 * q + 8 * j, acc[m][j]);
+}
+
+// One row of x against k pairs [c0, c1) of a whole panel (64 outputs, 8 sums of 8), into C (onto
+// it when `more`): at batch 1 a panel is one sequential stream, each line read once from memory,
+// the next chunk's lines prefetched into L2 (4 a pair) as this one's are multiplied.
+CPUGEN_AVX2 void micro_row(const float* x, const uint16_t* panel, float* C, int64_t c0, int64_t c1, bool more,
+                           const char* pre, const char* end) {
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = more ? _mm256_loadu_ps(C + 8 * j) : _mm256_setzero_ps();
+  const uint16_t* r = panel + c0 * 2 * kPanel;
+  const float* xk = x + 2 * c0;
+  for (int64_t k2 = c0; k2 < c1; ++k2, r += 2 * kPanel, xk += 2) {
+    if (pre) {
+      const char* p = pre + (k2 - c0) * 4 * kPanel;
+      if (p + 256 <= end)
+        for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+    }
+    const __m256 be = _mm256_broadcast_ss(xk), bo = _mm256_broadcast_ss(xk + 1);
+    for (int j = 0; j < 8; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16 * j));
+      acc[j] = _mm256_fmadd_ps(be, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), acc[j]);
+      acc[j] = _mm256_fmadd_ps(bo, _mm256_castsi256_ps(_mm256_and_si256(v, odd)), acc[j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(C + 8 * j, acc[j]);
+}
+
+using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int, float*, int64_t, int64_t, int64_t, bool,
+                         const char*, const char*);
+const MicroFn kMicros[kMicroRows] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>};
+
+// rows x cols of a tile's sums (row stride lds) + bias, activated, rounded into out (row stride ldo)
+CPUGEN_AVX2 void finish_tile(const float* s, int64_t lds, const uint16_t* bias, int64_t act, uint16_t* out,
+                             int64_t ldo, int64_t rows, int64_t cols) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t c = 0; c < cols; c += 8) {
+      __m256 v = cpugen_vec2::loadf(s + m * lds + c, cols - c);
+      if (bias) v = _mm256_add_ps(v, cpugen_vec2::load(bias + c, cols - c));
+      cpugen_vec2::store(out + m * ldo + c, cpugen_vec2::activate(v, act), cols - c);
+    }
+}
+
+// rows [r0, r1) of x (bf16, (rows, K)) widened into xs (fp32, (rows, K))
+CPUGEN_AVX2 void widen_rows(const uint16_t* x, int64_t K, float* xs, int64_t ldx, int64_t r0, int64_t r1) {
+  for (int64_t m = r0; m < r1; ++m)
+    for (int64_t k = 0; k < K; k += 8)
+      cpugen_vec2::storef(xs + m * ldx + k, cpugen_vec2::load(x + m * K + k, K - k), K - k);
+}
+
+}  // namespace
+
+// The packed kernel on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
+// weight, bias (n) or null, out (M, n), all bf16 and contiguous. Rows of x in blocks of up to
+// kRowBlock (fewer where K is so wide that they would take over kScratchBytes), widened to fp32 once
+// per block; panels split across threads; each panel in chunks of kChunk k pairs (64 KiB, in L2)
+// that every group of up to 5 rows passes over, 16 outputs at a time (one row: all 64 at once, a
+// single stream); the sums wait in a tile of the block and are finished (bias, activation, bf16)
+// into the output as each panel ends.
+inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, int64_t n,
+                              const uint16_t* bp, int64_t act, uint16_t* op) {
+  if (M == 0) return;
+  const int64_t K2 = K / 2, np = (n + kPanel - 1) / kPanel;
+  thread_local cpugen_gemv_avx2::HugeScratch xf;  // a block of x widened
+  const int64_t ldx = K + kPad;
+  const int64_t block = std::max(kMicroRows, std::min(kRowBlock, kScratchBytes / (4 * ldx)));
+  float* xs = xf.get(std::min(M, block) * ldx);
+  for (int64_t m1 = 0; m1 < M; m1 += block) {
+    const int64_t rows = std::min(block, M - m1);
+    const int64_t groups = (rows + kMicroRows - 1) / kMicroRows;  // of 5 or 6 rows, as even as they go
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { widen_rows(xp + m1 * K, K, xs, ldx, r0, r1); });
+    at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+      const char* end = reinterpret_cast<const char*>(pp + p1 * K * kPanel);
+      std::vector<float> tile(rows * kPanel);
+      for (int64_t q = p0; q < p1; ++q) {
+        const uint16_t* panel = pp + q * K * kPanel;
+        const int64_t cols = std::min(kPanel, n - q * kPanel);
+        const int quarters = static_cast<int>((cols + 15) / 16);
+        for (int64_t c0 = 0; c0 < K2; c0 += kChunk) {
+          const int64_t c1 = std::min(K2, c0 + kChunk);
+          const char* next = reinterpret_cast<const char*>(panel + c1 * 2 * kPanel);
+          if (rows == 1) {
+            micro_row(xs, panel, tile.data(), c0, c1, c0 > 0, next, end);
+            continue;
+          }
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t m0 = g * rows / groups, mb = (g + 1) * rows / groups - m0;
+            for (int j = 0; j < quarters; ++j)
+              kMicros[mb - 1](xs + m0 * ldx, ldx, panel, j, tile.data() + m0 * kPanel, kPanel, c0, c1, c0 > 0,
+                              g == 0 ? next : nullptr, end);
+          }
+        }
+        finish_tile(tile.data(), kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols);
+      }
+    });
+  }
+}
+
+inline bool packed_available() { return cpugen_vec2::supported(); }
+
+// x (M, K) bf16 (any M), p: pack_into's form of an (n, K) weight, bias (n,) or none, act ->
+// act(x W^T + bias) (M, n) bf16
+inline torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int64_t n,
+                                   const c10::optional<torch::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU lacks AVX2 and FMA");
+  return cpugen_packed::linear_packed_with(linear_packed_raw, x, p, n, bias, act);
+}
+
+}  // namespace cpugen_packed_avx2
