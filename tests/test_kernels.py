@@ -215,9 +215,9 @@ def test_model_decode_with_and_without_the_kernels(family, layout):
     exactly: it runs the same kernels in the same order. Prefill's blocks (3 x 16 rows) reach only
     the packed kernel; its lm_head (the last position only: 3 rows) either kernel."""
     packed = layout == "packed"
-    if packed and not cpu_info()["avx512_bf16"]:
-        pytest.skip(f"cpugen's packed layout is multiplied by AVX512-BF16 instructions; this run's level is "
-                    f"{cpu_info()['isa']}")
+    if packed and cpu_info()["avx512"] and not cpu_info()["avx512_bf16"]:
+        pytest.skip("at the AVX-512F level no kernel of cpugen's multiplies its packed layout (AVX2's and "
+                    "AVX512-BF16's do); the weights stay plain there")
     cfg = FAMILIES[family]()
     model = random_model(cfg, torch.bfloat16, 0)
     prompts = Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
@@ -269,7 +269,8 @@ def test_packed_layout_matches_reference():
     assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.PACKED_SHAPES)
 
 
-@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="cpugen's packed layout needs AVX512-BF16")
+@pytest.mark.skipif(cpu_info()["avx512"] and not cpu_info()["avx512_bf16"] or not cpu_info()["avx2"],
+                    reason="no kernel of cpugen's multiplies its packed layout at the AVX-512F level or below AVX2")
 def test_packing_replaces_the_weights_in_place():
     """Repacking holds one matrix twice at most, never the model (the OS's count of resident
     memory, before, at its peak and after), and leaves nothing for a large batch to repack. (A
@@ -280,7 +281,7 @@ def test_packing_replaces_the_weights_in_place():
 
     cfg = from_name("gptj-1b").with_layers(4)
     model = random_model(cfg, torch.bfloat16, 0)
-    native.extension()  # loaded (and built) before measuring
+    native.extension() if cpu_info()["avx512"] else native.extension("avx2")  # loaded (and built) before measuring
     largest = max(m.weight.numel() * 2 for m in model.modules() if type(m) is Linear)
     weights = weight_bytes(model)
     release_freed()
@@ -509,6 +510,16 @@ def test_every_avx2_kernel_matches_its_reference():
     assert ext.max_rows() == 32
     with pytest.raises(RuntimeError, match="1 to 32 rows"):
         ext.gemv(torch.zeros(33, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16), None, 0)
+    # cpugen's packed layout at this level (kernels/packed_avx2.h), one row to prefill's hundreds
+    assert ext.packed_available()
+    results = check_gemv.check_packed(ext, seed=7)
+    assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.PACKED_SHAPES)
+    p = torch.empty(ext.packed_shape(8, 64), dtype=torch.bfloat16)
+    ext.pack_into(torch.randn(8, 64).bfloat16(), p)
+    with pytest.raises(RuntimeError, match="packed"):
+        ext.linear_packed(torch.randn(3, 62).bfloat16(), p, 8, None)  # K does not match
+    with pytest.raises(RuntimeError, match="packed"):
+        ext.linear_packed(torch.randn(3, 64).bfloat16(), p, 65, None)  # 65 outputs need two panels
     assert len(check_decode_attention.check(ext, seed=5)) == len(check_decode_attention.SHAPES)
     assert len(check_decode_attention.check_step(ext, seed=6)) == len(check_decode_attention.STEP_SHAPES)
     assert (check_step_ops.check_argmax(ext), check_step_ops.check_norm(ext), check_step_ops.check_glu(ext)) == (72, 6, 12)
@@ -528,7 +539,7 @@ def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
         for m in model.modules():
             if isinstance(m, Linear):
                 m.kernel = ext.gemv
-    else:  # the backend's own choice on this CPU
+    else:  # the backend's own choice on this CPU, the weights kept plain
         assert eager.install(model) and eager.decode_matmul(model, "eager") == "cpugen-gemv-avx2"
     assert all(m.kernel is not None for m in model.modules() if isinstance(m, Linear))
     got = _decode(model, prompts, 4)
@@ -553,8 +564,8 @@ def test_decode_batches_up_to_32_through_the_avx2_gemv(batch):
     ext = native.extension("avx2")
     if cpu_info()["avx512"]:  # the AVX2 level's matmul route by hand, block by block
         eager._route(model, ext, None, rows=ext.max_rows())
-    else:  # the backend's own choice on this CPU, the decode stack included
-        assert eager.install(model) and model.decode_stack is not None and model.decode_stack_rows == 32
+    else:  # the backend's own choice on this CPU with the weights plain, the decode stack included
+        assert eager.install(model, pack=False) and model.decode_stack is not None and model.decode_stack_rows == 32
         assert eager.decode_matmul(model, "eager", batch) == "cpugen-gemv-avx2"
     kernel = _Counted(None)
     for m in model.modules():
@@ -580,6 +591,47 @@ def test_decode_batches_up_to_32_through_the_avx2_gemv(batch):
         kernel.calls.clear()
         assert torch.equal(_decode(model, prompts, 3), got)
     assert kernel.calls == prefill + [batch] * 16  # the prefill's lm_head, then 3 steps x 5 matmuls
+
+
+@needs_native
+def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypatch):
+    """Without AVX-512 (here CPUGEN_ISA=avx2, so that every x86 CPU runs it) the weights stay plain
+    for decode up to AVX2_PACK_ABOVE sequences (the AVX2 gemv), and a larger batch repacks them once,
+    in place, into cpugen's layout (kernels/packed_avx2.h): no weight held twice, the decode stack
+    rebuilt on the packed weights for any batch, its logits the Python blocks' exactly, and torch's
+    ops' within bf16 rounding (the greedy tokens too, but for near-ties). Prefill (4 tokens a
+    sequence) goes through the packed kernel as well."""
+    from cpugen.model.weights import weight_bytes
+
+    monkeypatch.setenv("CPUGEN_ISA", "avx2")
+    knobs.reload()
+    cfg = from_name("gptj-1b").with_layers(1)
+    model = random_model(cfg, torch.bfloat16, 0)
+    batch = eager.AVX2_PACK_ABOVE + 5  # groups of 5 and 4 rows in the micro-kernel
+    prompts = Prompts(torch.randint(1000, (batch, 4), generator=torch.Generator().manual_seed(4)),
+                      torch.ones(batch, 4, dtype=torch.bool))
+    ref = _decode(model, prompts, 3)
+    before = weight_bytes(model)
+    assert eager.install(model) and eager.decode_matmul(model, "eager", 4) == "cpugen-gemv-avx2"
+    eager.for_batch(model, "eager", torch.bfloat16, eager.AVX2_PACK_ABOVE)
+    assert eager.decode_matmul(model, "eager") == "cpugen-gemv-avx2"  # at the threshold nothing moves
+    eager.for_batch(model, "eager", torch.bfloat16, batch)
+    assert eager.decode_matmul(model, "eager", batch) == "cpugen-packed"
+    assert all(m.weight is None and m.panels is not None for m in model.modules() if type(m) is Linear)
+    pad = (-cfg.vocab_size % 64) * cfg.n_embd * 2  # the lm_head's last panel, filled out with zeros
+    assert weight_bytes(model) == before + pad
+    assert model.decode_stack is not None and model.decode_stack_rows == stack.ANY_BATCH
+    got = _decode(model, prompts, 3)  # (4, B, V)
+    tg, tr, scale = got.argmax(-1), ref.argmax(-1), ref.abs().max()
+    for b in range(batch):  # as in test_decode_batches_up_to_32_through_the_avx2_gemv
+        flips = (tg[:, b] != tr[:, b]).nonzero().flatten().tolist()
+        last = flips[0] if flips else tg.shape[0] - 1
+        if flips:
+            assert ref[last, b, tr[last, b]] - ref[last, b, tg[last, b]] < 0.02 * scale, (b, last)
+        assert ((got[: last + 1, b] - ref[: last + 1, b]).abs().max() / scale).item() < 0.03, b
+    assert (tg == tr).all(0).sum() >= batch - 2
+    model.decode_stack = None
+    assert torch.equal(_decode(model, prompts, 3), got)
 
 
 @pytest.mark.parametrize("level", ["avx2", "avx512", "avx512_bf16", "amx"])

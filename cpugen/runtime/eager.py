@@ -1,9 +1,9 @@
 """The eager backend's native routes: cpugen's kernels installed into a built model.
 
 - every Linear gets the gemv for decode's skinny matmuls on the plain weights, or, on CPUs with
-  AVX512-BF16 and without AMX, its weight repacked once into cpugen's packed layout (`panels`),
-  which one kernel multiplies at every batch, prefill's included (docs/performance.md, "cpugen's
-  packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
+  AVX512-BF16 and without AMX and on CPUs with AVX2 but no AVX-512, its weight repacked once into
+  cpugen's packed layout (`panels`), which one kernel of the level multiplies at every batch,
+  prefill's included (docs/performance.md, "cpugen's packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
   layout, so the weights stay plain there;
 - Attention gets the fused decode step (rotary, cache write, attention over the cache);
 - Norm and a GLU MLP's product get kernels/norm.h and kernels/glu.h, which the decode stack runs
@@ -50,8 +50,9 @@ def prepare(model: Transformer):
 
 
 def panels_wanted() -> bool:
-    """Whether bf16 weights are repacked into cpugen's packed layout: on CPUs with AVX512-BF16 and
-    without AMX, unless CPUGEN_LAYOUT=plain."""
+    """Whether bf16 weights are repacked into cpugen's packed layout at load: on CPUs with
+    AVX512-BF16 and without AMX, unless CPUGEN_LAYOUT=plain. (Without AVX-512, for_batch packs
+    them for large decode batches.)"""
     info = cpu_info()
     return knobs.current().layout != "plain" and info["avx512_bf16"] and not info["amx_bf16"]
 
@@ -78,36 +79,47 @@ def install(model: Transformer, pack: bool | None = None) -> bool:
         return False
     ext = native.extension()
     if ext is None:
-        return install_avx2(model)
+        return install_avx2(model, pack)
     # decode attention: vdpbf16ps where the CPU has it, else the AVX2 kernel (AVX-512 F alone)
     attn = native.extension("decode_attention") if cpu_info()["avx512_bf16"] else native.extension("avx2")
     _route(model, ext, attn)
-    if (panels_wanted() if pack is None else pack) and ext.packed_available():
-        tied = model.wte.weight
-        for part in [*model.blocks, model]:  # the model last: its lm_head (the blocks are done by then)
-            for m in part.modules():
-                if (type(m) is Linear and m.weight is not None and m.weight is not tied
-                        and m.weight.dtype == torch.bfloat16 and m.in_features % 2 == 0):
-                    m.to_panels(ext)
-            release_freed()
+    _pack(model, ext, pack)
     if all(b.attn.decode_step is not None for b in model.blocks):
         stack.install(model)
     return True
 
 
-def install_avx2(model: Transformer) -> bool:
+def _pack(model: Transformer, ext, pack: bool | None):
+    """With `pack` (default: panels_wanted()) and where `ext` multiplies it, repacks every bf16
+    weight not shared with the embedding into cpugen's layout, block by block, each block's freed
+    originals handed back to the OS before the next."""
+    if not ((panels_wanted() if pack is None else pack) and ext.packed_available()):
+        return
+    tied = model.wte.weight
+    for part in [*model.blocks, model]:  # the model last: its lm_head (the blocks are done by then)
+        for m in part.modules():
+            if (type(m) is Linear and m.weight is not None and m.weight is not tied
+                    and m.weight.dtype == torch.bfloat16 and m.in_features % 2 == 0):
+                m.to_panels(ext)
+        release_freed()
+
+
+def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
     """On CPUs with AVX2 but without AVX-512 (or CPUGEN_ISA=avx2): kernels/avx2.cpp's kernels, the
     same routes as install() at 8 lanes: decode's matmuls up to the AVX2 gemv's rows (32: ahead of
     the widened fp32 GEMM there, docs/performance.md) through that gemv, which streams the bf16
-    weights itself instead of PyTorch's bf16 path (prefill keeps the widened fp32 GEMM), the fused
-    decode step, the norms, a GLU's product, and where every block has them, the decode stack at the
-    AVX2 level. The weights stay plain."""
+    weights itself instead of PyTorch's bf16 path, the fused decode step, the norms, a GLU's
+    product, and where every block has them, the decode stack at the AVX2 level. With `pack` (as
+    install()), the weights go into cpugen's packed layout, which kernels/packed_avx2.h multiplies
+    at every batch, prefill's included; kept plain (CPUGEN_LAYOUT=plain), prefill takes the widened
+    fp32 GEMM."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
     ext = native.extension("avx2")
     if ext is None:
         return False
     _route(model, ext, ext, rows=ext.max_rows())
+    _pack(model, ext, pack)
     if all(b.attn.decode_step is not None for b in model.blocks):
         stack.install(model)
     return True
@@ -168,12 +180,30 @@ def gemv_max_batch(model: Transformer | None = None) -> int:
     return m.kernel_rows if m is not None and getattr(m, "kernel", None) is not None else Linear.kernel_rows
 
 
+# Without AVX-512, decode batches above this many sequences repack the weights into cpugen's layout
+# (kernels/packed_avx2.h): gptj-1b, 4 layers, 2 Zen 3 threads, 2 interleaved pairs of runs, decode
+# at 32 sequences 196 / 164 tok/s packed against 157 / 150 through the gemv, at 16 level (153 / 135
+# against 156 / 147), at 4 the gemv ahead (56 / 56 against 64 / 67): docs/performance.md
+AVX2_PACK_ABOVE = 16
+
+
 def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
     """Readies the eager backend's matmuls for decode at `batch`: above gemv_max_batch() the plain
     weights are reordered into oneDNN's blocked layout (in place, layer by layer, one way: the gemv
-    needs the plain layout, so a model once reordered stays so). Weights in cpugen's packed layout
-    serve every batch as they are."""
-    if backend != "eager" or dtype != torch.bfloat16 or batch <= gemv_max_batch(model):
+    needs the plain layout, so a model once reordered stays so); without AVX-512, above
+    AVX2_PACK_ABOVE they are repacked into cpugen's layout instead, just as one way. Weights in
+    cpugen's packed layout serve every batch as they are."""
+    if backend != "eager" or dtype != torch.bfloat16:
+        return
+    if not cpu_info()["avx512"] and batch > AVX2_PACK_ABOVE and knobs.current().layout != "plain":
+        block = model.blocks[0].mlp.w_in
+        if getattr(block, "kernel", None) is not None and block.panels is None:
+            stack.drop(model)  # it holds the plain weights: dropped first, or packing would keep both
+            _pack(model, native.extension("avx2"), True)
+            if all(b.attn.decode_step is not None for b in model.blocks):
+                stack.install(model)
+        return
+    if batch <= gemv_max_batch(model):
         return
     if not knobs.current().reorder or not cpu_info()["avx512"]:  # oneDNN's bf16 reorder needs AVX-512
         return
