@@ -26,9 +26,11 @@ def assert_one_line_error(p, *fragments):
     return lines[0]
 
 
-def fake_roofline(cache_dir: Path) -> dict:
+def fake_roofline(cache_dir: Path, hw: float = 100.0) -> dict:
     """A roofline cache (cpugen/perf/roofline.py) for this machine at every thread count, so runs compare
-    with fixed limits instead of measuring them (a 1 GiB read and a large matmul). Returns the env
+    with fixed limits instead of measuring them (a 1 GiB read and a large matmul; `hw`: every ISA
+    level's register-only limit, TFLOP/s: by default far above what any run here reaches, so that
+    none measures it again). Returns the env
     for a child process: CPUGEN_CACHE pointing at it, and CPUGEN_NATIVE=0, since CPUGEN_CACHE also
     holds the native kernels' build (cpugen/runtime/native.py), which a fresh cache would compile afresh in
     every child, and CPUGEN_LIMITS=cached, so that runs use these limits instead of reading the machine's
@@ -44,7 +46,7 @@ def fake_roofline(cache_dir: Path) -> dict:
     data = {roofline._key(t): dict(read_gbps=20.0, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
                                    torch_version=torch.__version__, read_spread=[19.0, 21.0],
                                    tflops_spread=[0.19, 0.21], measured_at=0.0,
-                                   hw_tflops={lv: 0.25 for lv in roofline.levels()})
+                                   hw_tflops={lv: hw for lv in roofline.levels()})
             for t in range(1, usable_cores() + 1)}
     (cache_dir / "roofline.json").write_text(json.dumps(data))
     return {"CPUGEN_CACHE": str(cache_dir), "CPUGEN_NATIVE": "0", "CPUGEN_LIMITS": "cached"}
