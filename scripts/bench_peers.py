@@ -186,11 +186,12 @@ def checkpoint_for(preset: str, layers: int | None) -> Path:
     return d
 
 
-def limits(threads: int) -> tuple[float, float]:
+def limits(threads: int) -> tuple[float, float, dict]:
+    """(read GB/s, torch.mm's bf16 TFLOP/s, each ISA level's register-only TFLOP/s)"""
     from cpugen.perf import roofline
 
     r = roofline.measure(threads, repeats=5)
-    return r.read_gbps, r.bf16_tflops
+    return r.read_gbps, r.bf16_tflops, r.hw_tflops
 
 
 def read_now(threads: int) -> float:
@@ -254,7 +255,7 @@ def main() -> int:
         engines.remove("hf-ipex")
     if a.isa:
         engines = [f"{e}@{lv}" for lv in a.isa.split(",") for e in engines]
-    bw0, tf0 = limits(a.threads)
+    bw0, tf0, hw0 = limits(a.threads)
     workers = [Worker(e, a.ipex_python if e.startswith("hf-ipex") else sys.executable, ckpt, a.threads)
                for e in engines]
     batches = [int(b) for b in a.batch_sizes.split(",")]
@@ -275,7 +276,9 @@ def main() -> int:
     finally:
         for w in workers:
             w.close()
-    bw1, tf1 = limits(a.threads)
+    bw1, tf1, hw1 = limits(a.threads)
+    hw = {lv: max(hw0.get(lv, 0.0), hw1.get(lv, 0.0)) for lv in {*hw0, *hw1}}  # a register-only limit reads low, never high
+    from cpugen.perf import roofline
 
     import platform
 
@@ -293,12 +296,15 @@ def main() -> int:
              "each round: " + "; ".join(f"batch {b}: {fmt([x for r in reads[b] for x in r], 1, 1)} GB/s, "
                                         f"{len(steady(reads[b]))} of {len(reads[b])} rounds steady" for b in batches)
              + ". 'vs round's read' is the median, over the steady rounds (their two readings within 15%), of "
-             "each round's weight GB/s against the mean of its readings ('-' where none was steady); the "
+             "each round's weight GB/s against the mean of its readings ('-' where none was steady); "
+             "'vs HW' sets prefill's and a decode step's FLOP/s against the register-only limit of the "
+             "engine's ISA level (" + ", ".join(f"{lv} {v:.3f}" for lv, v in sorted(hw.items())) + " TFLOP/s); the "
              "other ratios use the mean of the limits read before and after the whole run.",
              "",
              "| batch | engine | tokens/s | prompt time (s) | decode step (ms) | weight GB/s | vs read BW | "
-             "vs round's read | decode vs roofline | prefill vs peak | tok/s vs hf | tok/s vs hf-ipex |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs round's read | decode vs roofline | prefill vs peak | prefill vs HW | decode vs HW | tok/s vs hf | "
+             "tok/s vs hf-ipex |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     bw, tf = (bw0 + bw1) / 2, (tf0 + tf1) / 2
     out = {}
     for b in batches:
@@ -312,13 +318,17 @@ def main() -> int:
             ideal = max((weight_bytes + kv) / (bw * 1e9), b * flops.token_flops(cfg, c) / (tf * 1e12))
             pf = [b * flops.prompt_flops(cfg, a.prompt_len) / x["prompt_time_s"] / (tf * 1e12) for x in rows]
             at = e[e.index("@"):] if "@" in e else ""  # against the peer at the same level
+            lim = hw.get(at[1:] if at else roofline.run_level(), 0.0) * 1e12  # the level's FLOP/s
+            pf_hw = [b * flops.prompt_flops(cfg, a.prompt_len) / x["prompt_time_s"] / lim for x in rows] if lim else []
+            dc_hw = b * flops.token_flops(cfg, c) / statistics.median(steps) / lim if lim else None
             rel = lambda other: f"{med[e] / med[other + at]:.2f}x" if other + at in med else "-"  # noqa: E731
             lines.append(f"| {b} | {e} | {fmt(tps, 1, 1)} | {fmt([x['prompt_time_s'] for x in rows], 1, 2)} | "
                          f"{fmt(steps, 1e3, 1)} | {weight_bytes / statistics.median(steps) / 1e9:.1f} | "
                          f"{weight_bytes / statistics.median(steps) / 1e9 / bw:.0%} | "
                          f"{round_ratio(weight_bytes, steps, reads[b])} | "
                          f"{ideal / statistics.median(steps):.0%} | {statistics.median(pf):.0%} | "
-                         f"{rel('hf')} | {rel('hf-ipex')} |")
+                         f"{fmt([100 * x for x in pf_hw], 1, 0) + '%' if pf_hw else '-'} | "
+                         f"{f'{dc_hw:.0%}' if dc_hw else '-'} | {rel('hf')} | {rel('hf-ipex')} |")
             out[f"{e}/{b}"] = {"tokens_per_s": tps, "step_s": steps, "prompt_time_s": [x["prompt_time_s"] for x in rows],
                                "peak_rss_bytes": max(x["peak_rss_bytes"] for x in rows)}
     report = "\n".join(lines)
