@@ -1,10 +1,11 @@
 """The eager backend's native routes: cpugen's kernels installed into a built model.
 
 - every Linear gets the gemv for decode's skinny matmuls on the plain weights, or, on CPUs with
-  AVX512-BF16 and without AMX and on CPUs with AVX2 but no AVX-512, its weight repacked once into
-  cpugen's packed layout (`panels`), which one kernel of the level multiplies at every batch,
-  prefill's included (docs/performance.md, "cpugen's packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
-  layout, so the weights stay plain there;
+  AVX512-BF16 and without AMX, its weight repacked once into cpugen's packed layout (`panels`),
+  which one kernel multiplies at every batch, prefill's included (docs/performance.md, "cpugen's
+  packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
+  layout, so the weights stay plain there; without AVX-512 they are packed for decode batches
+  above AVX2_PACK_ABOVE (`for_batch`), where kernels/packed_avx2.h beats the AVX2 gemv;
 - Attention gets the fused decode step (rotary, cache write, attention over the cache);
 - Norm and a GLU MLP's product get kernels/norm.h and kernels/glu.h, which the decode stack runs
   too, so the Python blocks and the stack agree bit for bit;
@@ -109,10 +110,10 @@ def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
     same routes as install() at 8 lanes: decode's matmuls up to the AVX2 gemv's rows (32: ahead of
     the widened fp32 GEMM there, docs/performance.md) through that gemv, which streams the bf16
     weights itself instead of PyTorch's bf16 path, the fused decode step, the norms, a GLU's
-    product, and where every block has them, the decode stack at the AVX2 level. With `pack` (as
-    install()), the weights go into cpugen's packed layout, which kernels/packed_avx2.h multiplies
-    at every batch, prefill's included; kept plain (CPUGEN_LAYOUT=plain), prefill takes the widened
-    fp32 GEMM."""
+    product, and where every block has them, the decode stack at the AVX2 level; prefill takes the
+    widened fp32 GEMM. With `pack` (by default only when for_batch asks, for batches above
+    AVX2_PACK_ABOVE), the weights go into cpugen's packed layout, which kernels/packed_avx2.h
+    multiplies at every batch, prefill's included."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
     ext = native.extension("avx2")
