@@ -31,7 +31,7 @@ constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x: 64 KiB 
 // rows of x per micro-kernel call: 5 x 2 accumulators of 8 lanes. 6 rows (12 accumulators, W's two
 // vectors, the broadcast and the mask: all 16 registers) had GCC keep 4 sums on the stack, and ran
 // gptj-1b's matrices at 52-60% of the FMA limit against 59-77% for 5 rows (32 and 2048 rows of x,
-// 2 Zen 3 threads, 5 interleaved rounds)
+// 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness that built both)
 constexpr int64_t kMicroRows = 5;
 constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (x widened per block)
 // floats between widened rows of x past K: at K a multiple of 1024 the rows' lines would fall in
@@ -48,7 +48,8 @@ namespace {
 // L2, one a pair, so that the four quarters of the first group of rows fetch the whole next chunk
 // while the chunk in L2 is multiplied. (The first version, one quarter fetching all of it in a
 // burst and one row of x taken a quarter at a time too, read gptj-1b's matrices at 54-58% of the
-// bandwidth at one row; with this and micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds.)
+// bandwidth at one row; with this and micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a
+// throwaway harness. kernels/bench_gemv.py measures the result.)
 template <int MB>
 CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* panel, int q, float* C, int64_t ldc, int64_t c0,
                        int64_t c1, bool more, const char* pre, const char* end) {
