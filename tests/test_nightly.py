@@ -1,5 +1,6 @@
 """scripts/nightly end to end on the tiny model, its exit codes, its report and its charts."""
 
+import re
 import json
 import os
 import subprocess
@@ -282,8 +283,11 @@ def test_a_real_slowdown_of_one_figure_is_named_and_nothing_else(short_history):
     assert all("measured again (3)" in x and "not reproduced" not in x for x in flagged)  # it reproduces
     assert {"batch 1," in x for x in flagged} == {True, False}  # one line per batch
     for x in flagged:
-        change = float(x.split("(")[1].split("%")[0])
-        assert -50 < change < -20, x  # 1/1.5 - 1 = -33%, give or take the host's noise
+        # 1/1.5 - 1 = -33%, give or take the host's noise: raw, and against the limits measured around
+        # the row, which take out a bandwidth regime the host moved into (in one run here batch 1 read
+        # -51.1% raw, -37.5% against its limits)
+        raw, normalized = (float(c) for c in re.findall(r"\((-?\d+\.\d)%;", x)[:2])
+        assert raw < -20 and -50 < normalized < -20, x
     slow = lines(hist)[-8:]
     assert [r.get("confirmation") for r in slow] == [None, None, 1, 1, 2, 2, 3, 3]  # the night, its 3 re-measures
     # recorded, and kept out of the configuration key (which is why it was judged against the history)
