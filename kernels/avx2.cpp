@@ -27,6 +27,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p"));
   m.def("linear_packed", &cpugen_packed_avx2::linear_packed, "y = act(x @ W.T + bias) for any M, W packed by pack_into",
         py::arg("x"), py::arg("p"), py::arg("n"), py::arg("bias"), py::arg("act") = 0);
+  m.def("linear_plain", &cpugen_packed_avx2::linear_plain,
+        "y = act(x @ W.T + bias) for any M, W plain (n, K): packed a chunk at a time as it goes", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("act") = 0);
+  m.def("plain_above", []() { return cpugen_packed_avx2::kPlainAbove; },
+        "rows of x above which linear_plain runs ahead of the gemv on plain weights");
   m.def("argmax", [](const torch::Tensor& l) { return cpugen_argmax::argmax(l, kAvx2); },
         "argmax of each row of logits (B, V), as torch.argmax answers", py::arg("logits"));
   m.def("norm", [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b, double eps,

@@ -10,7 +10,8 @@ once per step. Reports GB/s of weights streamed (median over repeats, min-max).
 --tflops: TFLOP/s instead of GB/s, for the compute-bound sizes (prefill, large batches): the
 packed kernel against oneDNN (its weights reordered with no batch hint, as the model's are) and
 F.linear; the gemv takes at most 16 rows at AVX-512, 32 at AVX2 ('-' above); on CPUs without
-AVX-512, also the widened fp32 GEMM (what cpugen runs above the gemv's rows there).
+AVX-512, also the widened fp32 GEMM and "cpugen plain", the packed kernel on the plain weights,
+packed a chunk at a time as it goes (kernels/packed_avx2.h's linear_plain).
 
 --by-shape: one row of x, the gemv and the packed kernel beside torch's sum (over an fp32 view of the
 same weights, one call per matrix: a plain read) for each of gptj-1b's four matrix shapes, in a shuffled order within
@@ -75,6 +76,8 @@ def main():
     names = ["F.linear", "oneDNN prepacked", "cpugen gemv", "cpugen packed"]
     if widen_wanted():  # no AVX-512: cpugen's route above the gemv's rows is the widened fp32 GEMM
         names.append("widened fp32 GEMM")
+    if ext and hasattr(ext, "linear_plain"):  # the packed kernel on plain weights, packing as it goes
+        names.append("cpugen plain")
     print(f"{'M':>3} " + " ".join(f"{n:>22}" for n in names))
     with torch.inference_mode():
         for M in map(int, a.rows.split(",")):
@@ -87,6 +90,8 @@ def main():
                 impls["cpugen gemv"] = lambda: [ext.gemv(xs[w.shape[1]], w, None) for w in ws]
             if "widened fp32 GEMM" in names:
                 impls["widened fp32 GEMM"] = lambda: [widened_linear(xs[w.shape[1]], w, None) for w in ws]
+            if "cpugen plain" in names:
+                impls["cpugen plain"] = lambda: [ext.linear_plain(xs[w.shape[1]], w, None) for w in ws]
             if panels:
                 impls["cpugen packed"] = lambda: [ext.linear_packed(xs[w.shape[1]], p, w.shape[0], None)
                                                   for w, p in zip(ws, panels)]

@@ -61,6 +61,14 @@ def check_packed(ext, seed: int = 0) -> list[tuple[tuple, float]]:
     return results
 
 
+def check_plain(ext, seed: int = 0) -> list[tuple[tuple, float]]:
+    """As check_packed(), for linear_plain: the packed layout's kernel on the plain weight, packed a
+    chunk at a time as it goes (kernels/packed_avx2.h), at the same shapes."""
+    return [_compare("plain", ext.linear_plain(x, w, bias, reference.ACTIVATIONS[act]), reference.gemv(x, w, bias, act),
+                     M, K, N, bias, act)
+            for (M, K, N), x, w, bias, act in _cases(PACKED_SHAPES, seed)]
+
+
 def check(ext, seed: int = 0, shapes=None, name: str = "gemv") -> list[tuple[tuple, float]]:
     """Max error of each shape, relative to the largest reference output; raises if out of tolerance."""
     results = []
@@ -89,6 +97,8 @@ if __name__ == "__main__":
             print(f"gemv_avx2 {shape}: max relative error {err:.2e}")
         for shape, err in check_packed(avx2):
             print(f"packed_avx2 {shape}: max relative error {err:.2e}")
+        for shape, err in check_plain(avx2):
+            print(f"plain_avx2 {shape}: max relative error {err:.2e}")
     ext = extension()
     if ext is None:
         sys.exit(0 if avx2 is not None else "native gemv unavailable on this machine")

@@ -72,13 +72,16 @@ struct Matrix {
   }
 
   // y (M, n) = act(x (M, K) w^T + b) at `level` (packed weights: packed_avx2.h's kernel at the AVX2
-  // level, gemv_bf16.h's AVX512-BF16 one above); sums: M x n floats
-  // of scratch for the plain gemv
+  // level, gemv_bf16.h's AVX512-BF16 one above; plain ones: the gemv, at the AVX2 level above
+  // kPlainAbove rows packed_avx2.h's kernel packing them as it goes, as Linear.forward does); sums:
+  // M x n floats of scratch for the plain gemv
   void operator()(const uint16_t* x, int64_t M, uint16_t* y, int64_t act, float* sums, Level level) const {
     if (packed && level == Level::kAvx2)
       cpugen_packed_avx2::linear_packed_raw(x, M, K, wp, n, bp, act, y);
     else if (packed)
       cpugen_gemv::linear_packed_raw(x, M, K, wp, n, bp, act, y);
+    else if (level == Level::kAvx2 && M > cpugen_packed_avx2::kPlainAbove && K % 2 == 0)
+      cpugen_packed_avx2::linear_plain_raw(x, M, K, wp, n, bp, act, y);
     else if (level == Level::kAvx2)
       cpugen_gemv_avx2::gemv_raw(x, M, K, wp, n, bp, act, y, sums);
     else

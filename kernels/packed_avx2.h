@@ -37,32 +37,37 @@ constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (x widene
 // floats between widened rows of x past K: at K a multiple of 1024 the rows' lines would fall in
 // the same sets of the L1 (4 KiB apart), a group's 5 rows and W's lines more than its 8 ways
 constexpr int64_t kPad = 16;
+// rows of x above which linear_plain (this kernel on plain weights, packed as it goes) runs ahead of
+// the AVX2 gemv: gptj-1b's matrices, 2 Zen 3 threads, `python kernels/bench_gemv.py --tflops --rows
+// 8,12,16,20,24,32 --repeat 7 --layers 1`: level at 16 rows, 1.05x at 20, 1.16-1.17x at 24 and 32
+constexpr int64_t kPlainAbove = 16;
 constexpr int64_t kScratchBytes = 8 << 20;  // the most a block of widened x takes: wide models get fewer rows a block
 
 namespace {
 
-// Rows [0, MB) of x (fp32, row stride ldx) against k pairs [c0, c1) of outputs [16 q, 16 q + 16) of
-// one panel, into C's fp32 sums (row stride ldc, column 16 q on); onto C's sums when `more`. The
-// panel's k pair row is 256 bytes; this reads 64 of them (one cache line) per pair. `pre`, where
-// not null, is the next chunk's start: quarter q prefetches line q of each of its pair rows into
-// L2, one a pair, so that the four quarters of the first group of rows fetch the whole next chunk
-// while the chunk in L2 is multiplied. (The first version, one quarter fetching all of it in a
-// burst and one row of x taken a quarter at a time too, read gptj-1b's matrices at 54-58% of the
-// bandwidth at one row; with this and micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a
-// throwaway harness. kernels/bench_gemv.py measures the result.)
+// Rows [0, MB) of x (fp32, row stride ldx, from the chunk's first k pair on) against `pairs` k
+// pairs of a chunk of a panel (r: its first pair row, 128 bf16 a row), outputs [16 q, 16 q + 16),
+// into C's fp32 sums (row stride ldc, column 16 q on); onto C's sums when `more`. The panel's k
+// pair row is 256 bytes; this reads 64 of them (one cache line) per pair. `pre`, where not null, is
+// the next chunk's start: quarter q prefetches line q of each of its pair rows into L2, one a pair,
+// so that the four quarters of the first group of rows fetch the whole next chunk while the chunk in
+// L2 is multiplied. (The first version, one quarter fetching all of it in a burst and one row of x
+// taken a quarter at a time too, read gptj-1b's matrices at 54-58% of the bandwidth at one row; with
+// this and micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness.
+// kernels/bench_gemv.py measures the result.)
 template <int MB>
-CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* panel, int q, float* C, int64_t ldc, int64_t c0,
-                       int64_t c1, bool more, const char* pre, const char* end) {
+CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t pairs, int q, float* C, int64_t ldc,
+                       bool more, const char* pre, const char* end) {
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[MB][2];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < 2; ++j)
       acc[m][j] = more ? _mm256_loadu_ps(C + m * ldc + 16 * q + 8 * j) : _mm256_setzero_ps();
-  const uint16_t* r = panel + c0 * 2 * kPanel + 32 * q;
-  const float* xk = x + 2 * c0;
-  for (int64_t k2 = c0; k2 < c1; ++k2, r += 2 * kPanel, xk += 2) {
+  r += 32 * q;
+  const float* xk = x;
+  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2) {
     if (pre) {
-      const char* p = pre + (k2 - c0) * 4 * kPanel + 64 * q;
+      const char* p = pre + k2 * 4 * kPanel + 64 * q;
       if (p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
     }
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
@@ -86,19 +91,18 @@ CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* panel, int q
     for (int j = 0; j < 2; ++j) _mm256_storeu_ps(C + m * ldc + 16 * q + 8 * j, acc[m][j]);
 }
 
-// One row of x against k pairs [c0, c1) of a whole panel (64 outputs, 8 sums of 8), into C (onto
-// it when `more`): at batch 1 a panel is one sequential stream, each line read once from memory,
-// the next chunk's lines prefetched into L2 (4 a pair) as this one's are multiplied.
-CPUGEN_AVX2 void micro_row(const float* x, const uint16_t* panel, float* C, int64_t c0, int64_t c1, bool more,
-                           const char* pre, const char* end) {
+// One row of x against `pairs` k pairs of a chunk of a whole panel (64 outputs, 8 sums of 8), into
+// C (onto it when `more`): at batch 1 a panel is one sequential stream, each line read once from
+// memory, the next chunk's lines prefetched into L2 (4 a pair) as this one's are multiplied.
+CPUGEN_AVX2 void micro_row(const float* x, const uint16_t* r, int64_t pairs, float* C, bool more, const char* pre,
+                           const char* end) {
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = more ? _mm256_loadu_ps(C + 8 * j) : _mm256_setzero_ps();
-  const uint16_t* r = panel + c0 * 2 * kPanel;
-  const float* xk = x + 2 * c0;
-  for (int64_t k2 = c0; k2 < c1; ++k2, r += 2 * kPanel, xk += 2) {
+  const float* xk = x;
+  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2) {
     if (pre) {
-      const char* p = pre + (k2 - c0) * 4 * kPanel;
+      const char* p = pre + k2 * 4 * kPanel;
       if (p + 256 <= end)
         for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
     }
@@ -112,8 +116,51 @@ CPUGEN_AVX2 void micro_row(const float* x, const uint16_t* panel, float* C, int6
   for (int j = 0; j < 8; ++j) _mm256_storeu_ps(C + 8 * j, acc[j]);
 }
 
-using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int, float*, int64_t, int64_t, int64_t, bool,
-                         const char*, const char*);
+// 8 rows of 8 32-bit values, transposed in registers
+CPUGEN_AVX2 inline void transpose8(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);  // (a0 b0 a1 b1 | a4 b4 a5 b5)
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);  // (a2 b2 a3 b3 | a6 b6 a7 b7)
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);  // (a0 b0 c0 d0 | a4 b4 c4 d4)
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);  // (a1 b1 c1 d1 | a5 ..)
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);  // (a2 .. | a6 ..)
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);  // (a3 .. | a7 ..)
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);  // column i
+    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);  // column i + 4
+  }
+}
+
+// k pairs [c0, c0 + pairs) of outputs [o0, o0 + cols) of a plain (n, K) weight (w: its k pairs,
+// K2 a row) written as one chunk of a panel of the packed layout (pairs rows of 64 outputs' pairs),
+// zeros from cols to the chunk's last quarter: what pack_into writes there, 8 x 8 pairs at a time
+CPUGEN_AVX2 void pack_chunk(const uint32_t* w, int64_t K2, int64_t o0, int64_t cols, int64_t c0, int64_t pairs,
+                            uint32_t* dst) {
+  const uint32_t* src = w + o0 * K2 + c0;
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= pairs; j += 8) {
+      __m256i r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (c + i) * K2 + j));
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j + i) * kPanel + c), r[i]);
+    }
+    for (; j < pairs; ++j)
+      for (int i = 0; i < 8; ++i) dst[j * kPanel + c + i] = src[(c + i) * K2 + j];
+  }
+  for (; c < cols; ++c)
+    for (int64_t j = 0; j < pairs; ++j) dst[j * kPanel + c] = src[c * K2 + j];
+  for (const int64_t last = std::min(kPanel, (cols + 15) / 16 * 16); c < last; ++c)
+    for (int64_t j = 0; j < pairs; ++j) dst[j * kPanel + c] = 0;
+}
+
+using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, int, float*, int64_t, bool, const char*,
+                         const char*);
 const MicroFn kMicros[kMicroRows] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>};
 
 // rows x cols of a tile's sums (row stride lds) + bias, activated, rounded into out (row stride ldo)
@@ -136,15 +183,18 @@ CPUGEN_AVX2 void widen_rows(const uint16_t* x, int64_t K, float* xs, int64_t ldx
 
 }  // namespace
 
-// The packed kernel on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
-// weight, bias (n) or null, out (M, n), all bf16 and contiguous. Rows of x in blocks of up to
-// kRowBlock (fewer where K is so wide that they would take over kScratchBytes), widened to fp32 once
-// per block; panels split across threads; each panel in chunks of kChunk k pairs (64 KiB, in L2)
-// that every group of up to 5 rows passes over, 16 outputs at a time (one row: all 64 at once, a
-// single stream); the sums wait in a tile of the block and are finished (bias, activation, bf16)
-// into the output as each panel ends.
-inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, int64_t n,
-                              const uint16_t* bp, int64_t act, uint16_t* op) {
+// The packed kernel on raw pointers, checked by the caller: x (M, K), w packed from an (n, K)
+// weight (kPlain: the plain (n, K) weight itself), bias (n) or null, out (M, n), all bf16 and
+// contiguous. Rows of x in blocks of up to kRowBlock (fewer where K is so wide that they would
+// take over kScratchBytes), widened to fp32 once per block; panels split across threads; each panel
+// in chunks of kChunk k pairs (64 KiB, in L2) that every group of up to 5 rows passes over, 16
+// outputs at a time (one row: all 64 at once, a single stream); the sums wait in a tile of the block
+// and are finished (bias, activation, bf16) into the output as each panel ends. kPlain: each chunk
+// is first packed from the plain weight into a buffer of the thread's (as BLAS packs its
+// operands), so the weight is read once per block of rows and never held twice.
+template <bool kPlain>
+void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, int64_t n, const uint16_t* bp,
+                int64_t act, uint16_t* op) {
   if (M == 0) return;
   const int64_t K2 = K / 2, np = (n + kPanel - 1) / kPanel;
   thread_local cpugen_gemv_avx2::HugeScratch xf;  // a block of x widened
@@ -153,26 +203,33 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
   float* xs = xf.get(std::min(M, block) * ldx);
   for (int64_t m1 = 0; m1 < M; m1 += block) {
     const int64_t rows = std::min(block, M - m1);
-    const int64_t groups = (rows + kMicroRows - 1) / kMicroRows;  // of 5 or 6 rows, as even as they go
+    const int64_t groups = (rows + kMicroRows - 1) / kMicroRows;  // of 4 or 5 rows, as even as they go
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { widen_rows(xp + m1 * K, K, xs, ldx, r0, r1); });
     at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
-      const char* end = reinterpret_cast<const char*>(pp + p1 * K * kPanel);
+      const char* end = reinterpret_cast<const char*>(wp + p1 * K * kPanel);
       std::vector<float> tile(rows * kPanel);
+      std::vector<uint32_t> packed(kPlain ? kChunk * kPanel : 0);  // one chunk of a panel (kPlain)
       for (int64_t q = p0; q < p1; ++q) {
-        const uint16_t* panel = pp + q * K * kPanel;
+        const uint16_t* panel = wp + q * K * kPanel;
         const int64_t cols = std::min(kPanel, n - q * kPanel);
         const int quarters = static_cast<int>((cols + 15) / 16);
         for (int64_t c0 = 0; c0 < K2; c0 += kChunk) {
           const int64_t c1 = std::min(K2, c0 + kChunk);
+          const uint16_t* r = panel + c0 * 2 * kPanel;  // the chunk's first pair row
           const char* next = reinterpret_cast<const char*>(panel + c1 * 2 * kPanel);
+          if (kPlain) {
+            pack_chunk(reinterpret_cast<const uint32_t*>(wp), K2, q * kPanel, cols, c0, c1 - c0, packed.data());
+            r = reinterpret_cast<const uint16_t*>(packed.data());
+            next = nullptr;
+          }
           if (rows == 1) {
-            micro_row(xs, panel, tile.data(), c0, c1, c0 > 0, next, end);
+            micro_row(xs + 2 * c0, r, c1 - c0, tile.data(), c0 > 0, next, end);
             continue;
           }
           for (int64_t g = 0; g < groups; ++g) {
             const int64_t m0 = g * rows / groups, mb = (g + 1) * rows / groups - m0;
             for (int j = 0; j < quarters; ++j)
-              kMicros[mb - 1](xs + m0 * ldx, ldx, panel, j, tile.data() + m0 * kPanel, kPanel, c0, c1, c0 > 0,
+              kMicros[mb - 1](xs + m0 * ldx + 2 * c0, ldx, r, c1 - c0, j, tile.data() + m0 * kPanel, kPanel, c0 > 0,
                               g == 0 ? next : nullptr, end);
           }
         }
@@ -180,6 +237,18 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
       }
     });
   }
+}
+
+// linear_raw on cpugen's packed layout (the decode stack calls it)
+inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, int64_t n,
+                              const uint16_t* bp, int64_t act, uint16_t* op) {
+  linear_raw<false>(xp, M, K, pp, n, bp, act, op);
+}
+
+// linear_raw on a plain (n, K) weight, packing it a chunk at a time (the decode stack calls it)
+inline void linear_plain_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, int64_t n,
+                             const uint16_t* bp, int64_t act, uint16_t* op) {
+  linear_raw<true>(xp, M, K, wp, n, bp, act, op);
 }
 
 inline bool packed_available() { return cpugen_vec2::supported(); }
@@ -190,6 +259,18 @@ inline torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& 
                                    const c10::optional<torch::Tensor>& bias, int64_t act) {
   TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU lacks AVX2 and FMA");
   return cpugen_packed::linear_packed_with(linear_packed_raw, x, p, n, bias, act);
+}
+
+// x (M, K) bf16 (any M), w (n, K) bf16, plain, bias (n,) or none, act -> act(x W^T + bias) (M, n)
+// bf16: the packed kernel with w packed a chunk at a time as it goes; for more than kPlainAbove
+// rows of x on weights kept plain (prefill; fewer rows run faster through the gemv)
+inline torch::Tensor linear_plain(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+                                  int64_t act) {
+  TORCH_CHECK(packed_available(), "cpugen linear_plain: this CPU lacks AVX2 and FMA");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "cpugen linear_plain: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && w.size(1) % 2 == 0,
+              "cpugen linear_plain: x (M, K) and w (n, K) with K even");
+  return cpugen_packed::run_linear(linear_plain_raw, "cpugen linear_plain", x, w.contiguous(), w.size(0), bias, act);
 }
 
 }  // namespace cpugen_packed_avx2

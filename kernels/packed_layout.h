@@ -54,27 +54,36 @@ inline bool fits(const torch::Tensor& x, const torch::Tensor& p, int64_t n) {
          (n + kPanel - 1) / kPanel == p.size(0) && p.is_contiguous();
 }
 
-// linear_packed's checks and output around a level's kernel on raw pointers, `raw` (x, M, K, p, n,
-// bias or null, act, out): x (M, K) bf16, p the packed form of an (n, K) weight, bias (n,) or none,
-// act an activation code (vec_math.h's Act) -> act(x W^T + bias) (M, n) bf16
+// act(x W^T + bias) (M, n) bf16 through a level's kernel on raw pointers, `raw` (x, M, K, w, n,
+// bias or null, act, out), for x (M, K) bf16 and w, the weight in the form `raw` reads (checked by
+// the caller); `what` names the kernel in errors
+template <class Raw>
+torch::Tensor run_linear(Raw raw, const char* what, const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                         const c10::optional<torch::Tensor>& bias, int64_t act) {
+  TORCH_CHECK(act >= 0 && act <= 4, what, ": unknown activation ", act);
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, what, ": bias of ", bias->numel(), " for ", n, " outputs");
+    bc = bias->to(at::kBFloat16).contiguous();
+  }
+  auto out = torch::empty({M, n}, x.options());
+  raw(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr()), n,
+      bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr, act,
+      reinterpret_cast<uint16_t*>(out.data_ptr()));
+  return out;
+}
+
+// linear_packed's checks and output around a level's kernel on raw pointers (run_linear): x (M, K)
+// bf16, p the packed form of an (n, K) weight, bias (n,) or none, act an activation code
+// (vec_math.h's Act) -> act(x W^T + bias) (M, n) bf16
 template <class Raw>
 torch::Tensor linear_packed_with(Raw raw, const torch::Tensor& x, const torch::Tensor& p, int64_t n,
                                  const c10::optional<torch::Tensor>& bias, int64_t act) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && p.scalar_type() == at::kBFloat16, "cpugen linear_packed: bf16 only");
   TORCH_CHECK(fits(x, p, n), "cpugen linear_packed: x (M, K) and a packed (n, K) weight");
-  TORCH_CHECK(act >= 0 && act <= 4, "cpugen linear_packed: unknown activation ", act);
-  const auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
-  torch::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n, "cpugen linear_packed: bias of ", bias->numel(), " for ", n, " outputs");
-    bc = bias->to(at::kBFloat16).contiguous();
-  }
-  auto out = torch::empty({M, n}, x.options());
-  raw(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, reinterpret_cast<const uint16_t*>(p.data_ptr()), n,
-      bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr()) : nullptr, act,
-      reinterpret_cast<uint16_t*>(out.data_ptr()));
-  return out;
+  return run_linear(raw, "cpugen linear_packed", x, p, n, bias, act);
 }
 
 }  // namespace cpugen_packed

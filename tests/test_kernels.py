@@ -400,10 +400,11 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
     before, plain = weight_bytes(model), run()
     backends.apply(model, "eager", torch.bfloat16)
     eager.for_batch(model, "eager", torch.bfloat16, 1)
-    widened = not cpu_info()["avx512"]  # oneDNN's bf16 reorder needs AVX-512; without it bf16 is widened
-    assert eager.decode_matmul(model, "eager", 1) in (("cpugen-gemv-avx2",) if widened else ("cpugen-gemv", "torch"))
+    # oneDNN's bf16 reorder needs AVX-512; without it the packed kernel takes the plain weights
+    avx2 = not cpu_info()["avx512"]
+    assert eager.decode_matmul(model, "eager", 1) in (("cpugen-gemv-avx2",) if avx2 else ("cpugen-gemv", "torch"))
     eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch(model) + 1)
-    assert eager.decode_matmul(model, "eager", eager.gemv_max_batch(model) + 1) == ("torch-widened" if widened
+    assert eager.decode_matmul(model, "eager", eager.gemv_max_batch(model) + 1) == ("cpugen-plain" if avx2
                                                                                 else "onednn-packed")
     assert all(m.weight is None for m in model.blocks.modules() if hasattr(m, "onednn") and m.onednn is not None)
     assert weight_bytes(model) == before
@@ -498,7 +499,8 @@ def test_the_eager_backend_widens_only_where_the_cpu_lacks_avx512(monkeypatch):
 @needs_native
 def test_every_avx2_kernel_matches_its_reference():
     """kernels/avx2.cpp: every x86-64 CPU with AVX2 and FMA runs it, AVX-512 or not: the gemv at
-    every shape and epilogue, decode attention and the decode step (GQA, strided caches, partial
+    every shape and epilogue, the packed layout's kernel on packed weights and on plain ones (packing
+    them as it goes), decode attention and the decode step (GQA, strided caches, partial
     and no rotary, exact cache writes), the norms, a GLU's product and the argmax (ties, NaN,
     infinities, row tails), each against kernels/reference.py or torch."""
     from kernels import check_decode_attention, check_step_ops
@@ -520,6 +522,14 @@ def test_every_avx2_kernel_matches_its_reference():
         ext.linear_packed(torch.randn(3, 62).bfloat16(), p, 8, None)  # K does not match
     with pytest.raises(RuntimeError, match="packed"):
         ext.linear_packed(torch.randn(3, 64).bfloat16(), p, 65, None)  # 65 outputs need two panels
+    # the same kernel on plain weights, packing them as it goes (prefill above the gemv's rows)
+    results = check_gemv.check_plain(ext, seed=8)
+    assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.PACKED_SHAPES)
+    for x, w, b, what in ((torch.randn(3, 63), torch.randn(8, 63), None, "K even"),
+                          (torch.randn(3, 64), torch.randn(8, 62), None, "K even"),
+                          (torch.randn(3, 64), torch.randn(8, 64), torch.randn(7), "bias of 7 for 8")):
+        with pytest.raises(RuntimeError, match=what):
+            ext.linear_plain(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16())
     assert len(check_decode_attention.check(ext, seed=5)) == len(check_decode_attention.SHAPES)
     assert len(check_decode_attention.check_step(ext, seed=6)) == len(check_decode_attention.STEP_SHAPES)
     assert (check_step_ops.check_argmax(ext), check_step_ops.check_norm(ext), check_step_ops.check_glu(ext)) == (72, 6, 12)
@@ -549,30 +559,34 @@ def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
 
 @needs_native
 @pytest.mark.parametrize("batch", [7, 32])
-def test_decode_batches_up_to_32_through_the_avx2_gemv(batch):
-    """Above 4 rows the AVX2 gemv takes x in blocks of 4 rows against chunks of W's rows
-    (kernels/gemv_avx2.h), up to 32: decode at 7 and 32 sequences through it gives the greedy tokens
-    of torch's ops on the same weights, the logits within a few bf16 roundings; where the CPU has no
-    AVX-512 the decode stack takes those batches too, with the Python blocks' logits exactly.
-    Prefill (4 tokens a sequence) goes through the gemv at batch 7 (28 rows) and through the widened
-    fp32 GEMM at batch 32 (128 rows, past the gemv's 32)."""
+def test_decode_batches_up_to_32_on_plain_weights_at_the_avx2_level(batch):
+    """At the AVX2 level, plain weights go through the AVX2 gemv up to 16 rows of x (above 4 it takes
+    x in blocks of 4 rows against chunks of W's rows: kernels/gemv_avx2.h) and above that through
+    the packed layout's kernel, packing them a chunk at a time as it goes (linear_plain), which
+    leaves them as they were: decode at 7 and 32 sequences gives the greedy tokens of torch's ops on
+    the same weights, the logits within a few bf16 roundings; where the CPU has no AVX-512 the decode
+    stack takes those batches too, with the Python blocks' logits exactly. Prefill (4 tokens a
+    sequence: 28 and 128 rows) goes through linear_plain."""
     cfg = from_name("gptj-1b").with_layers(1)
     model = random_model(cfg, torch.bfloat16, 0)
     prompts = Prompts(torch.randint(1000, (batch, 4), generator=torch.Generator().manual_seed(3)),
                       torch.ones(batch, 4, dtype=torch.bool))
     ref = _decode(model, prompts, 3)
     ext = native.extension("avx2")
+    above = ext.plain_above()
     if cpu_info()["avx512"]:  # the AVX2 level's matmul route by hand, block by block
         eager._route(model, ext, None, rows=ext.max_rows())
     else:  # the backend's own choice on this CPU with the weights plain, the decode stack included
         assert eager.install(model, pack=False) and model.decode_stack is not None and model.decode_stack_rows == 32
-        assert eager.decode_matmul(model, "eager", batch) == "cpugen-gemv-avx2"
-    kernel = _Counted(None)
+    assert eager.decode_matmul(model, "eager", batch) == ("cpugen-gemv-avx2" if batch <= above else "cpugen-plain")
+    kernel, plain = _Counted(None), _Counted(None)
+    weights = [m.weight for m in model.modules() if type(m) is Linear]
     for m in model.modules():
         if type(m) is Linear:
-            m.kernel = _Counted(m.kernel)
-            m.kernel.calls = kernel.calls
+            m.kernel, m.plain_kernel = _Counted(m.kernel), _Counted(m.plain_kernel)
+            m.kernel.calls, m.plain_kernel.calls = kernel.calls, plain.calls
     got = _decode(model, prompts, 3)  # (4, B, V)
+    assert all(m.weight is w for m, w in zip([m for m in model.modules() if type(m) is Linear], weights))  # left plain
     tg, tr, scale = got.argmax(-1), ref.argmax(-1), ref.abs().max()
     for b in range(batch):
         # the same tokens, except where the random model's logits nearly tie (a gap of a bf16
@@ -584,13 +598,17 @@ def test_decode_batches_up_to_32_through_the_avx2_gemv(batch):
             assert ref[last, b, tr[last, b]] - ref[last, b, tg[last, b]] < 0.02 * scale, (b, last)
         assert ((got[: last + 1, b] - ref[: last + 1, b]).abs().max() / scale).item() < 0.03, b
     assert (tg == tr).all(0).sum() >= batch - 2  # near-ties are rare
-    prefill = [4 * batch] * 4 if 4 * batch <= 32 else []  # its four matmuls; the lm_head: the last position
+    # prefill's four matmuls, its lm_head (the last position), then 3 steps x 5 matmuls: each
+    # through the gemv up to `above` rows, through linear_plain past them
+    calls = [4 * batch] * 4 + [batch] * 16
+    split = lambda cs: ([c for c in cs if c <= above], [c for c in cs if c > above])  # noqa: E731
     if model.decode_stack is not None:
-        assert kernel.calls == prefill + [batch]  # decode went through the stack, not the Python blocks
+        assert (kernel.calls, plain.calls) == split(calls[:5])  # decode went through the stack, not the Python blocks
         model.decode_stack = None
         kernel.calls.clear()
+        plain.calls.clear()
         assert torch.equal(_decode(model, prompts, 3), got)
-    assert kernel.calls == prefill + [batch] * 16  # the prefill's lm_head, then 3 steps x 5 matmuls
+    assert (kernel.calls, plain.calls) == split(calls)
 
 
 @needs_native
@@ -623,7 +641,7 @@ def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypa
     assert model.decode_stack is not None and model.decode_stack_rows == stack.ANY_BATCH
     got = _decode(model, prompts, 3)  # (4, B, V)
     tg, tr, scale = got.argmax(-1), ref.argmax(-1), ref.abs().max()
-    for b in range(batch):  # as in test_decode_batches_up_to_32_through_the_avx2_gemv
+    for b in range(batch):  # as in test_decode_batches_up_to_32_on_plain_weights_at_the_avx2_level
         flips = (tg[:, b] != tr[:, b]).nonzero().flatten().tolist()
         last = flips[0] if flips else tg.shape[0] - 1
         if flips:

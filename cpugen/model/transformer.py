@@ -30,6 +30,8 @@ class Linear(nn.Linear):
     - `panels`: the weight repacked once into cpugen's packed layout (kernels/gemv_bf16.h), which
       `panel_kernel` multiplies for any number of rows, decode and prefill alike;
     - `kernel`: the gemv on the plain weight, for skinny inputs (decode: at most `kernel_rows`);
+    - `plain_kernel`: above `plain_above` rows, cpugen's packed-layout kernel on the plain weight,
+      packing it a chunk at a time as it goes (the AVX2 level: kernels/packed_avx2.h);
     - `onednn`: the weight reordered into oneDNN's blocked layout (large decode batches);
     otherwise F.linear (oneDNN on the plain weight). `act` names an activation applied to the
     output: inside the native kernels' epilogue where they run, after the matmul otherwise."""
@@ -39,6 +41,8 @@ class Linear(nn.Linear):
     onednn = None  # the weight in oneDNN's blocked layout, once to_onednn() has replaced it
     panels = None  # the weight in cpugen's packed layout (N/64, K/2, 128), once to_panels() has replaced it
     panel_kernel = None  # (x (M, K), panels, N, bias, act code) -> (M, N)
+    plain_kernel = None  # (x (M, K), weight (N, K), bias, act code) -> (M, N), for more than plain_above rows
+    plain_above = None
     widen_above = None  # rows above which bf16 runs as fp32 GEMM on widened blocks (widened_linear)
 
     def to_onednn(self):
@@ -67,6 +71,10 @@ class Linear(nn.Linear):
             return y.view(*x.shape[:-1], y.shape[-1])
         if self.onednn is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.onednn, self.bias, "none", [], "")
+        elif (self.plain_kernel is not None and x.dtype == self.weight.dtype == torch.bfloat16
+              and x.numel() > self.plain_above * x.shape[-1]):
+            y = self.plain_kernel(x.reshape(-1, x.shape[-1]), self.weight, self.bias, KERNEL_ACT[act])  # (M, N)
+            return y.view(*x.shape[:-1], y.shape[-1])
         elif self.kernel is not None and x.dtype == torch.bfloat16 and x.numel() <= self.kernel_rows * x.shape[-1]:
             y = self.kernel(x.reshape(-1, x.shape[-1]), self.weight, self.bias, KERNEL_ACT[act])  # (M, N)
             return y.view(*x.shape[:-1], y.shape[-1])

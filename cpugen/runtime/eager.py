@@ -5,7 +5,8 @@
   which one kernel multiplies at every batch, prefill's included (docs/performance.md, "cpugen's
   packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
   layout, so the weights stay plain there; without AVX-512 they are packed for decode batches
-  above AVX2_PACK_ABOVE (`for_batch`), where kernels/packed_avx2.h beats the AVX2 gemv;
+  above AVX2_PACK_ABOVE (`for_batch`), where kernels/packed_avx2.h beats the AVX2 gemv, and until
+  then that kernel takes matmuls of more rows (prefill) on the plain weights, packing as it goes;
 - Attention gets the fused decode step (rotary, cache write, attention over the cache);
 - Norm and a GLU MLP's product get kernels/norm.h and kernels/glu.h, which the decode stack runs
   too, so the Python blocks and the stack agree bit for bit;
@@ -107,13 +108,15 @@ def _pack(model: Transformer, ext, pack: bool | None):
 
 def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
     """On CPUs with AVX2 but without AVX-512 (or CPUGEN_ISA=avx2): kernels/avx2.cpp's kernels, the
-    same routes as install() at 8 lanes: decode's matmuls up to the AVX2 gemv's rows (32: ahead of
-    the widened fp32 GEMM there, docs/performance.md) through that gemv, which streams the bf16
-    weights itself instead of PyTorch's bf16 path, the fused decode step, the norms, a GLU's
-    product, and where every block has them, the decode stack at the AVX2 level; prefill takes the
-    widened fp32 GEMM. With `pack` (by default only when for_batch asks, for batches above
-    AVX2_PACK_ABOVE), the weights go into cpugen's packed layout, which kernels/packed_avx2.h
-    multiplies at every batch, prefill's included."""
+    same routes as install() at 8 lanes: matmuls of up to 16 rows (decode) through the AVX2 gemv,
+    which streams the bf16 weights itself instead of PyTorch's bf16 path; larger ones (prefill,
+    larger batches) through the packed layout's kernel on the plain weights, packing them a chunk
+    at a time as it goes (`linear_plain`: 1.1-1.7x the widened fp32 GEMM it replaces,
+    docs/performance.md); the fused decode step, the norms, a GLU's product, and where every block
+    has them, the decode stack at the AVX2 level (up to the gemv's 32 rows). With `pack` (by
+    default only when for_batch asks, for batches above AVX2_PACK_ABOVE), the weights go into
+    cpugen's packed layout, which kernels/packed_avx2.h multiplies at every batch, prefill's
+    included."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
     ext = native.extension("avx2")
@@ -128,10 +131,14 @@ def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
 
 def _route(model: Transformer, ext, attn, rows: int | None = None):
     """Gives every module its native kernel: `ext`'s gemv (for up to `rows` rows of x where given,
-    else Linear.kernel_rows), norm and GLU product, `attn`'s decode step (or none)."""
+    else Linear.kernel_rows) and, where `ext` has one (the AVX2 level), its packed kernel on plain
+    weights for more than its plain_above() rows, norm and GLU product, `attn`'s decode step (or
+    none)."""
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel = ext.gemv
+            if hasattr(ext, "linear_plain") and m.in_features % 2 == 0:
+                m.plain_kernel, m.plain_above = ext.linear_plain, ext.plain_above()
             if rows is not None:
                 m.kernel_rows = rows
         elif isinstance(m, Attention) and attn is not None and stack.attention_supported(m.hd):
@@ -228,6 +235,11 @@ def decode_matmul(model: Transformer, backend: str, batch: int | None = None) ->
         return "cpugen-packed"
     if getattr(block, "onednn", None) is not None:
         return "onednn-packed"
+    plain = getattr(block, "plain_kernel", None) is not None
+    if plain and batch is not None and batch > block.plain_above:
+        return "cpugen-plain"
     if getattr(block, "kernel", None) is not None and (batch is None or batch <= block.kernel_rows):
         return "cpugen-gemv" if cpu_info()["avx512"] else "cpugen-gemv-avx2"
+    if plain:
+        return "cpugen-plain"
     return "torch-widened" if getattr(block, "widen_above", None) is not None else "torch"
