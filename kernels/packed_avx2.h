@@ -207,21 +207,23 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
     const int64_t groups = (rows + kMicroRows - 1) / kMicroRows;  // of 4 or 5 rows, as even as they go
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { widen_rows(xp + m1 * K, K, xs, ldx, r0, r1); });
     at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
-      const char* end = reinterpret_cast<const char*>(wp + p1 * K * kPanel);
+      const char* end = kPlain ? nullptr : reinterpret_cast<const char*>(wp + p1 * K * kPanel);  // of the thread's panels
       std::vector<float> tile(rows * kPanel);
       std::vector<uint32_t> packed(kPlain ? kChunk * kPanel : 0);  // one chunk of a panel (kPlain)
       for (int64_t q = p0; q < p1; ++q) {
-        const uint16_t* panel = wp + q * K * kPanel;
         const int64_t cols = std::min(kPanel, n - q * kPanel);
         const int quarters = static_cast<int>((cols + 15) / 16);
         for (int64_t c0 = 0; c0 < K2; c0 += kChunk) {
           const int64_t c1 = std::min(K2, c0 + kChunk);
-          const uint16_t* r = panel + c0 * 2 * kPanel;  // the chunk's first pair row
-          const char* next = reinterpret_cast<const char*>(panel + c1 * 2 * kPanel);
+          const uint16_t* r;  // the chunk's first pair row
+          const char* next = nullptr;  // the next chunk's, to prefetch (packed weights)
           if (kPlain) {
             pack_chunk(reinterpret_cast<const uint32_t*>(wp), K2, q * kPanel, cols, c0, c1 - c0, packed.data());
             r = reinterpret_cast<const uint16_t*>(packed.data());
-            next = nullptr;
+          } else {
+            const uint16_t* panel = wp + q * K * kPanel;
+            r = panel + c0 * 2 * kPanel;
+            next = reinterpret_cast<const char*>(panel + c1 * 2 * kPanel);
           }
           if (rows == 1) {
             micro_row(xs + 2 * c0, r, c1 - c0, tile.data(), c0 > 0, next, end);

@@ -578,7 +578,7 @@ def test_decode_batches_up_to_32_on_plain_weights_at_the_avx2_level(batch):
         eager._route(model, ext, None, rows=ext.max_rows())
     else:  # the backend's own choice on this CPU with the weights plain, the decode stack included
         assert eager.install(model, pack=False) and model.decode_stack is not None and model.decode_stack_rows == 32
-    assert eager.decode_matmul(model, "eager", batch) == ("cpugen-gemv-avx2" if batch <= above else "cpugen-plain")
+        assert eager.decode_matmul(model, "eager", batch) == ("cpugen-gemv-avx2" if batch <= above else "cpugen-plain")
     kernel, plain = _Counted(None), _Counted(None)
     weights = [m.weight for m in model.modules() if type(m) is Linear]
     for m in model.modules():
