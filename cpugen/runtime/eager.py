@@ -111,9 +111,9 @@ def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
     same routes as install() at 8 lanes: matmuls of up to 16 rows (decode) through the AVX2 gemv,
     which streams the bf16 weights itself instead of PyTorch's bf16 path; larger ones (prefill,
     larger batches) through the packed layout's kernel on the plain weights, packing them a chunk
-    at a time as it goes (`linear_plain`: 1.1-1.7x the widened fp32 GEMM it replaces,
-    docs/performance.md); the fused decode step, the norms, a GLU's product, and where every block
-    has them, the decode stack at the AVX2 level (up to the gemv's 32 rows). With `pack` (by
+    at a time as it goes (`linear_plain`: 1.08-1.67x the widened fp32 GEMM it replaces at 64-512
+    rows, docs/performance.md); the fused decode step, the norms, a GLU's product, and where every
+    block has them, the decode stack at the AVX2 level (up to the gemv's 32 rows). With `pack` (by
     default only when for_batch asks, for batches above AVX2_PACK_ABOVE), the weights go into
     cpugen's packed layout, which kernels/packed_avx2.h multiplies at every batch, prefill's
     included."""
@@ -235,11 +235,8 @@ def decode_matmul(model: Transformer, backend: str, batch: int | None = None) ->
         return "cpugen-packed"
     if getattr(block, "onednn", None) is not None:
         return "onednn-packed"
-    plain = getattr(block, "plain_kernel", None) is not None
-    if plain and batch is not None and batch > block.plain_above:
-        return "cpugen-plain"
+    if getattr(block, "plain_kernel", None) is not None and batch is not None and batch > block.plain_above:
+        return "cpugen-plain"  # set beside the gemv, for every batch past plain_above
     if getattr(block, "kernel", None) is not None and (batch is None or batch <= block.kernel_rows):
         return "cpugen-gemv" if cpu_info()["avx512"] else "cpugen-gemv-avx2"
-    if plain:
-        return "cpugen-plain"
     return "torch-widened" if getattr(block, "widen_above", None) is not None else "torch"
