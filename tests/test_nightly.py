@@ -287,11 +287,13 @@ def test_a_real_slowdown_of_one_figure_is_named_and_nothing_else(short_history):
     assert all("measured again (3)" in x and "not reproduced" not in x for x in flagged)  # it reproduces
     assert sorted("batch 1," in x for x in flagged + busy) == [False, True]  # one line per batch
     for x in flagged:
-        # 1/1.5 - 1 = -33%, give or take the host's noise: raw, and against the limits measured around
-        # the row, which take out a bandwidth regime the host moved into (in one run here batch 1 read
-        # -51.1% raw, -37.5% against its limits)
+        # 1/1.5 - 1 = -33%, give or take the host's noise. The raw figure moves with the host's bandwidth
+        # regime (one run here read -51.1% raw, another -18.4%); against the limits measured around the
+        # row (-37.5%, -29.5% in those runs) and in the re-measures (-33% to -37%) the regime is taken out.
         raw, normalized = (float(c) for c in re.findall(r"\((-?\d+\.\d)%;", x)[:2])
-        assert raw < -20 and -50 < normalized < -20, x
+        again = [float(c) for c in re.findall(r"measured again \(\d\): [\d.]+ tok/s \((-?\d+\.\d)%\)", x)]
+        assert raw < 0 and -50 < normalized < -20, x
+        assert len(again) == 3 and -50 < sorted(again)[1] < -20, x
     confirmations = [None, None] + [c for c in (1, 2, 3) for _ in flagged]  # the night, 3 re-measures of its flagged rows
     slow = lines(hist)[-len(confirmations):]
     assert [r.get("confirmation") for r in slow] == confirmations
