@@ -125,3 +125,46 @@ def test_run_records_its_placement():
     rec = json.loads(out.stdout)
     assert rec["placement"].startswith(f"{len(CORES)} threads pinned to cores")
     assert rec["cores"] == len(CORES)  # the process's cores, not the main thread's pinned one
+
+
+def test_each_tensor_parallel_rank_takes_its_own_node_as_the_os_reports(tmp_path):
+    # a fake two-node host whose node 0 holds this machine's last core and node 1 its first: each
+    # rank must get its own node's cores (not the first cores in order), be confined to them, and
+    # bind its memory to its node, as the kernel reports (rank 0: node 0, the one this host has)
+    if len(CORES) < 2:
+        pytest.fail("this check needs two usable cores, one for each fake node")
+    root = _fake_nodes(tmp_path, {0: str(CORES[-1]), 1: str(CORES[0])})
+    code = f"""
+import functools, json, os, torch
+from pathlib import Path
+from types import SimpleNamespace
+from cpugen.host import placement
+from cpugen.runtime import distributed, session
+fake = Path({str(root)!r})
+distributed.numa_nodes = lambda: placement.numa_nodes(fake)
+placement.apply = functools.partial(placement.apply, root=fake)
+ranks = [distributed.rank_cores(r, 2) for r in (0, 1)]
+p = session.place(1, SimpleNamespace(local_rank=0, local_world=2))
+x = torch.ones(64 << 20, dtype=torch.uint8)  # fresh pages under the rank's policy
+print(json.dumps(dict(ranks=ranks, affinity=sorted(os.sched_getaffinity(0)), said=p.describe())))
+print(open("/proc/self/numa_maps").read())
+"""
+    out = _python(code, CPUGEN_PIN="1")
+    got = json.loads(out.splitlines()[0])
+    assert got["ranks"] == [[CORES[-1]], [CORES[0]]], got
+    assert got["affinity"] == [CORES[-1]], got  # the whole process confined to its node's core
+    assert got["said"].startswith(f"1 threads pinned to cores {CORES[-1]}; 2 NUMA nodes, memory bound to node 0"), got
+    assert " bind:0 " in out
+    # more ranks than nodes with usable cores: an even split of the usable cores, in order
+    (tmp_path / "one").mkdir()
+    one = _fake_nodes(tmp_path / "one", {0: ",".join(map(str, CORES))})
+    code = f"""
+import json
+from pathlib import Path
+from cpugen.host import placement
+from cpugen.runtime import distributed
+distributed.numa_nodes = lambda: placement.numa_nodes(Path({str(one)!r}))
+print(json.dumps([distributed.rank_cores(r, 2) for r in (0, 1)]))
+"""
+    half = len(CORES) // 2
+    assert json.loads(_python(code)) == [CORES[:half], CORES[half:2 * half]]
