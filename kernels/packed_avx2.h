@@ -39,8 +39,8 @@ constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (x widene
 constexpr int64_t kPad = 16;
 // rows of x above which linear_plain (this kernel on plain weights, packed as it goes) runs ahead of
 // the AVX2 gemv: gptj-1b's matrices, 2 Zen 3 threads, `python kernels/bench_gemv.py --tflops --rows
-// 16,20,24,32 --repeat 5 --layers 1`, two runs: 0.83-1.01x the gemv at 16 rows, 1.09x at 20, 1.06x
-// at 24, 1.11-1.13x at 32 (docs/performance.md)
+// 16,32,... --repeat 5 --layers 1`, then `--rows 16,20,24,32,...`: 0.83-1.01x the gemv at 16 rows,
+// 1.09x at 20, 1.06x at 24, 1.11-1.13x at 32 (docs/performance.md)
 constexpr int64_t kPlainAbove = 16;
 constexpr int64_t kScratchBytes = 8 << 20;  // the most a block of widened x takes: wide models get fewer rows a block
 

@@ -293,9 +293,10 @@ def test_a_real_slowdown_of_one_figure_is_named_and_nothing_else(short_history):
         raw, normalized = (float(c) for c in re.findall(r"\((-?\d+\.\d)%;", x)[:2])
         again = [float(c) for c in re.findall(r"measured again \(\d\): [\d.]+ tok/s \((-?\d+\.\d)%\)", x)]
         assert raw < 0 and -50 < normalized < -20, x
-        # the re-measures are raw too: their median must show at least the 15% slowdown, and
-        # no more than the planted third with the host's slow regime (about 1.5x) on top of it
-        assert len(again) == 3 and -65 < sorted(again)[1] < -15, x
+        # the re-measures are raw too, so the host's regime moves them: their median must be worse
+        # than the 10% floor (as "worse again" says) and no worse than the planted third with the
+        # host's slow regime (about 1.5x) on top of it
+        assert len(again) == 3 and -65 < sorted(again)[1] < -10, x
     confirmations = [None, None] + [c for c in (1, 2, 3) for _ in flagged]  # the night, 3 re-measures of its flagged rows
     slow = lines(hist)[-len(confirmations):]
     assert [r.get("confirmation") for r in slow] == confirmations
