@@ -152,7 +152,8 @@ print(open("/proc/self/numa_maps").read())
     out = _python(code, CPUGEN_PIN="1")
     got = json.loads(out.splitlines()[0])
     assert got["ranks"] == [[CORES[-1]], [CORES[0]]], got
-    assert got["affinity"] == [CORES[-1]], got  # the whole process confined to its node's core
+    # the main thread, and so every thread started after it, confined to its node's core
+    assert got["affinity"] == [CORES[-1]], got
     assert got["said"].startswith(f"1 threads pinned to cores {CORES[-1]}; 2 NUMA nodes, memory bound to node 0"), got
     assert " bind:0 " in out
     # more ranks than nodes with usable cores: an even split of the usable cores, in order
