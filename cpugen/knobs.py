@@ -51,7 +51,7 @@ KNOBS = (
     # Recorded, but never part of the configuration key: it exists to plant a regression that the
     # nightly job must catch when it compares the run with its unslowed history.
     Knob("CPUGEN_TEST_SLOWDOWN", "0", None, False,
-         "for tests: each timed decode step sleeps this fraction of its own time (0.2: decode 20 percent slower)"),
+         "for tests: each timed prefill and decode step sleeps this fraction of its own time (0.25: both 20 percent slower)"),
 )
 BY_NAME = {k.name: k for k in KNOBS}
 RENAMED = {"CPUGEN_PACK": "CPUGEN_REORDER"}  # a name that meant two things ("pack"): oneDNN's reorder

@@ -201,11 +201,18 @@ def test_bad_sweep_files_say_what_is_wrong(tmp_path):
                            ({"name": "x", "model": "m", "settings": [{**setting, "gen_len": 0}]}, "gen_len"),
                            ({"name": "x", "model": "m", "settings": [setting], "repeat": 0}, "repeat must be at least 1"),
                            ({"name": "x", "model": "m", "settings": []}, "settings must be a non-empty list"),
+                           ({"name": "x", "model": "m", "settings": [setting], "judge": ["tok/s"]},
+                            "judge must be a non-empty list of figures from token_throughput"),
+                           ({"name": "x", "model": "m", "settings": [{**setting, "judge": []}]}, "settings\\[0\\].judge"),
                            ({"name": "x", "settings": [setting]}, "missing 'model'")):
         with pytest.raises(CpugenError, match=fragment):
             from_dict(body, "t.json")
     with pytest.raises(CpugenError, match="at least 1"):
         parse_batch_sizes("4,0")
+    # a setting may judge its own figures (a long prompt's prefill), the others the sweep's
+    sw = from_dict({"name": "x", "model": "m", "judge": ["token_throughput"], "settings": [
+        setting, {**setting, "name": "long", "prompt_len": 512, "judge": ["prompt_flops"]}]}, "t.json")
+    assert [st.judge for st in sw.settings] == [None, ["prompt_flops"]] and sw.judge == ["token_throughput"]
 
 
 class _Tty:

@@ -234,7 +234,8 @@ def test_script_is_executable_and_documented():
 # --- real runs: the rule against this machine's own noise ---------------------------------------------------
 @pytest.fixture(scope="module")
 def short_history(tmp_path_factory):
-    """The shipped nightly-short sweep (gptj-1b, 2 layers, batches 1 and 4, five repeats) run 10 times
+    """The shipped nightly-short sweep (gptj-1b, 2 layers: decode at batches 1 and 4, a 256-token prefill
+    at batch 1; five repeats) run 10 times
     by a calibration into one history, then 5 nightly runs after it, each in a process of its own,
     all on unchanged code. The native kernels come from the usual cache (`python -m cpugen build`)."""
     d = tmp_path_factory.mktemp("short")
@@ -255,9 +256,12 @@ def test_ten_runs_then_five_more_on_unchanged_code_never_alarm(short_history):
     assert cal.returncode in (0, 1), cal.stdout + cal.stderr
     assert "judged nights" in cal.stdout and "a fixed 10% threshold" in cal.stdout
     spreads = (d / "cal" / "calibration.md").read_text().split("spread over the calibration nights")[1]
-    assert spreads.count("decode_efficiency") == 2  # both batches' spreads (a false alarm's line names it too)
+    assert spreads.count("decode_efficiency") == 3  # every row's spreads (a false alarm's line names it too)
     records = [r for r in lines(hist) if not r.get("confirmation")]  # re-measures of a suspect row aside
-    assert len(records) == 15 * 2
+    assert len(records) == 15 * 3
+    # each setting asks for its own figures: the decode rows not their tens-of-milliseconds prefill
+    assert sorted(tuple(r["judge"]) for r in records[:3]) == [("prompt_flops", "peak_rss_bytes")] + [
+        ("token_throughput", "peak_rss_bytes")] * 2
     assert all(r["repeats"] == 5 and r["limits_source"] == "measured around this row" for r in records)
     # and what the OS counted others as taking of the CPUs during each row, the host's own witness
     assert all(0 <= r["host_steal_share"] < 1 and 0 <= r["host_other_cpu_share"] < 1 for r in records)
@@ -265,39 +269,44 @@ def test_ten_runs_then_five_more_on_unchanged_code_never_alarm(short_history):
         # the whole verdict and comparison on failure (a noisy host's false alarm needs its numbers)
         assert p.returncode == 0, f"night {i}:\n{p.stdout}{p.stderr}\n{(d / f'n{i}' / 'report.md').read_text()[:6000]}"
         assert p.stdout.startswith("no regression"), p.stdout
-        assert "4 figures: 4 judged against their history (0 regressed" in p.stdout, p.stdout  # decode, memory
+        # decode and memory of both decode rows, prompt FLOPS and memory of the prefill row
+        assert "6 figures: 6 judged against their history (0 regressed" in p.stdout, p.stdout
 
 
 def test_a_real_slowdown_of_one_figure_is_named_and_nothing_else(short_history):
     d, hist, _, _ = short_history
-    # every timed decode step sleeps half its own time: decode throughput falls by a third, prompt
-    # FLOPS and memory stay. (A planted 20% is not always beyond 3 spreads of a noisy history: in one
-    # CI run batch 4's spread was 8.0%, its bound 24.1%, and -22.7% was rightly not flagged.)
+    # every timed prefill and decode step sleeps half its own time: decode throughput and prompt FLOPS
+    # fall by a third, memory stays. Judged: the decode rows' throughput, the prefill row's prompt FLOPS.
+    # (A planted 20% is not always beyond 3 spreads of a noisy history: in one CI run batch 4's spread
+    # was 8.0%, its bound 24.1%, and -22.7% was rightly not flagged.)
     p = nightly("--sweep", "nightly-short", "--history", hist, "--report-dir", d / "slow", "--quiet",
-                "--confirm-pause", "2", env={"CPUGEN_TEST_SLOWDOWN": "0.5", "CPUGEN_PIN": "1"}, timeout=300)
+                "--confirm-pause", "2", env={"CPUGEN_TEST_SLOWDOWN": "0.5", "CPUGEN_PIN": "1"}, timeout=420)
     assert p.returncode == 1, p.stdout + p.stderr
     out = p.stdout.splitlines()
     flagged = [x for x in out if x.startswith("REGRESSION ")]
-    # a batch whose row the OS saw other work take CPU time from is the host's by rule 3 (seen here:
-    # 8% of the CPUs' time against the history's 0%); every other batch must be flagged
+    # a row the OS saw other work take CPU time from is the host's by rule 3 (seen here: 8% of the
+    # CPUs' time against the history's 0%); every other slowed row must be flagged
     busy = [x for x in out if x.startswith("host ") and "the OS counted" in x]
     assert out[0].startswith(f"REGRESSION: {len(flagged)} figure(s)") and len(flagged) >= 1, p.stdout
-    assert len(flagged) + len(busy) == 2 and all(" token_throughput " in x for x in flagged + busy), out
-    assert all("decode_efficiency" in x for x in flagged), out
+    decode = [x for x in flagged + busy if " token_throughput " in x]
+    prefill = [x for x in flagged + busy if " prompt_flops " in x]
+    assert len(decode) == 2 and len(prefill) == 1 and len(flagged) + len(busy) == 3, out  # and nothing else
+    assert sorted("batch 1," in x for x in decode) == [False, True] and "256+2 batch 1," in prefill[0], out
+    assert all(("decode_efficiency" if " token_throughput " in x else "prefill_efficiency") in x for x in flagged), out
     assert all("measured again (3)" in x and "not reproduced" not in x for x in flagged)  # it reproduces
-    assert sorted("batch 1," in x for x in flagged + busy) == [False, True]  # one line per batch
     for x in flagged:
-        # 1/1.5 - 1 = -33%, give or take the host's noise. The raw figure moves with the host's bandwidth
-        # regime (one run here read -51.1% raw, another -18.4%); against the limits measured around the
-        # row (-37.5%, -29.5% in those runs) and in the re-measures (-33% to -37%) the regime is taken out.
+        # 1/1.5 - 1 = -33%, give or take the host's noise. The raw figure moves with the host's regime
+        # (one run here read a decode -51.1% raw, another -18.4%); against the limits measured around
+        # the row (-37.5%, -29.5% in those runs) and in the re-measures (-33% to -37%) it is taken out.
         raw, normalized = (float(c) for c in re.findall(r"\((-?\d+\.\d)%;", x)[:2])
-        again = [float(c) for c in re.findall(r"measured again \(\d\): [\d.]+ tok/s \((-?\d+\.\d)%\)", x)]
+        again = [float(c) for c in re.findall(r"measured again \(\d\): [\d.]+ \S+ \((-?\d+\.\d)%\)", x)]
         assert raw < 0 and -50 < normalized < -20, x
         # the re-measures are raw too, so the host's regime moves them: their median must be worse
         # than the 10% floor (as "worse again" says) and no worse than the planted third with the
         # host's slow regime (about 1.5x) on top of it
         assert len(again) == 3 and -65 < sorted(again)[1] < -10, x
-    confirmations = [None, None] + [c for c in (1, 2, 3) for _ in flagged]  # the night, 3 re-measures of its flagged rows
+    # the night, then 3 re-measures of its flagged rows
+    confirmations = [None] * 3 + [c for c in (1, 2, 3) for _ in flagged]
     slow = lines(hist)[-len(confirmations):]
     assert [r.get("confirmation") for r in slow] == confirmations
     # recorded, and kept out of the configuration key (which is why it was judged against the history)

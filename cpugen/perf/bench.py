@@ -37,6 +37,7 @@ class Setting:
     prompt_len: int
     gen_len: int
     batch_sizes: list  # positive ints and "auto"
+    judge: list | None = None  # the figures the nightly job judges in this setting's rows (default: the sweep's)
 
 
 @dataclass
@@ -117,9 +118,14 @@ def from_dict(d, source: str = "sweep") -> Sweep:
             bad(f"missing {k!r}")
     if not isinstance(d["name"], str) or not isinstance(d["model"], str):
         bad("name and model must be strings")
-    if d.get("judge") is not None and (not isinstance(d["judge"], list) or not d["judge"]
-                                       or not all(isinstance(x, str) for x in d["judge"])):
-        bad(f"judge must be a non-empty list of figure names, not {d['judge']!r}")
+    def check_judge(j, where):
+        from cpugen.perf.history import TRACKED
+
+        if j is not None and (not isinstance(j, list) or not j or not all(isinstance(x, str) for x in j)
+                              or not set(j) <= TRACKED.keys()):
+            bad(f"{where} must be a non-empty list of figures from {', '.join(TRACKED)}, not {j!r}")
+
+    check_judge(d.get("judge"), "judge")
     if not isinstance(d.get("compare", True), bool):
         bad(f"compare must be true or false, not {d['compare']!r}")
     for k, t in _OPTIONAL.items():
@@ -140,7 +146,7 @@ def from_dict(d, source: str = "sweep") -> Sweep:
         where = f"settings[{i}]"
         if not isinstance(s, dict):
             bad(f"{where} must be an object")
-        extra = sorted(set(s) - {"name", "prompt_len", "gen_len", "batch_sizes"})
+        extra = sorted(set(s) - {"name", "prompt_len", "gen_len", "batch_sizes", "judge"})
         if extra:
             bad(f"{where}: unknown keys {', '.join(extra)}")
         for k in ("prompt_len", "gen_len"):
@@ -150,8 +156,9 @@ def from_dict(d, source: str = "sweep") -> Sweep:
         if not isinstance(bs, list) or not bs or not all(
                 b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1) for b in bs):
             bad(f"{where}.batch_sizes must be a non-empty list of positive integers or \"auto\", not {bs!r}")
+        check_judge(s.get("judge"), f"{where}.judge")
         settings.append(Setting(s.get("name") or f"{s['prompt_len']}+{s['gen_len']}", s["prompt_len"],
-                                s["gen_len"], list(bs)))
+                                s["gen_len"], list(bs), s.get("judge")))
     return Sweep(**{k: v for k, v in d.items() if k != "settings" and v is not None}, settings=settings,
                  source=source)
 

@@ -164,6 +164,8 @@ def measure(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, repeats:
                 t0 = time.perf_counter()
                 logits = engine.prefill(prompts)
                 tok = argmax(logits)
+                if slow:  # a planted regression (CPUGEN_TEST_SLOWDOWN), inside the timed prefill
+                    time.sleep(slow * (time.perf_counter() - t0))
                 prompt_time = time.perf_counter() - t0
                 if s.group:
                     s.group.reset()  # from here: the decode steps' collectives

@@ -141,8 +141,9 @@ def _run_sweeps(sweeps, hist_path: Path, quiet: bool, mark: dict | None = None) 
             def keep(r: RunRecord, sw=sw):
                 if not sw.compare:
                     r.extra["compare"] = False
-                if sw.judge:
-                    r.extra["judge"] = list(sw.judge)
+                judge = next((st.judge for st in sw.settings if st.name == r.setting and st.judge), sw.judge)
+                if judge:
+                    r.extra["judge"] = list(judge)
                 r.extra.update(mark or {})
                 if _lead():
                     history.append(hist_path, [r])
