@@ -39,6 +39,30 @@ def test_run_json_has_every_contract_key():
     assert rec["peak_rss_bytes"] > rec["weight_bytes"]
 
 
+def test_one_generated_token_times_the_prompt_alone():
+    # --gen-len 1: no decode step. Its decode figures are null (strict JSON: no NaN), "-" in the
+    # table; the prompt pass is measured and set against the limits like any other
+    def strict(c):
+        raise ValueError(f"{c} in the record")
+
+    p = cli("run", "--model", "tiny-gptj", "--prompt-len", "16", "--gen-len", "1", "--batch-size", "2",
+            "--backend", "eager", "--json", "-")
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(p.stdout, parse_constant=strict)
+    assert rec["decode_steps"] == 0
+    for k in ("decode_time_per_token_s", "token_throughput", "token_flops", "decode_weight_gbps", "decode_efficiency",
+              "decode_time_min_s", "token_throughput_min"):
+        assert rec[k] is None, k
+    assert rec["prompt_flops"] == pytest.approx(2 * rec["prompt_flop_per_seq"] / rec["prompt_time_s"])
+    assert rec["prefill_efficiency"] > 0
+    p = cli("run", "--model", "tiny-gptj", "--prompt-len", "16", "--gen-len", "1", "--batch-size", "2",
+            "--backend", "eager")
+    assert p.returncode == 0, p.stderr
+    (row,) = [line.split(" | ") for line in p.stdout.splitlines() if line.startswith("| 2 |")]
+    assert row[1].endswith(" s") and row[3:8] == ["-"] * 5, row  # prompt time; decode's five figures
+    assert "Decode step times: none" in p.stdout
+
+
 def test_json_to_a_file_and_layers(tmp_path):
     out = tmp_path / "r.json"
     p = cli("run", "--model", "gptj-1b", "--layers", "1", "--prompt-len", "8", "--gen-len", "3", "--json", out,

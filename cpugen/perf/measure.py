@@ -65,15 +65,16 @@ class Timing:
     comm_calls: int = 0
 
 
-def decode_roofline_s(cfg: ModelConfig, roof, batch: int, prompt_len: int, gen_len: int, itemsize: int) -> float:
+def decode_roofline_s(cfg: ModelConfig, roof, batch: int, prompt_len: int, gen_len: int, itemsize: int) -> float | None:
     """Mean over the run's decode steps of the roofline time: the weights streamed once per step
-    plus the KV cache read at that step's context, against bandwidth; the step's FLOPs against peak."""
+    plus the KV cache read at that step's context, against bandwidth; the step's FLOPs against peak.
+    None for a run without decode steps (one generated token)."""
     weights = shapes.streamed_params(cfg) * itemsize
     times = []
     for c in range(prompt_len + 1, prompt_len + gen_len):  # keys attended by each decode step
         kv_read = kv_cache_bytes(cfg, batch, c, itemsize)
         times.append(roof.step_time(weights + kv_read, batch * flops.token_flops(cfg, c)))
-    return statistics.fmean(times)
+    return statistics.fmean(times) if times else None
 
 
 def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops, limits=None) -> dict:
@@ -84,13 +85,14 @@ def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops, limits=None) 
     roof = roofline.between(*limits) if limits else roofline.get(threads)
     ideal = decode_roofline_s(cfg, roof, B, P, G, itemsize)
     out = dict(roofline_read_gbps=roof.read_gbps, roofline_bf16_tflops=roof.bf16_tflops, decode_roofline_s=ideal,
-               decode_efficiency=ideal / step, prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
+               decode_efficiency=ideal / step if step and ideal else None,
+               prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
     # against the hardware: the register-only limit of the ISA level the matmuls ran at
     level = roofline.run_level()
     hw = roofline.hw_limits(threads).get(level) if level else None
     if hw:
         extra = _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, hw)
-        if max(extra["prefill_efficiency_hw"], extra["decode_efficiency_hw"]) > 1:  # a cached limit read low
+        if max(extra["prefill_efficiency_hw"], extra["decode_efficiency_hw"] or 0) > 1:  # a cached limit read low
             hw = roofline.hw_limits(threads, beaten=True).get(level) or hw
             extra = _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, hw)
         out["extra"] = extra
@@ -100,7 +102,7 @@ def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops, limits=None) 
 def _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, hw) -> dict:
     ideal_hw = decode_roofline_s(cfg, replace(roof, bf16_tflops=hw), B, P, G, itemsize)
     return {"hw_level": level, "hw_tflops": hw, "prefill_efficiency_hw": prompt_flops / (hw * 1e12),
-            "decode_efficiency_hw": ideal_hw / step}
+            "decode_efficiency_hw": ideal_hw / step if step and ideal_hw else None}
 
 
 def limits_extra(limits) -> dict:
@@ -223,22 +225,23 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
     step_means = [statistics.fmean(t.steps) for t in timings if t.steps]
     all_steps = [x for t in timings for x in t.steps]
     prompt_time = statistics.median(prompt_times)
-    nan = float("nan")
-    step = statistics.median(step_means) if step_means else nan
-    throughput = B / step if step_means else nan
-    roof = (_roofline(cfg, B, P, G, s.itemsize, s.threads, step, B * p_flop / prompt_time, limits)
-            if roofline and step_means else {})
+    # a run of one generated token (--gen-len 1) has no decode step: its decode figures are None
+    # (views print "-", JSON null), its prefill's are measured and judged as any other
+    step = statistics.median(step_means) if step_means else None
+    throughput = B / step if step else None
+    roof = _roofline(cfg, B, P, G, s.itemsize, s.threads, step, B * p_flop / prompt_time, limits) if roofline else {}
     hw_extra = roof.pop("extra", {})
     return RunRecord(
         **common, weight_bytes=weight_bytes(s.model), prompt_time_s=prompt_time, prompt_flops=B * p_flop / prompt_time,
-        decode_time_per_token_s=step, decode_time_median_s=statistics.median(all_steps) if all_steps else nan,
-        decode_time_min_s=min(all_steps, default=nan), decode_time_max_s=max(all_steps, default=nan),
-        decode_steps=len(timings[0].steps), token_throughput=throughput, token_flops=throughput * t_flop,
-        decode_weight_gbps=shapes.streamed_params(cfg) * s.itemsize / step / 1e9 if step_means else nan,
+        decode_time_per_token_s=step, decode_time_median_s=statistics.median(all_steps) if all_steps else None,
+        decode_time_min_s=min(all_steps, default=None), decode_time_max_s=max(all_steps, default=None),
+        decode_steps=len(timings[0].steps), token_throughput=throughput,
+        token_flops=throughput * t_flop if step else None,
+        decode_weight_gbps=shapes.streamed_params(cfg) * s.itemsize / step / 1e9 if step else None,
         peak_rss_bytes=peak, repeats=len(timings),
         prompt_flops_min=B * p_flop / max(prompt_times), prompt_flops_max=B * p_flop / min(prompt_times),
-        token_throughput_min=B / max(step_means) if step_means else nan,
-        token_throughput_max=B / min(step_means) if step_means else nan, **roof,
+        token_throughput_min=B / max(step_means) if step else None,
+        token_throughput_max=B / min(step_means) if step else None, **roof,
         extra={**plan_extra, "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
                "decode_matmul": eager.decode_matmul(s.model, s.backend, B),
                # what ran the timed decode steps, counted as they ran
@@ -266,7 +269,7 @@ def split_extra(s: Session, timings: list[Timing], step: float, peak: int) -> di
     comm = sum(t.comm_s for t in timings) / steps
     return {"tp": g.world, "tp_hosts": g.hosts, "tp_comm": g.comm, "tp_rank_peak_rss_bytes": peaks,
             "tp_max_rank_peak_rss_bytes": max(peaks), "tp_comm_s_per_step": comm,
-            "tp_comm_share": comm / step if step == step and step > 0 else None,
+            "tp_comm_share": comm / step if step else None,
             "tp_comm_bytes_per_step": sum(t.comm_bytes for t in timings) // steps,
             "tp_collectives_per_step": sum(t.comm_calls for t in timings) / steps}
 

@@ -102,16 +102,21 @@ ENV_KEYS = ("cpu", "avx2", "avx512", "avx512_bf16", "amx_bf16", "isa", "cpu_isa"
 # The reference page's columns, then what cpugen adds.
 COLUMNS = [
     ("Batch size", lambda r: f"{r.batch_size}"),
-    ("Prompt time", lambda r: f"{r.prompt_time_s:.2f} s"),
-    ("Prompt FLOPS", lambda r: f"{r.prompt_flops / 1e12:.3f} TFLOPS"),
-    ("Generate time per token per batch", lambda r: f"{r.decode_time_per_token_s:.3f} s"),
-    ("Token throughput", lambda r: f"{r.token_throughput:.2f} tok/s"),
-    ("Token FLOPS", lambda r: f"{r.token_flops / 1e12:.3f} TFLOPS"),
-    ("Decode weight GB/s", lambda r: f"{r.decode_weight_gbps:.1f}"),
+    ("Prompt time", lambda r: _num(r.prompt_time_s, ".2f", " s")),
+    ("Prompt FLOPS", lambda r: _num(r.prompt_flops, ".3f", " TFLOPS", 1e12)),
+    ("Generate time per token per batch", lambda r: _num(r.decode_time_per_token_s, ".3f", " s")),
+    ("Token throughput", lambda r: _num(r.token_throughput, ".2f", " tok/s")),
+    ("Token FLOPS", lambda r: _num(r.token_flops, ".3f", " TFLOPS", 1e12)),
+    ("Decode weight GB/s", lambda r: _num(r.decode_weight_gbps, ".1f")),
     ("Decode vs roofline", lambda r: _pct(r.decode_efficiency)),
     ("Prefill vs peak", lambda r: _pct(r.prefill_efficiency)),
-    ("Peak RSS", lambda r: f"{r.peak_rss_bytes / GiB:.2f} GiB"),
+    ("Peak RSS", lambda r: _num(r.peak_rss_bytes, ".2f", " GiB", GiB)),
 ]
+
+
+def _num(x: float | None, fmt: str, unit: str = "", scale: float = 1) -> str:
+    """A figure in its unit, or "-" where the run has none (no decode step at --gen-len 1)."""
+    return "-" if x is None else f"{format(x / scale, fmt)}{unit}"
 
 
 def _pct(x: float | None) -> str:
@@ -120,8 +125,8 @@ def _pct(x: float | None) -> str:
 
 # A sweep's table adds the spread over repeats.
 SWEEP_COLUMNS = COLUMNS + [
-    ("Token throughput min / max", lambda r: f"{r.token_throughput_min:.2f} / {r.token_throughput_max:.2f}"),
-    ("Prompt FLOPS min / max", lambda r: f"{r.prompt_flops_min / 1e12:.3f} / {r.prompt_flops_max / 1e12:.3f}"),
+    ("Token throughput min / max", lambda r: f"{_num(r.token_throughput_min, '.2f')} / {_num(r.token_throughput_max, '.2f')}"),
+    ("Prompt FLOPS min / max", lambda r: f"{_num(r.prompt_flops_min, '.3f', '', 1e12)} / {_num(r.prompt_flops_max, '.3f', '', 1e12)}"),
     ("Repeats", lambda r: f"{r.repeats}"),
 ]
 
@@ -167,7 +172,8 @@ def summary(r: RunRecord) -> str:
         f"for a sequence's prompt: {r.prompt_flop_per_seq / 1e12:.4g} TFLOPs",
         f"- KV cache: {r.kv_cache_bytes / GiB:.2f} GiB; CPU: {r.cpu}, {r.threads} threads, torch {r.torch_version}",
         f"- Decode step times: median {r.decode_time_median_s:.4f} s, min {r.decode_time_min_s:.4f} s, "
-        f"max {r.decode_time_max_s:.4f} s over {r.decode_steps} steps",
+        f"max {r.decode_time_max_s:.4f} s over {r.decode_steps} steps" if r.decode_steps
+        else "- Decode step times: none (one generated token: the prompt pass alone is timed)",
     ] + ([f"- Limits of this machine at {r.threads} threads: {r.roofline_read_gbps:.1f} GB/s read, "
           f"{r.roofline_bf16_tflops:.3f} TFLOP/s bf16 matmul (python -m cpugen roofline)"]
          if r.roofline_read_gbps else []))
