@@ -55,16 +55,24 @@ def fp32_gemm_tflops(n: int = 2048, repeats: int = 5) -> float:
     return best
 
 
-def check_rate() -> tuple[float, float]:
-    """(the FMA limit of the widest fp32 level, torch.mm's fp32 rate); raises where torch beats it."""
+def check_rate(tries: int = 3) -> tuple[float, float]:
+    """(the FMA limit of the widest fp32 level, torch.mm's fp32 rate); raises where torch beats it in
+    each of `tries` measurements of both, a second apart: a neighbour on a shared host can slow the
+    chains' short runs for a moment (seen in CI: chains 0.152 TFLOP/s, torch.mm 0.178, where the
+    chains read 0.205 on a quiet host), chains that do not measure the hardware stay below every time."""
     threads = torch.get_num_threads()
-    hw = roofline.measure_hw(threads)
-    fma = hw["avx512"] if "avx512" in hw else hw["avx2"]
-    mm = fp32_gemm_tflops()
-    if mm > 1.1 * fma:
-        raise AssertionError(f"torch.mm fp32 reached {mm:.3f} TFLOP/s on {threads} threads, above the register-only "
-                             f"FMA limit {fma:.3f}: the chains do not measure the hardware")
-    return fma, mm
+    seen = []
+    for i in range(tries):
+        if i:
+            time.sleep(1.0)
+        hw = roofline.measure_hw(threads)
+        fma = hw["avx512"] if "avx512" in hw else hw["avx2"]
+        mm = fp32_gemm_tflops()
+        if mm <= 1.1 * fma:
+            return fma, mm
+        seen.append(f"{mm:.3f} against {fma:.3f}")
+    raise AssertionError(f"torch.mm fp32 beat the register-only FMA limit on {threads} threads by more than 10% in "
+                         f"each of {tries} tries ({', '.join(seen)} TFLOP/s): the chains do not measure the hardware")
 
 
 if __name__ == "__main__":
