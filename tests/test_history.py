@@ -319,7 +319,7 @@ def test_a_figure_near_its_limit_follows_it_even_where_dividing_adds_a_little_no
         bws = [33.0 * x for x in (1.0, 0.97, 1.03, 1.0, 1.02, 0.98, 1.0, 0.99, 1.01, 1.0)]
         return [regime(i, bws[i], eff[i]) for i in range(10)]
 
-    for level, verdict in ((0.87, "host"), (0.40, "REGRESSION")):
+    for level, verdict in ((0.87, "host"), (0.61, "host"), (0.40, "REGRESSION")):  # 0.61: CI's batch 4
         hist = nights(level)
         tonight = regime(20, 33.0 * 0.74, level)  # the bandwidth 26% lower, the efficiency at its median
         f = by_figure(history.compare([tonight], hist))["token_throughput"]
@@ -327,7 +327,7 @@ def test_a_figure_near_its_limit_follows_it_even_where_dividing_adds_a_little_no
         assert f.verdict == verdict, (level, f.raw.spread, f.normalized.spread)
         line = history.report_lines([f])[0]
         if verdict == "REGRESSION":
-            assert "its limits do not excuse it: it runs at 40% of them (below 70%)" in line
+            assert "its limits do not excuse it: it runs at 40% of them (below 50%)" in line
         else:
             assert "the host was slower, not the code" in line
         # the code slower at the same level of bandwidth: a regression near the limit too

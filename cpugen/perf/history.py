@@ -301,10 +301,12 @@ class Finding:
 NORMALIZED = {"token_throughput": "decode_efficiency", "prompt_flops": "prefill_efficiency"}
 
 
-# a figure whose window runs at this share of its limits or more is bound by them: a slower limit
-# around its row explains it being slower (batch-1 decode with cpugen's gemv kernels runs at 72-90%
-# of the read bandwidth; a decode bound by widening bf16 or by PyTorch's GEMM runs far below it)
-NEAR_LIMIT = 0.70
+# a figure whose window runs at this share of its limits or more spends most of its time on them: a
+# slower limit around its row explains it being slower (batch-1 decode with cpugen's gemv kernels runs
+# at 72-97% of the read bandwidth, batch 4 at about 61%; a decode bound by widening bf16 or by
+# PyTorch's GEMM runs far below it). CI once alarmed on batch 4 at 61%: -17.8% raw with the bandwidth
+# read around it about 20% lower (efficiency +2.2%), through all three re-measures, when this was 70%.
+NEAR_LIMIT = 0.50
 
 # a row in which others (hypervisor steal, other processes) took more than this share of the CPUs'
 # time beyond what they took in the history's runs: a slower figure there is the host's
