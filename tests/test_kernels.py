@@ -13,7 +13,7 @@ from cpugen.host.cpu import cpu_info
 from cpugen.runtime.engine import Engine, Prompts, compute_context
 from cpugen.model.transformer import Linear
 from cpugen.model.weights import random_model
-from helpers import ROOT
+from helpers import ROOT, cli
 
 sys.path.insert(0, str(ROOT))
 from kernels import check_gemv, reference  # noqa: E402
@@ -693,16 +693,31 @@ def test_every_kernel_module_compiles_and_imports_here_even_where_it_cannot_run(
     """Each level's code is compiled with its own target attributes, so every module builds on any
     x86-64 machine, and importing one runs nothing of a level the CPU lacks (only the CPU checks):
     a module this CPU cannot run is still compiled and imported here, so a change that breaks the
-    AVX-512 code is caught on an AVX2-only host too."""
-    from torch.utils import cpp_extension
-
-    for name in (*native.MODULES, *native.X86):
+    AVX-512 code is caught on an AVX2-only host too. The ones not yet built compile side by side,
+    as `cpugen build` compiles them, each in a child process; the loads below find them built."""
+    names = (*native.MODULES, *native.X86)
+    took = native.compile_parallel(names)
+    assert not [w for w in took.values() if isinstance(w, str)], took
+    for name in names:
         if native.can_run(name) is None:
             assert native.extension(name) is not None, native.why_not(name)
             continue
-        d = native.build_dir(name)
-        d.mkdir(parents=True, exist_ok=True)
-        m = cpp_extension.load(name=f"cpugen_{name}", sources=[str(native.source_dir() / f"{name}.cpp")],
-                               extra_cflags=list(native.CFLAGS), extra_ldflags=list(native.LDFLAGS),
-                               build_directory=str(d), verbose=False)
+        m = native.compile_module(name)
         assert callable(getattr(m, "gemv", None) or getattr(m, "decode_step", None)), name
+
+
+def test_build_with_a_broken_compiler_says_why_for_each_module_and_runs_without_them(tmp_path):
+    """`cpugen build` where the compiler fails (CXX=false, an empty cache): every module this CPU
+    could run is reported unavailable with the compiler's error, in one line each, nothing hangs
+    or is left half-built, and a run afterwards takes torch's ops and says so."""
+    env = {"CXX": "false", "CPUGEN_CACHE": str(tmp_path)}
+    p = cli("build", env=env, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    lines = dict(line.split(": ", 1) for line in p.stdout.strip().splitlines())
+    runnable = [n for n in (*native.PORTABLE, *native.X86, *native.MODULES) if native.can_run(n) is None]
+    assert runnable and all(lines[n].startswith("unavailable: ") and "false" in lines[n] for n in runnable), lines
+    assert not list(tmp_path.glob("ext/*/*.so"))
+    r = cli("generate", "--model", "gptj-1b", "--layers", "1", "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+            env={**env, "CPUGEN_LIMITS": "cached"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "unavailable" in r.stderr and "Traceback" not in r.stderr, r.stderr

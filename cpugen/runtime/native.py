@@ -7,8 +7,9 @@ different ones (two checkouts, two versions) keep theirs side by side. A later p
 cached build in well under a second.
 
 Compiling peaks at about 1.6 GiB of resident memory in the compiler, outside every plan, so the
-install step builds them (`python -m cpugen build`); a run that would have to build them first
-says so (`missing_builds`). Where a build is impossible (no compiler, no ninja) or the CPU lacks
+install step builds them (`python -m cpugen build`: side by side, one child process per core as
+the free memory allows); a run that would have to build them first says so (`missing_builds`)
+and builds them one at a time. Where a build is impossible (no compiler, no ninja) or the CPU lacks
 the instructions, `extension()` is None, `why_not()` says why, and callers run torch's ops.
 What installs the kernels into a model: eager.py; the decode stack: stack.py.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cpugen import knobs
-from cpugen.host.cpu import cpu_info
+from cpugen.host.cpu import cpu_info, usable_cores
 
 MODULES = ("gemv_bf16", "decode_attention")  # AVX-512 kernels
 PORTABLE = ("threads",)  # thread pinning: any x86-64 or ARM CPU
@@ -120,6 +121,19 @@ def step_kernels():
     return extension("gemv_bf16") if cpu_info()["avx512"] else extension("avx2") if cpu_info()["avx2"] else None
 
 
+def compile_module(name: str):
+    """cpp_extension.load of kernels/<name>.cpp into its build directory, compiling it first where it
+    is not cached, whatever this CPU can run (importing a module runs only its CPU checks)."""
+    from torch.utils import cpp_extension
+
+    build = build_dir(name)
+    build.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build / "lock")
+    return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source_dir() / f"{name}.cpp")],
+                              extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(build),
+                              verbose=False)
+
+
 @lru_cache(maxsize=None)
 def extension(name: str = "gemv_bf16"):
     """The compiled module for kernels/<name>.cpp (built first if it is not cached), or None, with
@@ -129,19 +143,12 @@ def extension(name: str = "gemv_bf16"):
         _why[name] = why
         return None
     try:
-        from torch.utils import cpp_extension
-
-        build = build_dir(name)
-        build.mkdir(parents=True, exist_ok=True)
-        _clear_stale_lock(build / "lock")
         if not is_built(name):
             print(f"cpugen: building kernels/{name}.cpp for this machine and torch {torch.__version__} "
-                  f"(once, about half a minute; cached in {build})", file=sys.stderr)
-        return cpp_extension.load(name=f"cpugen_{name}", sources=[str(source_dir() / f"{name}.cpp")],
-                                  extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-                                  build_directory=str(build), verbose=False)
+                  f"(once, about half a minute; cached in {build_dir(name)})", file=sys.stderr)
+        return compile_module(name)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
-        _why[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        _why[name] = failure(e)
         print(f"cpugen: native {name} unavailable ({_why[name]}); "
               + ("threads stay unpinned" if name in PORTABLE else "using torch's ops"), file=sys.stderr)
         return None
@@ -151,17 +158,79 @@ def why_not(name: str = "gemv_bf16") -> str | None:
     return _why.get(name)
 
 
+def build_jobs() -> int:
+    """How many modules to compile at once: one per usable core (each compiler is one thread), as
+    many as the memory free now holds at BUILD_PEAK_BYTES each."""
+    import psutil
+
+    from cpugen.host.cgroup import cgroup_room
+
+    room = min(r for r in (psutil.virtual_memory().available, cgroup_room()) if r is not None)
+    return max(1, min(usable_cores(), room // BUILD_PEAK_BYTES))
+
+
+def failure(e: Exception) -> str:
+    """A failed build in one line."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def compile_parallel(names, jobs: int | None = None) -> dict[str, float | str]:
+    """Compiles the modules of `names` not yet built, up to `jobs` (build_jobs()) at a time, each in
+    a child process of its own (cpp_extension's compiler is one thread a module): name -> the
+    seconds its build took, or why it failed (failure()); nothing where fewer than 2 would run at
+    once. Loading a module afterwards finds it cached."""
+    import os
+    import subprocess
+    import tempfile
+
+    todo = [n for n in names if not is_built(n)]
+    jobs = min(len(todo), jobs or build_jobs())
+    if jobs < 2:
+        return {}
+    root = str(Path(__file__).resolve().parents[2])
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from cpugen.runtime import native\n"
+            "try: native.compile_module(sys.argv[2])\n"
+            "except Exception as e: print(native.failure(e)); sys.exit(1)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    done: dict[str, float | str] = {}
+    while todo or running:
+        while todo and len(running) < jobs:
+            n = todo.pop(0)
+            print(f"cpugen: building kernels/{n}.cpp for this machine and torch {torch.__version__} (once, about "
+                  f"half a minute; {jobs} modules at a time; cached in {build_dir(n)})", file=sys.stderr)
+            out = tempfile.TemporaryFile("w+")  # a file, not a pipe: a failed build's log cannot block it
+            running[n] = (subprocess.Popen([sys.executable, "-c", code, root, n], env=env, stdout=out,
+                                           stderr=subprocess.DEVNULL), time.perf_counter(), out)
+        time.sleep(0.2)
+        for n in [n for n, (c, _, _) in running.items() if c.poll() is not None]:
+            _, t0, out = running.pop(n)
+            out.seek(0)
+            why = (out.read().strip().splitlines() or [f"the build of {n} ended without a reason"])[-1]
+            out.close()
+            done[n] = time.perf_counter() - t0 if is_built(n) else why
+    return done
+
+
 def build_all() -> dict[str, str]:
-    """Builds (or finds built) every kernel module this CPU can run: name -> what happened."""
+    """Builds (or finds built) every kernel module this CPU can run, several at once where the cores
+    and the memory allow (compile_parallel): name -> what happened."""
+    names = [n for n in (*PORTABLE, *X86, *MODULES) if can_run(n) is None]
+    cached = {n: is_built(n) for n in names}
+    took = compile_parallel(names)
     out = {}
     for name in (*PORTABLE, *X86, *MODULES):
         why = can_run(name)
         if why:
             out[name] = f"not for this CPU: {why}"
             continue
-        t0, cached = time.perf_counter(), is_built(name)
+        if isinstance(took.get(name), str):  # its compiler failed: loading it would only fail again
+            out[name] = f"unavailable: {took[name]}"
+            continue
+        t0 = time.perf_counter()
         ok = extension(name) is not None
-        out[name] = (("cached" if cached else f"built in {time.perf_counter() - t0:.0f} s") + f" ({build_dir(name)})"
+        secs = took.get(name) or time.perf_counter() - t0
+        out[name] = (("cached" if cached[name] else f"built in {secs:.0f} s") + f" ({build_dir(name)})"
                      if ok else f"unavailable: {why_not(name)}")
     return out
 
