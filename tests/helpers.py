@@ -31,16 +31,19 @@ def fake_roofline(cache_dir: Path, hw: float = 100.0) -> dict:
     with fixed limits instead of measuring them (a 1 GiB read and a large matmul; `hw`: every ISA
     level's register-only limit, TFLOP/s: by default far above what any run here reaches, so that
     none measures it again). Returns the env
-    for a child process: CPUGEN_CACHE pointing at it, and CPUGEN_NATIVE=0, since CPUGEN_CACHE also
-    holds the native kernels' build (cpugen/runtime/native.py), which a fresh cache would compile afresh in
-    every child, and CPUGEN_LIMITS=cached, so that runs use these limits instead of reading the machine's
-    around each row. In-process, monkeypatch cpugen.perf.roofline.cache_file."""
+    for a child process: CPUGEN_CACHE pointing at it, CPUGEN_NATIVE=0, and CPUGEN_LIMITS=cached, so
+    that runs use these limits instead of reading the machine's around each row. CPUGEN_CACHE also
+    holds the native kernels' builds (cpugen/runtime/native.py): its ext/ is this process's own
+    (`python -m cpugen build`'s), so that the modules a child still loads (the register-only limits',
+    the thread pinning's) are not compiled afresh in every fresh cache, a minute each.
+    In-process, monkeypatch cpugen.perf.roofline.cache_file."""
     import json
 
     import torch
 
     from cpugen.perf import roofline
     from cpugen.host.cpu import cpu_info, usable_cores
+    from cpugen.runtime import native
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     data = {roofline._key(t): dict(read_gbps=20.0, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
@@ -49,4 +52,8 @@ def fake_roofline(cache_dir: Path, hw: float = 100.0) -> dict:
                                    hw_tflops={lv: hw for lv in roofline.levels()})
             for t in range(1, usable_cores() + 1)}
     (cache_dir / "roofline.json").write_text(json.dumps(data))
+    shared = native.cache_root()
+    shared.mkdir(parents=True, exist_ok=True)
+    if not (cache_dir / "ext").exists():
+        (cache_dir / "ext").symlink_to(shared, target_is_directory=True)
     return {"CPUGEN_CACHE": str(cache_dir), "CPUGEN_NATIVE": "0", "CPUGEN_LIMITS": "cached"}
