@@ -204,9 +204,9 @@ def compile_parallel(names, jobs: int | None = None) -> dict[str, float | str]:
                                            stderr=subprocess.DEVNULL), time.perf_counter(), out)
         time.sleep(0.2)
         for n in [n for n, (c, _, _) in running.items() if c.poll() is not None]:
-            _, t0, out = running.pop(n)
-            out.seek(0)
-            why = (out.read().strip().splitlines() or [f"the build of {n} ended without a reason"])[-1]
+            c, t0, out = running.pop(n)
+            out.seek(0)  # a killed child (out of memory, say) leaves no line: its exit status instead
+            why = (out.read().strip().splitlines() or [f"its build process ended with status {c.returncode}"])[-1]
             out.close()
             done[n] = time.perf_counter() - t0 if is_built(n) else why
     return done
