@@ -385,9 +385,6 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
     from cpugen.runtime import backends
     monkeypatch.setenv("CPUGEN_LAYOUT", "plain")
     knobs.reload()
-    monkeypatch.setenv("CPUGEN_LAYOUT", "plain")
-
-    knobs.reload()
     from cpugen.model.weights import weight_bytes
 
     cfg = from_name("gptj-1b").with_layers(2)
@@ -650,6 +647,22 @@ def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypa
     assert (tg == tr).all(0).sum() >= batch - 2
     model.decode_stack = None
     assert torch.equal(_decode(model, prompts, 3), got)
+
+
+@pytest.mark.skipif(not cpu_info()["avx512"], reason="a cap below the CPU's own level needs a CPU with AVX-512")
+def test_a_cap_lowered_in_the_process_never_reaches_the_higher_levels_kernels(monkeypatch):
+    """The AVX-512 module loaded first, then CPUGEN_ISA=avx2 (knobs.reload): the module is no longer
+    handed out, and the eager backend routes a model through the AVX2 kernels, its decode (stack
+    and Python blocks alike) the same as in a process that never loaded the AVX-512 module."""
+    assert native.extension("gemv_bf16") is not None
+    monkeypatch.setenv("CPUGEN_ISA", "avx2")
+    knobs.reload()
+    assert native.extension("gemv_bf16") is None and native.extension("decode_attention") is None
+    assert "AVX-512" in native.why_not("gemv_bf16")
+    assert native.step_kernels() is native.extension("avx2") is not None
+    model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
+    assert eager.install(model) and eager.decode_matmul(model, "eager", 1) == "cpugen-gemv-avx2"
+    assert all(m.kernel is native.extension("avx2").gemv for m in model.modules() if type(m) is Linear)
 
 
 @pytest.mark.parametrize("level", ["avx2", "avx512", "avx512_bf16", "amx"])

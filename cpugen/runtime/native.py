@@ -134,14 +134,21 @@ def compile_module(name: str):
                               verbose=False)
 
 
-@lru_cache(maxsize=None)
 def extension(name: str = "gemv_bf16"):
     """The compiled module for kernels/<name>.cpp (built first if it is not cached), or None, with
-    the reason in `why_not(name)`."""
+    the reason in `why_not(name)`. Whether this CPU, capped by CPUGEN_ISA, may run it is asked on
+    every call: a process that lowers the cap (knobs.reload) gets None for a module it loaded
+    before, never the higher level's kernels."""
     why = can_run(name)
     if why:
         _why[name] = why
         return None
+    return _load(name)
+
+
+@lru_cache(maxsize=None)
+def _load(name: str):
+    """extension()'s load, once a process: the module, or None with the reason in `why_not(name)`."""
     try:
         if not is_built(name):
             print(f"cpugen: building kernels/{name}.cpp for this machine and torch {torch.__version__} "
