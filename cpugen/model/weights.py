@@ -146,7 +146,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     for m in model.modules():  # weights a backend moved out of the parameters (a packed layout)
-        for packed in (getattr(m, "packed", None), getattr(m, "panels", None)):
+        for packed in (getattr(m, "packed", None), getattr(m, "panels", None), getattr(m, "onednn", None)):
             if packed is not None:
                 total += packed.numel() * packed.element_size()
     return total
