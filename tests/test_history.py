@@ -379,6 +379,8 @@ def test_the_contention_witness_counts_other_processes_and_not_this_one():
         while time.time() - t < 1.5:
             pass
     assert w.result["host_other_cpu_share"] < 0.25 / cpus, w.result
+    assert abs(w.result["host_share_span_s"] - 1.5) < 0.3, w.result  # the span as the OS's ticks count it
     with contention.Watch() as w:  # too short to tell: a tick is 10 ms
         time.sleep(0.1)
-    assert w.result == {"host_steal_share": None, "host_other_cpu_share": None}
+    assert w.result["host_steal_share"] is None and w.result["host_other_cpu_share"] is None
+    assert w.result["host_share_span_s"] < contention.MIN_SPAN_S

@@ -8,8 +8,9 @@ before and after a row, and this process's own CPU time (every thread's) over th
     steal_share  steal ticks / all ticks of those CPUs
     other_share  busy ticks (user, nice, system, irq, softirq) that were not this process's / all ticks
 
-Linux only; elsewhere (or where /proc cannot be read), and over spans under a second (a tick is
-10 ms), both are None and nothing depends on them.
+`span_s` is the wall time the two readings cover. Linux only; elsewhere (or where /proc cannot be
+read), and over spans under MIN_SPAN_S (a tick is 10 ms), both shares are None and nothing depends
+on them.
 """
 
 from __future__ import annotations
@@ -52,18 +53,22 @@ def read() -> Ticks | None:
     return Ticks(cpus, busy, steal, total, t.user + t.system)
 
 
-MIN_SPAN_S = 1.0  # shorter spans are a few ticks a CPU: one tick of another process would read as 5%
+# shorter spans are too few ticks: at this floor one stray tick of one CPU is 2% of the span (1% on
+# two CPUs), well under the 5% beyond its history's (perf/history.py HOST_BUSY) that excuses a row
+MIN_SPAN_S = 0.5
 
 
 def shares(a: Ticks | None, b: Ticks | None) -> dict:
-    """{"host_steal_share", "host_other_cpu_share"} between two readings; None where unknown or
-    where the span was under MIN_SPAN_S (too few ticks to tell)."""
-    if a is None or b is None or a.cpus != b.cpus or b.total - a.total < MIN_SPAN_S * TICK * b.cpus:
-        return {"host_steal_share": None, "host_other_cpu_share": None}
+    """{"host_steal_share", "host_other_cpu_share", "host_share_span_s"} between two readings; the
+    shares None where unknown or where the span was under MIN_SPAN_S (too few ticks to tell)."""
+    span = (b.total - a.total) / TICK / b.cpus if a is not None and b is not None and a.cpus == b.cpus else None
+    if span is None or span < MIN_SPAN_S:
+        return {"host_steal_share": None, "host_other_cpu_share": None, "host_share_span_s": span}
     total = b.total - a.total
     own = (b.own_s - a.own_s) * TICK
     other = max(0.0, (b.busy - a.busy) - own) / total
-    return {"host_steal_share": (b.steal - a.steal) / total, "host_other_cpu_share": other}
+    return {"host_steal_share": (b.steal - a.steal) / total, "host_other_cpu_share": other,
+            "host_share_span_s": span}
 
 
 class Watch:

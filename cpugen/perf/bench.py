@@ -256,12 +256,14 @@ def run_sweep(sweep: Sweep, quiet: bool = False, on_record=None, limits: bool | 
             rec = make_record(s, p, st.prompt_len, st.gen_len, None, status=row.status, extra=extra)
         else:
             say(f"{where}: " + needs(p, s))
-            before = roofline.probe(s.threads) if limits else None
-            reset = reset_peak_rss()
-            with contention.Watch() as others:  # what else had the CPUs while the row ran
+            # what else had the CPUs while the row and the limits read around it ran (the figures are
+            # judged against both; a row alone can be shorter than the OS's ticks can tell)
+            with contention.Watch() as others:
+                before = roofline.probe(s.threads) if limits else None
+                reset = reset_peak_rss()
                 timings, warmup_s = measure(s, p, st.prompt_len, st.gen_len, sweep.repeat, sweep.warmup)
-            peak = peak_rss_bytes()
-            around = (before, roofline.probe(s.threads)) if limits else None
+                peak = peak_rss_bytes()
+                around = (before, roofline.probe(s.threads)) if limits else None
             rec = make_record(s, p, st.prompt_len, st.gen_len, timings, warmup_s=warmup_s, limits=around,
                               peak_rss=peak,
                               extra={**extra, "peak_rss_since": "batch start" if reset else "process start",
