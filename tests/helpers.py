@@ -26,11 +26,11 @@ def assert_one_line_error(p, *fragments):
     return lines[0]
 
 
-def fake_roofline(cache_dir: Path, hw: float = 100.0) -> dict:
+def fake_roofline(cache_dir: Path, hw: float = 100.0, read_gbps: float = 20.0) -> dict:
     """A roofline cache (cpugen/perf/roofline.py) for this machine at every thread count, so runs compare
     with fixed limits instead of measuring them (a 1 GiB read and a large matmul; `hw`: every ISA
     level's register-only limit, TFLOP/s: by default far above what any run here reaches, so that
-    none measures it again). Returns the env
+    none measures it again; `read_gbps`: the read bandwidth, GB/s). Returns the env
     for a child process: CPUGEN_CACHE pointing at it, CPUGEN_NATIVE=0, and CPUGEN_LIMITS=cached, so
     that runs use these limits instead of reading the machine's around each row. CPUGEN_CACHE also
     holds the native kernels' builds (cpugen/runtime/native.py): its ext/ is this process's own
@@ -46,8 +46,8 @@ def fake_roofline(cache_dir: Path, hw: float = 100.0) -> dict:
     from cpugen.runtime import native
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    data = {roofline._key(t): dict(read_gbps=20.0, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
-                                   torch_version=torch.__version__, read_spread=[19.0, 21.0],
+    data = {roofline._key(t): dict(read_gbps=read_gbps, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
+                                   torch_version=torch.__version__, read_spread=[0.95 * read_gbps, 1.05 * read_gbps],
                                    tflops_spread=[0.19, 0.21], measured_at=0.0,
                                    hw_tflops={lv: hw for lv in roofline.levels()})
             for t in range(1, usable_cores() + 1)}
