@@ -36,7 +36,8 @@ KNOBS = (
          "0: on CPUs without AVX-512, keep bf16 matmuls on PyTorch's bf16 GEMM instead of widened fp32 GEMM"),
     Knob("CPUGEN_ISA", "auto", ("auto", "avx2", "avx512", "avx512_bf16", "amx"), True,
          "the whole engine behaves as on a CPU with at most this level: which kernels load, the weights' layout, what "
-         "the backend `auto` picks, what the record says (avx512: AVX-512 F/BW/VL without BF16); above the CPU's own "
+         "the backend `auto` picks, what the record says (avx512: AVX-512 F/BW/VL without BF16), and torch's and "
+         "oneDNN's kernels (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, where not set already); above the CPU's own "
          "level it is an error"),
     Knob("CPUGEN_PIN", "1", ("1", "0"), True, "0: leave the compute threads unpinned"),
     Knob("CPUGEN_HUGEPAGES", "1", ("1", "0"), True,

@@ -45,6 +45,20 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "quick", "brown", "fox", "jumps
          "a", "cat", "sat", "on", "mat", "and", "ran", "away"]
 
 
+@pytest.fixture(autouse=True)
+def _library_caps_stay_in_their_test():
+    """A session opened under CPUGEN_ISA sets the libraries' caps in os.environ (cap_libraries); they
+    must not reach the next test's child processes."""
+    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+    saved = {n: os.environ.get(n) for n in names}
+    yield
+    for n, v in saved.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
+
+
 def hf_config(family: str, **override):
     import transformers as T
 

@@ -691,12 +691,22 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     out = tmp_path / "r.json"
     r = cli("run", "--model", "gptj-1b", "--layers", "1", "--prompt-len", "8", "--gen-len", "3", "--json", out,
-            env={"CPUGEN_ISA": level})
+            env={"CPUGEN_ISA": level, "ONEDNN_VERBOSE": "1"})
     assert r.returncode == 0, r.stderr
     import json
 
+    from cpugen.host.cpu import LIBRARY_CAPS
+
     rec = json.loads(out.read_text())
     assert rec["knobs"]["CPUGEN_ISA"] == level and rec["isa"] == level and rec["cpu_isa"] == own
+    # torch's and oneDNN's kernels capped too: ATen as torch reports it, oneDNN as its own log says
+    assert rec["library_caps"] == LIBRARY_CAPS[level]
+    assert rec["torch_cpu_capability"] == LIBRARY_CAPS[level]["ATEN_CPU_CAPABILITY"].upper()
+    onednn = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("onednn_verbose") and ",isa:" in ln]
+    if level == "avx512":  # its prefill is oneDNN's, at AVX-512 without bf16 instructions
+        assert onednn and all("AVX512BW" in ln and "bfloat16" not in ln for ln in onednn), onednn
+    if level == "avx2":  # nothing of oneDNN's runs here, and nothing above AVX2 would
+        assert all("AVX-512" not in ln for ln in onednn), onednn
     assert rec["decode_blocks"] == "native-stack"
     if level == "avx2":
         assert rec["decode_matmul"] == "cpugen-gemv-avx2"

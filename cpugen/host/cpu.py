@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +61,33 @@ def cpu_info() -> dict:
     i = LEVELS.index(cap)
     return {**hw, "avx512": hw["avx512"] and i >= 1, "avx512_bf16": hw["avx512_bf16"] and i >= 2,
             "amx_bf16": hw["amx_bf16"] and i >= 3, "isa": cap, "cpu_isa": own}
+
+
+# What CPUGEN_ISA asks of the libraries under cpugen, so that a capped level holds for the whole
+# process: PyTorch's vectorized ops (ATen's kernels by CPU capability) and oneDNN's (torch's bf16
+# matmuls on plain weights, the reordered layout, prefill above cpugen's kernels). Both read their
+# variable once, at their first kernel: open_session sets them before any.
+LIBRARY_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+                "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+                "amx": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}}
+
+
+def cap_libraries() -> dict[str, str | None]:
+    """Under CPUGEN_ISA=level, sets LIBRARY_CAPS[level] in the environment, each only where the user
+    has not set it; returns library_caps()."""
+    from cpugen import knobs
+
+    cap = knobs.current().isa
+    if cap != "auto":
+        for name, value in LIBRARY_CAPS[cap].items():
+            os.environ.setdefault(name, value)
+    return library_caps()
+
+
+def library_caps() -> dict[str, str | None]:
+    """Both libraries' cap variables as they stand (None: unset), for the record."""
+    return {name: os.environ.get(name) for name in LIBRARY_CAPS["avx2"]}
 
 
 def usable_cores() -> int:

@@ -13,7 +13,7 @@ import torch
 
 from cpugen import knobs
 from cpugen.host import placement
-from cpugen.host.cpu import cpu_info, usable_cores
+from cpugen.host.cpu import cpu_info, library_caps, usable_cores
 
 
 @lru_cache(maxsize=1)
@@ -42,6 +42,9 @@ def environment(threads: int) -> dict:
         "threads": threads,
         "memory_bytes": psutil.virtual_memory().total,
         "torch_version": torch.__version__,
+        # the libraries' own levels: what ATen's kernels dispatch at, and the caps set (cap_libraries)
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "library_caps": library_caps(),
         "ipex_version": ipex_version(),
         "python_version": platform.python_version(),
         "commit": git_commit(),

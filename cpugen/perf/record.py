@@ -96,7 +96,7 @@ class RunRecord:
 # What cpugen.env.environment() records (some also record fields): to_dict flattens them beside the
 # fields, from_dict puts them back.
 ENV_KEYS = ("cpu", "avx2", "avx512", "avx512_bf16", "amx_bf16", "isa", "cpu_isa", "cores", "threads", "memory_bytes", "torch_version",
-            "ipex_version", "python_version", "commit", "placement", "knobs", "knobs_key")
+            "torch_cpu_capability", "library_caps", "ipex_version", "python_version", "commit", "placement", "knobs", "knobs_key")
 
 
 # The reference page's columns, then what cpugen adds.

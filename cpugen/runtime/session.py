@@ -19,7 +19,7 @@ import torch
 from cpugen import knobs
 from cpugen.errors import CpugenError
 from cpugen.host import placement
-from cpugen.host.cpu import cpu_info, usable_cores
+from cpugen.host.cpu import cap_libraries, cpu_info, usable_cores
 from cpugen.model.config import ModelConfig
 from cpugen.model.source import resolve
 from cpugen.model.transformer import Transformer
@@ -179,6 +179,7 @@ def open_session(model: str | None = None, *, cfg: ModelConfig | None = None, ch
         raise CpugenError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     k = knobs.current()  # a bad CPUGEN_* value is an error before any work
     cpu_info()  # so is a CPUGEN_ISA above this CPU's level
+    cap_libraries()  # and a capped level holds for torch's and oneDNN's kernels too
     group = distributed.current
     if group is not None:  # every rank the same model, options and cpugen, or none starts
         shard.check(cfg, group.world)
