@@ -32,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,19 +109,16 @@ for line in sys.stdin:
 """
 
 
-# --isa: each engine capped at a level. cpugen takes CPUGEN_ISA; PyTorch and oneDNN (HF, IPEX) their own caps
-ATEN_CAP = {"avx2": "avx2", "avx512": "avx512", "avx512_bf16": "avx512", "amx": "avx512"}
-ONEDNN_CAP = {"avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_bf16": "AVX512_CORE_BF16", "amx": "AVX512_CORE_AMX"}
-
-
 def level_env(engine: str) -> dict[str, str]:
-    """The environment that caps `engine@level` at its level ({} for an engine without one)."""
+    """The environment that caps `engine@level` at its level ({} for an engine without one): cpugen
+    takes CPUGEN_ISA (which caps PyTorch and oneDNN in its process as well), HF and IPEX the
+    PyTorch and oneDNN caps that CPUGEN_ISA sets."""
+    from cpugen.host.cpu import LIBRARY_CAPS
+
     base, _, level = engine.partition("@")
     if not level:
         return {}
-    if base.startswith("cpugen"):
-        return {"CPUGEN_ISA": level}
-    return {"ATEN_CPU_CAPABILITY": ATEN_CAP[level], "ONEDNN_MAX_CPU_ISA": ONEDNN_CAP[level]}
+    return {"CPUGEN_ISA": level} if base.startswith("cpugen") else dict(LIBRARY_CAPS[level])
 
 
 class Worker:
@@ -130,8 +128,9 @@ class Worker:
                "PYTHONWARNINGS": "ignore", **({"CPUGEN_LAYOUT": "plain"} if base == "cpugen-plain" else {}),
                **level_env(engine)}
         self.engine = engine
+        self.err = tempfile.TemporaryFile(mode="w+")  # the worker's stderr: its last line says why it died
         self.proc = subprocess.Popen([python, "-c", WORKER, base, str(ckpt), str(threads)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env, cwd=ROOT)
         self.name = self._read()["ready"]
 
     def _read(self) -> dict:
@@ -139,7 +138,10 @@ class Worker:
             line = line.strip()
             if line.startswith("{"):
                 return json.loads(line)
-        raise RuntimeError(f"{self.engine} worker exited (status {self.proc.wait()})")
+        status = self.proc.wait()
+        self.err.seek(0)
+        last = [ln.strip() for ln in self.err.read().splitlines() if ln.strip()][-1:] or ["no message"]
+        raise RuntimeError(f"{self.engine} worker exited (status {status}): {last[0][:300]}")
 
     def ask(self, **req) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -256,9 +258,17 @@ def main() -> int:
     if a.isa:
         engines = [f"{e}@{lv}" for lv in a.isa.split(",") for e in engines]
     bw0, tf0, hw0 = limits(a.threads)
-    workers = [Worker(e, a.ipex_python if e.startswith("hf-ipex") else sys.executable, ckpt, a.threads)
-               for e in engines]
     batches = [int(b) for b in a.batch_sizes.split(",")]
+    workers, failed = [], {}  # an engine that cannot run here (IPEX below AVX-512, say) is reported, not fatal
+    for e in engines:
+        try:
+            w = Worker(e, a.ipex_python if e.startswith("hf-ipex") else sys.executable, ckpt, a.threads)
+            w.ask(batch=batches[0], prompt_len=a.prompt_len, gen_len=a.gen_len, vocab=cfg.vocab_size, warmup=True)
+            workers.append(w)
+        except RuntimeError as err:
+            failed[e] = str(err)
+            print(f"not run: {err}", file=sys.stderr)
+    engines = [w.engine for w in workers]
     weight_bytes = shapes.streamed_params(cfg) * 2
     res: dict = {(w.engine, b): [] for w in workers for b in batches}
     reads: dict = {b: [] for b in batches}  # per round: (reading before it, reading after it)
@@ -291,7 +301,8 @@ def main() -> int:
              f"{tf0:.3f} TFLOP/s bf16; after: {bw1:.1f} GB/s, {tf1:.3f} TFLOP/s"
              + ("  **(readings disagree by more than 15%: distrust this run)**"
                 if abs(bw1 / bw0 - 1) > 0.15 or abs(tf1 / tf0 - 1) > 0.15 else ""),
-             "Engines: " + "; ".join(f"{w.engine} = {w.name}" for w in workers),
+             "Engines: " + "; ".join(f"{w.engine} = {w.name}" for w in workers)
+             + "".join(f". Not run: {msg}" for msg in failed.values()),
              f"Each cell: median over {a.rounds} interleaved rounds (min-max). Bandwidth read before and after "
              "each round: " + "; ".join(f"batch {b}: {fmt([x for r in reads[b] for x in r], 1, 1)} GB/s, "
                                         f"{len(steady(reads[b]))} of {len(reads[b])} rounds steady" for b in batches)
