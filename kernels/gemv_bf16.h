@@ -304,10 +304,57 @@ void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, 
     for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(C + m * ldc + 16 * j, mask[j], acc[m][j]);
 }
 
+// panel_micro at AVX-512 F/BW without BF16 (Skylake-SP to Ice Lake): a 512-bit load of a panel's
+// k pair row is 16 outputs' pairs; a 16-bit shift gives their weights at the even k as fp32, a mask
+// those at the odd k (as packed_avx2.h does at 8 lanes), and the broadcast pair of x is widened the
+// same way, once for the 4 vectors of W. Two FMAs where vdpbf16ps takes one instruction, with fp32
+// products and sums (closer to the reference than vdpbf16ps, not bit-equal to it).
+template <int MB>
+__attribute__((target("avx512f,avx512bw")))
+void panel_micro_f32(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols,
+                     int64_t c0, int64_t c1, bool more, const char* end, int64_t ahead) {
+  __mmask16 mask[4];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * j));
+    mask[j] = static_cast<__mmask16>((1u << c) - 1);
+  }
+  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j)
+      acc[m][j] = more ? _mm512_maskz_loadu_ps(mask[j], C + m * ldc + 16 * j) : _mm512_setzero_ps();
+  const int32_t* x2 = reinterpret_cast<const int32_t*>(x);  // x's k pairs
+  const int64_t K2 = K / 2;
+  for (int64_t k2 = c0; k2 < c1; ++k2) {
+    const uint16_t* r = panel + k2 * 2 * kPanel;
+    if (ahead) {
+      const char* p = reinterpret_cast<const char*>(r) + ahead;
+      if (p + 256 <= end)
+        for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+    }
+    __m512 we[4], wo[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(r + 32 * j);
+      we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xb = _mm512_set1_epi32(x2[m * K2 + k2]);
+      const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xb, 16));
+      const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xb, odd));
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(xo, wo[j], _mm512_fmadd_ps(xe, we[j], acc[m][j]));
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(C + m * ldc + 16 * j, mask[j], acc[m][j]);
+}
+
 using PanelFn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, bool,
                          const char*, int64_t);
 const PanelFn kPanelMicros[kMicroRows] = {panel_micro<1>, panel_micro<2>, panel_micro<3>,
                                           panel_micro<4>, panel_micro<5>, panel_micro<6>};
+const PanelFn kPanelMicrosF32[kMicroRows] = {panel_micro_f32<1>, panel_micro_f32<2>, panel_micro_f32<3>,
+                                             panel_micro_f32<4>, panel_micro_f32<5>, panel_micro_f32<6>};
 
 }  // namespace
 
@@ -360,7 +407,7 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
   return out;
 }
 
-bool packed_available() { return kIsa == Isa::kAvx512Bf16; }
+bool packed_available() { return kIsa != Isa::kNone; }
 
 // The packed kernel on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
 // weight, bias (n) or null, out (M, n), all bf16 and contiguous
@@ -378,6 +425,8 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
   // rows, gptj-1b's matmuls: 127-147 ms against 154-176 prefetching 2 KB ahead, 2 Zen 4 cores).
   const int64_t chunk = M <= kMicroRows ? K2 : kChunk;
   const int64_t ahead = M <= kMicroRows ? kAhead : chunk * 2 * kPanel * 2;
+  const bool bf16 = kIsa == Isa::kAvx512Bf16;  // else AVX-512 F/BW: panel_micro_f32
+  const PanelFn* micros = bf16 ? kPanelMicros : kPanelMicrosF32;
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     const char* end = reinterpret_cast<const char*>(pp + p1 * K * kPanel);
     std::vector<float> big(M > kMicroRows ? std::min(M, kRowBlock) * kPanel : 0);
@@ -390,11 +439,11 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
         const int64_t cols = std::min(kPanel, n - q * kPanel);
         for (int64_t c0 = 0; c0 < K2; c0 += chunk)
           for (int64_t m0 = 0; m0 < rows; m0 += kMicroRows)
-            kPanelMicros[std::min(kMicroRows, rows - m0) - 1](xp + (m1 + m0) * K, K, panel, tile + m0 * kPanel,
-                                                              kPanel, cols, c0, std::min(K2, c0 + chunk), c0 > 0, end,
-                                                              m0 == 0 ? ahead : 0);
+            micros[std::min(kMicroRows, rows - m0) - 1](xp + (m1 + m0) * K, K, panel, tile + m0 * kPanel, kPanel,
+                                                        cols, c0, std::min(K2, c0 + chunk), c0 > 0, end,
+                                                        m0 == 0 ? ahead : 0);
         finish_tile(tile, kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols,
-                    to_bf16_native);
+                    bf16 ? to_bf16_native : to_bf16_avx512);
       }
     }
   });
@@ -404,7 +453,7 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
 // act(x W^T + bias) (M, n) bf16
 torch::Tensor linear_packed(const torch::Tensor& x, const torch::Tensor& p, int64_t n,
                             const c10::optional<torch::Tensor>& bias, int64_t act) {
-  TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU has no AVX512-BF16");
+  TORCH_CHECK(packed_available(), "cpugen linear_packed: this CPU has no AVX-512");
   return cpugen_packed::linear_packed_with(linear_packed_raw, x, p, n, bias, act);
 }
 

@@ -215,9 +215,6 @@ def test_model_decode_with_and_without_the_kernels(family, layout):
     exactly: it runs the same kernels in the same order. Prefill's blocks (3 x 16 rows) reach only
     the packed kernel; its lm_head (the last position only: 3 rows) either kernel."""
     packed = layout == "packed"
-    if packed and cpu_info()["avx512"] and not cpu_info()["avx512_bf16"]:
-        pytest.skip("at the AVX-512F level no kernel of cpugen's multiplies its packed layout (AVX2's and "
-                    "AVX512-BF16's do); the weights stay plain there")
     cfg = FAMILIES[family]()
     model = random_model(cfg, torch.bfloat16, 0)
     prompts = Prompts(torch.randint(1000, (3, 16), generator=torch.Generator().manual_seed(0)),
@@ -261,16 +258,16 @@ def test_model_decode_with_and_without_the_kernels(family, layout):
     assert rel < 1e-2, rel
 
 
-@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="cpugen's packed layout needs AVX512-BF16")
+@needs_avx512
 def test_packed_layout_matches_reference():
     """cpugen's packed-layout kernel against the fp32 reference, from one row of x to prefill's
-    hundreds, outputs not a multiple of the 64-wide panels, K past one 256-pair chunk."""
+    hundreds, outputs not a multiple of the 64-wide panels, K past one 256-pair chunk: vdpbf16ps
+    with AVX512-BF16, fp32 FMA at AVX-512 F/BW (test_every_level_in_a_fresh_process runs both)."""
     results = check_gemv.check_packed(native.extension(), seed=5)  # raises past 2 bf16 ulps
     assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.PACKED_SHAPES)
 
 
-@pytest.mark.skipif(cpu_info()["avx512"] and not cpu_info()["avx512_bf16"] or not cpu_info()["avx2"],
-                    reason="no kernel of cpugen's multiplies its packed layout at the AVX-512F level or below AVX2")
+@needs_native
 def test_packing_replaces_the_weights_in_place():
     """Repacking holds one matrix twice at most, never the model (the OS's count of resident
     memory, before, at its peak and after), and leaves nothing for a large batch to repack. (A
@@ -686,7 +683,7 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
         return
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py"),
                         "-k", "decode_with_and_without or every_avx2_kernel or gemv_matches or step_ops_check "
-                              "or decode_attention_matches"],
+                              "or decode_attention_matches or packed_layout_matches or packing_replaces"],
                        capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     out = tmp_path / "r.json"

@@ -52,11 +52,12 @@ def prepare(model: Transformer):
 
 
 def panels_wanted() -> bool:
-    """Whether bf16 weights are repacked into cpugen's packed layout at load: on CPUs with
-    AVX512-BF16 and without AMX, unless CPUGEN_LAYOUT=plain. (Without AVX-512, for_batch packs
-    them for large decode batches.)"""
+    """Whether bf16 weights are repacked into cpugen's packed layout at load: on CPUs with AVX-512
+    (its kernel takes vdpbf16ps with AVX512-BF16, fp32 FMA on the widened pairs without) and
+    without AMX, unless CPUGEN_LAYOUT=plain. (Without AVX-512, for_batch packs them for large
+    decode batches.)"""
     info = cpu_info()
-    return knobs.current().layout != "plain" and info["avx512_bf16"] and not info["amx_bf16"]
+    return knobs.current().layout != "plain" and info["avx512"] and not info["amx_bf16"]
 
 
 def available(build: bool = True) -> bool:
