@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen.host.cpu import cpu_info  # noqa: E402
+from cpugen.host.cpu import cap_libraries, cpu_info  # noqa: E402
 from cpugen.host.memory import empty_huge  # noqa: E402
 from cpugen.runtime.native import step_kernels  # noqa: E402
 from cpugen.perf.roofline import measure_bandwidth  # noqa: E402
@@ -52,6 +52,7 @@ def _panels(ext, w: torch.Tensor) -> torch.Tensor:
 
 
 def main():
+    cap_libraries()  # under CPUGEN_ISA, F.linear and oneDNN run at that level too, as in a cpugen run
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,8,16")
     ap.add_argument("--repeat", type=int, default=7)

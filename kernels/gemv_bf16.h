@@ -265,6 +265,38 @@ constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x (64 KB o
 constexpr int64_t kMicroRows = 6;  // rows of x per micro-kernel call: 6 x 4 accumulators
 constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (40 micro-kernel calls)
 
+// A panel micro-kernel's frame, shared by both levels: the masks of a panel's 4 vectors of outputs
+// (`cols` of its 64 real), its MB x 4 sums loaded from C (zeros unless `more`) and stored back, and
+// its prefetch of W `ahead` bytes past the k pair row r (bounded by `end`; none where `ahead` is 0).
+__attribute__((target("avx512f"))) inline void panel_masks(int64_t cols, __mmask16 mask[4]) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * j));
+    mask[j] = static_cast<__mmask16>((1u << c) - 1);
+  }
+}
+
+template <int MB>
+__attribute__((target("avx512f"))) inline void load_sums(__m512 acc[][4], const float* C, int64_t ldc,
+                                                         const __mmask16 mask[4], bool more) {
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j)
+      acc[m][j] = more ? _mm512_maskz_loadu_ps(mask[j], C + m * ldc + 16 * j) : _mm512_setzero_ps();
+}
+
+template <int MB>
+__attribute__((target("avx512f"))) inline void store_sums(__m512 acc[][4], float* C, int64_t ldc,
+                                                          const __mmask16 mask[4]) {
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(C + m * ldc + 16 * j, mask[j], acc[m][j]);
+}
+
+inline void prefetch_row(const uint16_t* r, int64_t ahead, const char* end) {
+  if (!ahead) return;
+  const char* p = reinterpret_cast<const char*>(r) + ahead;
+  if (p + 256 <= end)
+    for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+}
+
 // Rows m0.. (MB of them) of x against k pairs [c0, c1) of one panel, into C's fp32 sums (row
 // stride ldc; `cols` of the panel's 64 are real, the rest padding). Accumulates onto C when
 // `more`; prefetches W `ahead` bytes ahead into L2 (bounded by `end`) unless `ahead` is 0.
@@ -276,23 +308,14 @@ void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, 
   // step) read gptj-1b's matrices at 87% of the fast regime's read against 91% for this loop
   // (10 rounds at 55-60 GB/s; 97% and 99% in the usual regime; torch's sum 92% and 97%).
   __mmask16 mask[4];
-  for (int j = 0; j < 4; ++j) {
-    const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * j));
-    mask[j] = static_cast<__mmask16>((1u << c) - 1);
-  }
+  panel_masks(cols, mask);
   __m512 acc[MB][4];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j)
-      acc[m][j] = more ? _mm512_maskz_loadu_ps(mask[j], C + m * ldc + 16 * j) : _mm512_setzero_ps();
+  load_sums<MB>(acc, C, ldc, mask, more);
   const int32_t* x2 = reinterpret_cast<const int32_t*>(x);  // x's k pairs
   const int64_t K2 = K / 2;
   for (int64_t k2 = c0; k2 < c1; ++k2) {
     const uint16_t* r = panel + k2 * 2 * kPanel;
-    if (ahead) {
-      const char* p = reinterpret_cast<const char*>(r) + ahead;
-      if (p + 256 <= end)
-        for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
-    }
+    prefetch_row(r, ahead, end);
     __m512i wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(r + 32 * j);
     for (int m = 0; m < MB; ++m) {
@@ -300,8 +323,7 @@ void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, 
       for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)wv[j], (__m512bh)xb);
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(C + m * ldc + 16 * j, mask[j], acc[m][j]);
+  store_sums<MB>(acc, C, ldc, mask);
 }
 
 // panel_micro at AVX-512 F/BW without BF16 (Skylake-SP to Ice Lake): a 512-bit load of a panel's
@@ -314,24 +336,15 @@ __attribute__((target("avx512f,avx512bw")))
 void panel_micro_f32(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols,
                      int64_t c0, int64_t c1, bool more, const char* end, int64_t ahead) {
   __mmask16 mask[4];
-  for (int j = 0; j < 4; ++j) {
-    const int64_t c = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * j));
-    mask[j] = static_cast<__mmask16>((1u << c) - 1);
-  }
+  panel_masks(cols, mask);
   const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 acc[MB][4];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j)
-      acc[m][j] = more ? _mm512_maskz_loadu_ps(mask[j], C + m * ldc + 16 * j) : _mm512_setzero_ps();
+  load_sums<MB>(acc, C, ldc, mask, more);
   const int32_t* x2 = reinterpret_cast<const int32_t*>(x);  // x's k pairs
   const int64_t K2 = K / 2;
   for (int64_t k2 = c0; k2 < c1; ++k2) {
     const uint16_t* r = panel + k2 * 2 * kPanel;
-    if (ahead) {
-      const char* p = reinterpret_cast<const char*>(r) + ahead;
-      if (p + 256 <= end)
-        for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
-    }
+    prefetch_row(r, ahead, end);
     __m512 we[4], wo[4];
     for (int j = 0; j < 4; ++j) {
       const __m512i v = _mm512_loadu_si512(r + 32 * j);
@@ -345,8 +358,7 @@ void panel_micro_f32(const uint16_t* x, int64_t K, const uint16_t* panel, float*
       for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(xo, wo[j], _mm512_fmadd_ps(xe, we[j], acc[m][j]));
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(C + m * ldc + 16 * j, mask[j], acc[m][j]);
+  store_sums<MB>(acc, C, ldc, mask);
 }
 
 using PanelFn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, bool,
