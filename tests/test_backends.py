@@ -138,9 +138,19 @@ def test_auto_prefers_the_native_kernels_over_ipex_for_bf16(fake_ipex, monkeypat
     assert backends.resolve("ipex", "bfloat16") == "ipex"  # asked for by name: given
 
 
-@pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="without AVX512-BF16 there are no native kernels to find")
+@pytest.mark.skipif(not cpu_info()["avx512"], reason="below AVX-512 `auto` never weighs the native kernels against ipex")
 def test_native_kernels_are_found_where_the_cpu_has_them(monkeypatch):
+    """At both AVX-512 levels (the packed layout runs at either), the eager backend's kernels are
+    found, so `auto` takes them over ipex; not at AVX2 (IPEX's bf16 needs AVX-512 anyway), nor
+    with CPUGEN_NATIVE=0."""
     assert eager.available()
+    monkeypatch.setenv("CPUGEN_ISA", "avx512")
+    knobs.reload()
+    assert eager.available()
+    monkeypatch.setenv("CPUGEN_ISA", "avx2")
+    knobs.reload()
+    assert not eager.available()
+    monkeypatch.delenv("CPUGEN_ISA")
     monkeypatch.setenv("CPUGEN_NATIVE", "0")
     knobs.reload()
     assert not eager.available()

@@ -260,14 +260,14 @@ def _cli(*args):
                           env=env, timeout=300)
 
 
-# auto: cpugen's native kernels for bf16 where the CPU has AVX512-BF16 (faster than ipex there:
+# auto: cpugen's native kernels for bf16 where the CPU has AVX-512 (faster than ipex there:
 # cpugen/runtime/backends.py), elsewhere ipex where IPEX can run bf16 here, eager where it cannot;
 # ipex for fp32
 AUTO_BF16 = "eager, or ipex where IPEX runs bf16 and cpugen's kernels do not"  # resolved in the test
 
 
 def _auto_bf16() -> str:  # imports IPEX: only inside a test (the reference is written without it)
-    return "eager" if cpu_info()["avx512_bf16"] or not ipex_backend.bf16_ok(ipex_backend.import_ipex()[0]) else "ipex"
+    return "eager" if cpu_info()["avx512"] or not ipex_backend.bf16_ok(ipex_backend.import_ipex()[0]) else "ipex"
 
 
 @pytest.mark.parametrize("backend,dtype,expect", [("ipex", "bfloat16", "ipex"), ("auto", "bfloat16", AUTO_BF16),

@@ -2,9 +2,10 @@
 
 - `eager`: PyTorch's own CPU path with cpugen's native kernels installed (eager.py);
 - `ipex`: Intel Extension for PyTorch (ipex.py);
-- `auto`: the fastest available: for bf16 on a CPU with AVX512-BF16 where the native kernels
-  build, eager (it decoded 1.6-1.9x faster than ipex: docs/performance.md, "Backends: eager
-  against ipex"); otherwise ipex where it imports and can run bf16 here, else eager.
+- `auto`: the fastest available: for bf16 on a CPU with AVX-512 where the native kernels build,
+  eager (it decoded 1.6-1.9x faster than ipex with AVX512-BF16: docs/performance.md, "Backends:
+  eager against ipex"; and 1.2-1.7x HF + IPEX at either AVX-512 level, "By ISA level"); otherwise
+  ipex where it imports and can run bf16 here, else eager.
 """
 
 from __future__ import annotations

@@ -64,9 +64,10 @@ def available(build: bool = True) -> bool:
     """Whether the eager backend gets cpugen's native bf16 decode kernels on this machine. With
     `build`, they are built first where `python -m cpugen build` has not; without, kernels not yet
     built count as available where the CPU can run them (choosing a backend compiles nothing)."""
-    if not knobs.current().native or not cpu_info()["avx512_bf16"]:
+    info = cpu_info()
+    if not knobs.current().native or not info["avx512"]:
         return False
-    names = ("gemv_bf16", "decode_attention")
+    names = ("gemv_bf16", "decode_attention" if info["avx512_bf16"] else "avx2")  # install()'s attention
     if not build and not all(native.is_built(n) for n in names):
         return all(native.can_run(n) is None for n in names)
     return all(native.extension(n) is not None for n in names)
