@@ -49,7 +49,9 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "quick", "brown", "fox", "jumps
 def _library_caps_stay_in_their_test():
     """A session opened under CPUGEN_ISA sets the libraries' caps in os.environ (cap_libraries); they
     must not reach the next test's child processes."""
-    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+    from cpugen.host.cpu import LIBRARY_CAPS
+
+    names = tuple(LIBRARY_CAPS["avx2"])
     saved = {n: os.environ.get(n) for n in names}
     yield
     for n, v in saved.items():
@@ -228,8 +230,11 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(autouse=True)
 def _knobs_as_the_environment_says():
     """cpugen reads its CPUGEN_* knobs once per process; a test that changes one (monkeypatch.setenv,
-    then knobs.reload()) leaves the next test the environment's own values."""
+    then knobs.reload()) leaves the next test the environment's own values, and no layout choice
+    made under them (runtime/layout.py keeps one per process)."""
     yield
     from cpugen import knobs
+    from cpugen.runtime import layout
 
     knobs.reload()
+    layout.forget()

@@ -46,7 +46,7 @@ def fake_roofline(cache_dir: Path, hw: float = 100.0, read_gbps: float = 20.0) -
     from cpugen.runtime import native
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    data = {roofline._key(t): dict(read_gbps=read_gbps, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
+    data = {roofline.host_key(t): dict(read_gbps=read_gbps, bf16_tflops=0.2, threads=t, cpu=cpu_info()["cpu"],
                                    torch_version=torch.__version__, read_spread=[0.95 * read_gbps, 1.05 * read_gbps],
                                    tflops_spread=[0.19, 0.21], measured_at=0.0,
                                    hw_tflops={lv: hw for lv in roofline.levels()})

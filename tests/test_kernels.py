@@ -8,6 +8,7 @@ import torch
 from cpugen import knobs
 from cpugen.runtime import eager, sampling, stack
 from cpugen.runtime import native
+from cpugen.runtime.layout import packs_at_load
 from cpugen.model.config import from_name
 from cpugen.host.cpu import cpu_info
 from cpugen.runtime.engine import Engine, Prompts, compute_context
@@ -17,6 +18,13 @@ from helpers import ROOT, cli
 
 sys.path.insert(0, str(ROOT))
 from kernels import check_gemv, reference  # noqa: E402
+
+
+@pytest.fixture
+def avx2_gemv_at_load(monkeypatch):
+    """The AVX2 level's layout choice pinned to the gemv on plain weights (what a host where the
+    gemv streams faster measures: runtime/layout.py), for the tests of that route."""
+    monkeypatch.setattr(eager, "avx2_packs_at_load", lambda: False)
 
 
 def _decode(model, prompts, steps=4):
@@ -375,7 +383,7 @@ def test_switched_off_kernel_leaves_torch_path(monkeypatch):
     assert all(getattr(m, "kernel", None) is None for m in model.modules())
 
 
-def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch):
+def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch, avx2_gemv_at_load):
     """Where the weights stay plain (CPUs with AMX; here by CPUGEN_LAYOUT=plain), above the gemv's
     batches the eager backend reorders each weight once into oneDNN's layout, replacing it: same
     results as F.linear on the plain weights, same weight bytes."""
@@ -529,7 +537,7 @@ def test_every_avx2_kernel_matches_its_reference():
     assert (check_step_ops.check_argmax(ext), check_step_ops.check_norm(ext), check_step_ops.check_glu(ext)) == (72, 6, 12)
 
 
-def test_decode_through_the_avx2_gemv_gives_the_reference_tokens():
+def test_decode_through_the_avx2_gemv_gives_the_reference_tokens(avx2_gemv_at_load):
     """Decode's 1-4 row matmuls through the AVX2 gemv (what the eager backend installs on a CPU
     without AVX-512; installed by hand here, so that any x86 CPU runs it) give the greedy tokens of
     torch's ops on the same weights, the logits within a few bf16 roundings."""
@@ -606,7 +614,7 @@ def test_decode_batches_up_to_32_on_plain_weights_at_the_avx2_level(batch):
 
 
 @needs_native
-def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypatch):
+def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypatch, avx2_gemv_at_load):
     """Without AVX-512 (here CPUGEN_ISA=avx2, so that every x86 CPU runs it) the weights stay plain
     for decode up to AVX2_PACK_ABOVE sequences (the AVX2 gemv), and a larger batch repacks them once,
     in place, into cpugen's layout (kernels/packed_avx2.h): no weight held twice, the decode stack
@@ -647,7 +655,7 @@ def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypa
 
 
 @pytest.mark.skipif(not cpu_info()["avx512"], reason="a cap below the CPU's own level needs a CPU with AVX-512")
-def test_a_cap_lowered_in_the_process_never_reaches_the_higher_levels_kernels(monkeypatch):
+def test_a_cap_lowered_in_the_process_never_reaches_the_higher_levels_kernels(monkeypatch, avx2_gemv_at_load):
     """The AVX-512 module loaded first, then CPUGEN_ISA=avx2 (knobs.reload): the module is no longer
     handed out, and the eager backend routes a model through the AVX2 kernels, its decode (stack
     and Python blocks alike) the same as in a process that never loaded the AVX-512 module."""
@@ -705,8 +713,12 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
     if level == "avx2":  # nothing of oneDNN's runs here, and nothing above AVX2 would
         assert all("AVX-512" not in ln for ln in onednn), onednn
     assert rec["decode_blocks"] == "native-stack"
-    if level == "avx2":
-        assert rec["decode_matmul"] == "cpugen-gemv-avx2"
+    if level == "avx2":  # the layout this host's timing chose (runtime/layout.py), and the matmuls it gives
+        choice = rec["layout_choice"]
+        assert choice["source"] in ("measured", "cached") and choice["packed"] == packs_at_load(choice)
+        assert rec["decode_matmul"] == ("cpugen-packed" if choice["packed"] else "cpugen-gemv-avx2")
+    else:
+        assert rec["layout_choice"] is None
 
 
 def test_every_kernel_module_compiles_and_imports_here_even_where_it_cannot_run():

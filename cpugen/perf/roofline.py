@@ -139,7 +139,7 @@ def measure_hw(threads: int, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def _key(threads: int) -> str:
+def host_key(threads: int) -> str:
     # "pages": which page size the bandwidth was read from (limits read before cpugen used huge
     # pages came from 4 KiB pages, and are measured again)
     return f"{cpu_info()['cpu']}|{threads}|{torch.__version__}|pages={'2M' if thp_mode() in ('always', 'madvise') else '4K'}"
@@ -176,7 +176,7 @@ def between(a: Roofline, b: Roofline) -> Roofline:
 
 def load_cached(threads: int) -> Roofline | None:
     try:
-        d = json.loads(cache_file().read_text()).get(_key(threads))
+        d = json.loads(cache_file().read_text()).get(host_key(threads))
     except (OSError, json.JSONDecodeError):
         return None
     if not d:
@@ -191,7 +191,7 @@ def save(r: Roofline):
         data = json.loads(cache.read_text()) if cache.exists() else {}
     except (OSError, json.JSONDecodeError):
         data = {}
-    data[_key(r.threads)] = r.to_dict()
+    data[host_key(r.threads)] = r.to_dict()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")

@@ -4,9 +4,10 @@
   AVX512-BF16 and without AMX, its weight repacked once into cpugen's packed layout (`panels`),
   which one kernel multiplies at every batch, prefill's included (docs/performance.md, "cpugen's
   packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
-  layout, so the weights stay plain there; without AVX-512 they are packed for decode batches
-  above AVX2_PACK_ABOVE (`for_batch`), where kernels/packed_avx2.h beats the AVX2 gemv, and until
-  then that kernel takes matmuls of more rows (prefill) on the plain weights, packing as it goes;
+  layout, so the weights stay plain there; without AVX-512 they are packed at load where this
+  host's measured choice says kernels/packed_avx2.h streams faster than the AVX2 gemv (layout.py),
+  else for decode batches above AVX2_PACK_ABOVE (`for_batch`), and until then that kernel takes
+  matmuls of more rows (prefill) on the plain weights, packing as it goes;
 - Attention gets the fused decode step (rotary, cache write, attention over the cache);
 - Norm and a GLU MLP's product get kernels/norm.h and kernels/glu.h, which the decode stack runs
   too, so the Python blocks and the stack agree bit for bit;
@@ -25,7 +26,7 @@ from cpugen.host.cpu import cpu_info
 from cpugen.host.memory import release_freed
 from cpugen.model.activations import KERNEL_CODE
 from cpugen.model.transformer import MLP, Attention, Linear, Norm, Transformer
-from cpugen.runtime import native, stack
+from cpugen.runtime import distributed, layout, native, stack
 
 
 # widened fp32 GEMM from this many rows up: on 2 Zen 3 cores, an 8192 x 2048 weight, PyTorch's bf16
@@ -52,12 +53,39 @@ def prepare(model: Transformer):
 
 
 def panels_wanted() -> bool:
-    """Whether bf16 weights are repacked into cpugen's packed layout at load: on CPUs with AVX-512
-    (its kernel takes vdpbf16ps with AVX512-BF16, fp32 FMA on the widened pairs without) and
-    without AMX, unless CPUGEN_LAYOUT=plain. (Without AVX-512, for_batch packs them for large
-    decode batches.)"""
+    """Whether bf16 weights are repacked into cpugen's packed layout at load. CPUGEN_LAYOUT=plain:
+    never; packed: wherever a packed kernel runs. auto: on CPUs with AVX-512 and without AMX (its
+    kernel takes vdpbf16ps with AVX512-BF16, fp32 FMA on the widened pairs without; with AMX,
+    oneDNN's tile kernels are prefill's fastest path on the plain layout), and at the AVX2 level
+    where this host's measured choice says so (layout.py; otherwise for_batch packs them for
+    large decode batches)."""
+    k = knobs.current().layout
+    if k != "auto":
+        return k == "packed"
     info = cpu_info()
-    return knobs.current().layout != "plain" and info["avx512"] and not info["amx_bf16"]
+    if info["avx512"]:
+        return not info["amx_bf16"]
+    return avx2_packs_at_load()
+
+
+def avx2_packs_at_load() -> bool:
+    """The AVX2 level's measured choice (layout.choose: cached once per host, else timed now)."""
+    ext = native.extension("avx2") if knobs.current().native and cpu_info()["avx2"] else None
+    return ext is not None and layout.choose(ext)["packed"]
+
+
+def choose_layout(group=None, log=lambda *a: None):
+    """Before the weights load (the timing allocates its own): at the AVX2 level under
+    CPUGEN_LAYOUT=auto, this host's layout choice, made once (rank 0's, in a tensor-parallel run)."""
+    info = cpu_info()
+    if knobs.current().layout != "auto" or info["avx512"] or not info["avx2"] or not knobs.current().native:
+        return
+    ext = native.extension("avx2")
+    if ext is None:
+        return
+    mine = layout.choose(ext, log=log) if group is None or group.rank == 0 else None
+    if group is not None:
+        layout.adopt(distributed.same(group, mine))
 
 
 def available(build: bool = True) -> bool:
@@ -116,9 +144,9 @@ def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
     at a time as it goes (`linear_plain`: 1.08-1.67x the widened fp32 GEMM it replaces at 64-512
     rows, docs/performance.md); the fused decode step, the norms, a GLU's product, and where every
     block has them, the decode stack at the AVX2 level (up to the gemv's 32 rows). With `pack` (by
-    default only when for_batch asks, for batches above AVX2_PACK_ABOVE), the weights go into
-    cpugen's packed layout, which kernels/packed_avx2.h multiplies at every batch, prefill's
-    included."""
+    default where this host's measured choice says so, panels_wanted(), else only when for_batch
+    asks, for batches above AVX2_PACK_ABOVE), the weights go into cpugen's packed layout, which
+    kernels/packed_avx2.h multiplies at every batch, prefill's included."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
     ext = native.extension("avx2")

@@ -152,6 +152,8 @@ class Session:
             for name in native.missing_builds():  # compiled before the threads are pinned: the compiler gets every core
                 native.extension(name)
         place(self.threads, self.group)
+        if self.backend == "eager" and self.dtype == torch.bfloat16:
+            eager.choose_layout(self.group, log(self.quiet))  # it times its own weights: before the model's load
         t1 = time.perf_counter()
         self.model = load_model(self.cfg, self.checkpoint, self.dtype, self.seed,
                                 progress("weights" if self.checkpoint is None else "loading", self.quiet), self.shard)
