@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cpugen import knobs
-from cpugen.host.memory import empty_huge
+from cpugen.host.memory import empty_huge, reset_peak_rss
 from cpugen.perf import roofline
 
 ROWS = (1, 4)  # rows of x timed: batch-1 decode, and a small batch
@@ -62,12 +62,16 @@ def last_level_cache_bytes() -> int:
     return total
 
 
+def probe_bytes() -> int:
+    return max(MIN_BYTES, 2 * last_level_cache_bytes())
+
+
 def measure(ext, nbytes: int | None = None, rounds: int = ROUNDS) -> dict:
     """GB/s of weights streamed by `ext`'s gemv (plain weights) and packed kernel (the same
     weights packed), at each of ROWS rows of x: medians of `rounds` interleaved rounds. The plain
     matrices are packed one at a time, each freed as its packed form is made: the probe holds its
     weights once, plus one matrix."""
-    nbytes = nbytes or max(MIN_BYTES, 2 * last_level_cache_bytes())
+    nbytes = nbytes or probe_bytes()
     per = 2 * SHAPES[0][0] * SHAPES[0][1]
     count = max(2, -(-nbytes // per))
     plain = [empty_huge(SHAPES[i % 2], torch.bfloat16).fill_(0.01 * (i + 1)) for i in range(count)]
@@ -124,9 +128,11 @@ def choose(ext, threads: int | None = None, log=lambda *a: None) -> dict:
     if isinstance(m, dict) and {"gemv_gbps", "packed_gbps"} <= set(m):
         source = "cached"
     else:
-        log("timing the AVX2 gemv against the packed layout's kernel, to pick the weights' layout "
-            "(once per host, about a second)")
-        m, source = measure(ext), "measured"
+        nbytes = probe_bytes()
+        log(f"timing the AVX2 gemv against the packed layout's kernel on {nbytes / 2**30:.2f} GiB of their own "
+            "weights, freed before the model loads, to pick its layout (once per host, about a second)")
+        m, source = measure(ext, nbytes), "measured"
+        reset_peak_rss()  # its buffers are gone: the run's peak is the model's, as the plan predicts
         data[key] = m
         try:
             cache_file().parent.mkdir(parents=True, exist_ok=True)
