@@ -6,12 +6,17 @@ once per step. Reports GB/s of weights streamed (median over repeats, min-max).
     python kernels/bench_gemv.py [--rows 1,4,8,16] [--repeat 7] [--layers 24]
     python kernels/bench_gemv.py --by-shape [--rounds 20] [--layers 24]
     python kernels/bench_gemv.py --tflops --rows 16,32,128,512,2048 --repeat 3 --layers 1
+    python kernels/bench_gemv.py --tflops --rows 16,32,128,512 --repeat 5 --resident
 
 --tflops: TFLOP/s instead of GB/s, for the compute-bound sizes (prefill, large batches): the
 packed kernel against oneDNN (its weights reordered with no batch hint, as the model's are) and
 F.linear; the gemv takes at most 16 rows at AVX-512, 32 at AVX2 ('-' above); on CPUs without
 AVX-512, also the widened fp32 GEMM and "cpugen plain", the packed kernel on the plain weights,
 packed a chunk at a time as it goes (kernels/packed_avx2.h's linear_plain).
+
+--resident: the same kernels on two 2048 x 2048 matrices (16 MiB: within a server CPU's last-level
+cache), each called 8 times a repeat, so that the weights come from the caches, not memory: what
+the kernels do where streaming the weights costs nothing, beside what they do from memory.
 
 --by-shape: one row of x, the gemv and the packed kernel beside torch's sum (over an fp32 view of the
 same weights, one call per matrix: a plain read) for each of gptj-1b's four matrix shapes, in a shuffled order within
@@ -60,18 +65,23 @@ def main():
     ap.add_argument("--by-shape", action="store_true")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--tflops", action="store_true")
+    ap.add_argument("--resident", action="store_true")
     a = ap.parse_args()
     h, ffn = 2048, 8192
     if a.by_shape:
         return by_shape(h, ffn, a.layers, a.rounds)
     shapes = [(3 * h, h), (h, h), (ffn, h), (h, ffn)] * a.layers  # wqkv, wo, w_in, w_out
+    if a.resident:  # two 8 MiB matrices, each called 8 times a repeat: the weights come from the caches
+        shapes = [(h, h)] * 2
     ws = [_weight(n, k) for n, k in shapes]
-    nbytes = sum(w.numel() * 2 for w in ws)
     # oneDNN's bf16 reorder needs AVX-512 (or AVX-NE-CONVERT): '-' in its column elsewhere
     packed = ([torch.ops.mkldnn._reorder_linear_weight(w, None if a.tflops else 1) for w in ws]
               if cpu_info()["avx512"] else None)
     ext = step_kernels()  # the gemv at this CPU's level: AVX-512 (kernels/gemv_bf16.cpp) or AVX2 (kernels/avx2.cpp)
     panels = [_panels(ext, w) for w in ws] if ext and hasattr(ext, "packed_available") and ext.packed_available() else None
+    if a.resident:
+        ws, packed, panels = ws * 8, packed and packed * 8, panels and panels * 8
+    nbytes = sum(w.numel() * 2 for w in ws)
     print(f"{torch.get_num_threads()} threads, {nbytes / 1e9:.2f} GB of bf16 weights, native isa "
           f"{ext.isa() if ext else 'unavailable'}; {'TFLOP/s' if a.tflops else 'GB/s of weights'}")
     names = ["F.linear", "oneDNN prepacked", "cpugen gemv", "cpugen packed"]
