@@ -102,3 +102,14 @@ def test_every_tensor_parallel_rank_takes_rank_0s_choice(avx2, monkeypatch):
     assert seen == [None] and not avx2.calls and layout.current() == sent
     model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
     assert eager.install(model) and eager.decode_matmul(model, "eager", 1) == "cpugen-packed" and not avx2.calls
+
+
+def test_a_budget_without_room_for_the_timing_keeps_the_plain_layout_untimed(avx2):
+    """The timing's buffers (plain and packed) must fit the plan's room before the model loads;
+    where they would not, nothing is allocated for it: the gemv's plain layout, and the record says
+    why."""
+    c = layout.choose(avx2.ext, room_bytes=layout.probe_bytes())  # room for one form, not both
+    assert not avx2.calls and not c["packed"] and c["source"].startswith("not timed") and "budget" in c["source"]
+    assert not avx2.file.exists()  # nothing cached: a later run with room times it
+    model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
+    assert eager.install(model) and eager.decode_matmul(model, "eager", 1) == "cpugen-gemv-avx2"

@@ -74,16 +74,17 @@ def avx2_packs_at_load() -> bool:
     return ext is not None and layout.choose(ext)["packed"]
 
 
-def choose_layout(group=None, log=lambda *a: None):
-    """Before the weights load (the timing allocates its own): at the AVX2 level under
-    CPUGEN_LAYOUT=auto, this host's layout choice, made once (rank 0's, in a tensor-parallel run)."""
+def choose_layout(group=None, log=lambda *a: None, room_bytes: int | None = None):
+    """Before the weights load (the timing allocates its own, within `room_bytes` where given): at
+    the AVX2 level under CPUGEN_LAYOUT=auto, this host's layout choice, made once (rank 0's, in a
+    tensor-parallel run)."""
     info = cpu_info()
     if knobs.current().layout != "auto" or info["avx512"] or not info["avx2"] or not knobs.current().native:
         return
     ext = native.extension("avx2")
     if ext is None:
         return
-    mine = layout.choose(ext, log=log) if group is None or group.rank == 0 else None
+    mine = layout.choose(ext, log=log, room_bytes=room_bytes) if group is None or group.rank == 0 else None
     if group is not None:
         layout.adopt(distributed.same(group, mine))
 

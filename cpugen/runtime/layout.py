@@ -68,9 +68,8 @@ def probe_bytes() -> int:
 
 def measure(ext, nbytes: int | None = None, rounds: int = ROUNDS) -> dict:
     """GB/s of weights streamed by `ext`'s gemv (plain weights) and packed kernel (the same
-    weights packed), at each of ROWS rows of x: medians of `rounds` interleaved rounds. The plain
-    matrices are packed one at a time, each freed as its packed form is made: the probe holds its
-    weights once, plus one matrix."""
+    weights packed), at each of ROWS rows of x: medians of `rounds` interleaved rounds. Both forms
+    are held until it returns (`nbytes` each), before the model loads."""
     nbytes = nbytes or probe_bytes()
     per = 2 * SHAPES[0][0] * SHAPES[0][1]
     count = max(2, -(-nbytes // per))
@@ -103,18 +102,19 @@ def measure(ext, nbytes: int | None = None, rounds: int = ROUNDS) -> dict:
 
 def packs_at_load(m: dict) -> bool:
     """Whether figures like measure()'s say to pack at load: the packed kernel at least as fast at
-    every row count timed."""
-    return all(m["packed_gbps"][r] >= m["gemv_gbps"][r] for r in m["gemv_gbps"])
+    every row count timed (no figures: no)."""
+    return bool(m.get("gemv_gbps")) and all(m["packed_gbps"][r] >= m["gemv_gbps"][r] for r in m["gemv_gbps"])
 
 
 def _key(threads: int) -> str:
     return f"avx2|{roofline.host_key(threads)}"
 
 
-def choose(ext, threads: int | None = None, log=lambda *a: None) -> dict:
+def choose(ext, threads: int | None = None, log=lambda *a: None, room_bytes: int | None = None) -> dict:
     """The AVX2 level's layout on this host: this process's earlier choice, the cached figures, or
-    new ones measured now (and cached). Returns the figures with `packed` (the choice) and `source`
-    ("cached" or "measured"), and keeps them for the record."""
+    new ones measured now (and cached) where their buffers fit `room_bytes` (else the plain layout,
+    untimed). Returns the figures with `packed` (the choice) and `source` ("cached", "measured" or
+    why not), and keeps them for the record."""
     global _current
     key = _key(threads or torch.get_num_threads())
     if key in _chosen:
@@ -127,10 +127,16 @@ def choose(ext, threads: int | None = None, log=lambda *a: None) -> dict:
     m = data.get(key)
     if isinstance(m, dict) and {"gemv_gbps", "packed_gbps"} <= set(m):
         source = "cached"
+    elif room_bytes is not None and 2 * probe_bytes() > room_bytes:
+        why = (f"not timed: its {2 * probe_bytes() / 2**30:.2f} GiB would pass the memory budget's room of "
+               f"{max(room_bytes, 0) / 2**30:.2f} GiB")
+        log(f"the AVX2 level keeps the plain layout for the gemv, {why}")
+        return adopt({"packed": False, "source": why}, threads)
     else:
         nbytes = probe_bytes()
-        log(f"timing the AVX2 gemv against the packed layout's kernel on {nbytes / 2**30:.2f} GiB of their own "
-            "weights, freed before the model loads, to pick its layout (once per host, about a second)")
+        log(f"timing the AVX2 gemv against the packed layout's kernel on {2 * nbytes / 2**30:.2f} GiB of their own "
+            "weights (plain and packed), freed before the model loads, to pick its layout (once per host, about a "
+            "second)")
         m, source = measure(ext, nbytes), "measured"
         reset_peak_rss()  # its buffers are gone: the run's peak is the model's, as the plan predicts
         data[key] = m

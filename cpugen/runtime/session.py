@@ -84,6 +84,7 @@ class Session:
     load_s: float = 0.0  # weights built or read
     prepare_s: float = 0.0  # the backend's one-time work: native kernels loaded (or built), IPEX packing
     group: distributed.Group | None = None  # tensor parallel: this rank's place and collectives
+    room_bytes: int | None = None  # the plan's budget less the runtime's overhead (None before a plan)
 
     @property
     def shard(self) -> Shard:
@@ -127,7 +128,9 @@ class Session:
             raise CpugenError(planner.shortfall(p, what or f"batch {batch}", hint))
         if host_memory is None:
             self.check_build_room(p)
-        return distributed.same(self.group, p)  # every rank runs rank 0's plan
+        p = distributed.same(self.group, p)  # every rank runs rank 0's plan
+        self.room_bytes = p.budget_bytes - p.overhead_bytes  # what one-time work before the model may take
+        return p
 
     def check_build_room(self, p: planner.Plan):
         """Compiling the kernels (once per machine) peaks at about 1.6 GiB in the compiler, before
@@ -153,7 +156,7 @@ class Session:
                 native.extension(name)
         place(self.threads, self.group)
         if self.backend == "eager" and self.dtype == torch.bfloat16:
-            eager.choose_layout(self.group, log(self.quiet))  # it times its own weights: before the model's load
+            eager.choose_layout(self.group, log(self.quiet), self.room_bytes)  # it times its own weights: before the model's
         t1 = time.perf_counter()
         self.model = load_model(self.cfg, self.checkpoint, self.dtype, self.seed,
                                 progress("weights" if self.checkpoint is None else "loading", self.quiet), self.shard)
