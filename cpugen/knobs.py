@@ -45,7 +45,7 @@ KNOBS = (
     Knob("CPUGEN_HUGEPAGES", "1", ("1", "0"), True,
          "0: do not ask for transparent huge pages for weights and KV cache"),
     Knob("CPUGEN_CACHE", "", None, False,
-         "where native builds and measured limits are cached (default ~/.cache/cpugen)"),
+         "where native builds, measured limits and the AVX2 level's layout timing are cached (default ~/.cache/cpugen)"),
     Knob("CPUGEN_LIMITS", "measured", ("measured", "cached"), False,
          "cached: run and bench judge their figures against the limits `cpugen roofline` cached, instead of "
          "reading them right before and after each row (about a second each)"),

@@ -8,7 +8,6 @@ import torch
 from cpugen import knobs
 from cpugen.runtime import eager, sampling, stack
 from cpugen.runtime import native
-from cpugen.runtime.layout import packs_at_load
 from cpugen.model.config import from_name
 from cpugen.host.cpu import cpu_info
 from cpugen.runtime.engine import Engine, Prompts, compute_context
@@ -675,14 +674,16 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
     """CPUGEN_ISA=level makes the whole engine run as on a CPU with at most that level. At each level
     this CPU has, a fresh process runs the kernels' checks and the model's decode through the
     kernels (the decode stack against the Python blocks at that level, both against torch's ops),
-    and a run records the level; above the CPU's level, a run is a one-line error."""
+    and a run records the level; above the CPU's level, a run is a one-line error. The children
+    keep their measurements (the AVX2 level's layout timing) in a cache of their own."""
     import os
     import subprocess
 
     from cpugen.host.cpu import LEVELS
-    from helpers import cli
+    from helpers import cli, fake_roofline
 
-    env = {**os.environ, "CPUGEN_ISA": level}
+    cache = {**fake_roofline(tmp_path / "cache"), "CPUGEN_NATIVE": "1", "CPUGEN_LIMITS": "measured"}  # builds shared
+    env = {**os.environ, **cache, "CPUGEN_ISA": level}
     own = cpu_info()["cpu_isa"]
     if own is None or LEVELS.index(level) > LEVELS.index(own):
         r = cli("run", "--model", "tiny-gptj", "--gen-len", "2", env={"CPUGEN_ISA": level})
@@ -695,8 +696,9 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     out = tmp_path / "r.json"
+    (tmp_path / "cache" / "layout.json").unlink(missing_ok=True)  # the run below times the layout afresh
     r = cli("run", "--model", "gptj-1b", "--layers", "1", "--prompt-len", "8", "--gen-len", "3", "--json", out,
-            env={"CPUGEN_ISA": level, "ONEDNN_VERBOSE": "1"})
+            env={**cache, "CPUGEN_ISA": level, "ONEDNN_VERBOSE": "1"})
     assert r.returncode == 0, r.stderr
     import json
 
@@ -713,12 +715,15 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
     if level == "avx2":  # nothing of oneDNN's runs here, and nothing above AVX2 would
         assert all("AVX-512" not in ln for ln in onednn), onednn
     assert rec["decode_blocks"] == "native-stack"
-    if level == "avx2":  # the layout this host's timing chose (runtime/layout.py), and the matmuls it gives
+    if level == "avx2":  # the layout this run timed (runtime/layout.py), kept for the next, and the matmuls it gives
         choice = rec["layout_choice"]
-        assert choice["source"] in ("measured", "cached") and choice["packed"] == packs_at_load(choice)
+        assert choice["source"] == "measured" and choice["timing_s"] > 0, choice
+        kept = json.loads((tmp_path / "cache" / "layout.json").read_text())
+        assert [{k: v[k] for k in ("gemv_gbps", "packed_gbps")} for v in kept.values()] == [
+            {k: choice[k] for k in ("gemv_gbps", "packed_gbps")}]
         assert rec["decode_matmul"] == ("cpugen-packed" if choice["packed"] else "cpugen-gemv-avx2")
     else:
-        assert rec["layout_choice"] is None
+        assert rec["layout_choice"] is None and not (tmp_path / "cache" / "layout.json").exists()
 
 
 def test_every_kernel_module_compiles_and_imports_here_even_where_it_cannot_run():

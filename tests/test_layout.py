@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cpugen import knobs
+from cpugen.host import cachefile
 from cpugen.host.cpu import cpu_info
 from cpugen.model.config import from_name
 from cpugen.model.transformer import Linear
@@ -30,9 +31,9 @@ def avx2(monkeypatch, tmp_path):
     calls = []
     real = layout.measure
 
-    def counted(ext, nbytes=None, rounds=layout.ROUNDS):
-        calls.append(nbytes)
-        return real(ext, 16 << 20, 1)  # the real kernels, on a smaller set: this is about behaviour
+    def counted(ext, count=None, rounds=layout.ROUNDS):
+        calls.append(count)
+        return real(ext, 2, 1)  # the real kernels, on two matrices once: this is about behaviour
 
     monkeypatch.setattr(layout, "measure", counted)
     ext = native.extension("avx2")
@@ -50,14 +51,35 @@ def test_the_choice_is_timed_once_per_host_then_read_from_the_cache(avx2):
     assert c["source"] == "measured" and len(avx2.calls) == 1
     for kind in ("gemv_gbps", "packed_gbps"):
         assert set(c[kind]) == {"1", "4"} and all(v > 0 for v in c[kind].values())
-    assert c["packed"] == layout.packs_at_load(c)
+    assert c["packed"] == all(c["packed_gbps"][r] >= c["gemv_gbps"][r] for r in ("1", "4"))
     saved = json.loads(avx2.file.read_text())
-    assert list(saved) == [f"avx2|{layout.roofline.host_key(torch.get_num_threads())}"]
+    host = cachefile.host_key(torch.get_num_threads())
+    assert list(saved) == [f"avx2|{host}|build={native.build_key('avx2')}"]  # new kernels are timed again
+    assert layout.choose(avx2.ext) is layout.choose(avx2.ext) and len(avx2.calls) == 1  # this process's, kept
     layout.forget()  # a new process: the file, not this one's memory
     again = layout.choose(avx2.ext)
     assert again["source"] == "cached" and len(avx2.calls) == 1
     assert {k: again[k] for k in ("gemv_gbps", "packed_gbps")} == {k: c[k] for k in ("gemv_gbps", "packed_gbps")}
-    assert layout.current() == again
+
+
+def test_a_damaged_cache_entry_is_timed_again(avx2):
+    avx2.file.write_text(json.dumps({layout.key(avx2.ext): {"gemv_gbps": {"1": 40.0}, "packed_gbps": {"1": 50.0}}}))
+    c = layout.choose(avx2.ext)
+    assert c["source"] == "measured" and len(avx2.calls) == 1 and set(c["gemv_gbps"]) == {"1", "4"}
+
+
+def test_a_timing_that_fails_keeps_the_plain_layout(avx2, monkeypatch):
+    """No memory for the timing's buffers: the gemv's plain layout, the reason in one line, no
+    traceback, nothing cached."""
+    def no_memory(ext, count=None, rounds=layout.ROUNDS):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 33554432 bytes.\nmore")
+
+    monkeypatch.setattr(layout, "measure", no_memory)
+    said = []
+    c = layout.choose(avx2.ext, log=said.append)
+    assert c == {"packed": False, "source": "not timed: DefaultCPUAllocator: not enough memory: you tried to "
+                                            "allocate 33554432 bytes."}
+    assert len(said) == 2 and "\n" not in said[1] and not avx2.file.exists()
 
 
 @pytest.mark.parametrize("faster", ["packed", "gemv at one row", "gemv at four rows"])
@@ -66,7 +88,7 @@ def test_the_backend_follows_the_figures(avx2, faster):
     plain weights under the gemv, packed for decode batches above AVX2_PACK_ABOVE as before."""
     figures = {"packed": _figures((30, 20), (45, 40)), "gemv at one row": _figures((45, 20), (40, 40)),
                "gemv at four rows": _figures((30, 45), (45, 40))}[faster]
-    avx2.file.write_text(json.dumps({layout._key(torch.get_num_threads()): figures}))
+    avx2.file.write_text(json.dumps({layout.key(avx2.ext): figures}))
     model = random_model(from_name("gptj-1b").with_layers(1), torch.bfloat16, 0)  # heads the decode stack takes
     assert eager.install(model) and not avx2.calls
     linears = [m for m in model.modules() if type(m) is Linear and m.weight is not model.wte.weight]  # not a tied lm_head
@@ -79,7 +101,8 @@ def test_the_backend_follows_the_figures(avx2, faster):
         assert all(m.panels is None and m.weight is not None for m in linears)
         eager.for_batch(model, "eager", torch.bfloat16, eager.AVX2_PACK_ABOVE + 1)
         assert eager.decode_matmul(model, "eager", eager.AVX2_PACK_ABOVE + 1) == "cpugen-packed"
-    assert layout.current()["packed"] == (faster == "packed") and layout.current()["source"] == "cached"
+    chosen = layout.choose(avx2.ext)
+    assert chosen["packed"] == (faster == "packed") and chosen["source"] == "cached" and not avx2.calls
 
 
 @pytest.mark.parametrize("value", ["plain", "packed"])
@@ -87,8 +110,8 @@ def test_the_knob_decides_without_timing(avx2, monkeypatch, value):
     monkeypatch.setenv("CPUGEN_LAYOUT", value)
     knobs.reload()
     model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
-    eager.choose_layout()
-    assert eager.install(model) and not avx2.calls and layout.current() is None
+    assert eager.choose_layout() is None
+    assert eager.install(model) and not avx2.calls and not layout._chosen
     assert eager.decode_matmul(model, "eager", 1) == ("cpugen-packed" if value == "packed" else "cpugen-gemv-avx2")
 
 
@@ -98,17 +121,36 @@ def test_every_tensor_parallel_rank_takes_rank_0s_choice(avx2, monkeypatch):
     sent = {**_figures((30, 20), (45, 40)), "packed": True, "source": "measured"}
     seen = []
     monkeypatch.setattr(distributed, "same", lambda g, obj: seen.append(obj) or sent)
-    eager.choose_layout(types.SimpleNamespace(rank=1))
-    assert seen == [None] and not avx2.calls and layout.current() == sent
+    assert eager.choose_layout(types.SimpleNamespace(rank=1)) == sent
+    assert seen == [None] and not avx2.calls and layout.choose(avx2.ext) == sent
     model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)
     assert eager.install(model) and eager.decode_matmul(model, "eager", 1) == "cpugen-packed" and not avx2.calls
+
+
+def test_rank_0_times_and_broadcasts_its_choice(avx2, monkeypatch):
+    seen = []
+    monkeypatch.setattr(distributed, "same", lambda g, obj: seen.append(obj) or obj)
+    got = eager.choose_layout(types.SimpleNamespace(rank=0))
+    assert len(avx2.calls) == 1 and seen == [got] and got["source"] == "measured" and "gemv_gbps" in got
+
+
+def test_a_rank_without_the_choice_still_takes_part_in_the_broadcast(monkeypatch):
+    """At a level where the AVX2 layout is no choice (here CPUGEN_LAYOUT=plain), a rank still
+    joins rank 0's broadcast, so that no rank waits on one that left early, and keeps its own."""
+    monkeypatch.setenv("CPUGEN_LAYOUT", "plain")
+    knobs.reload()
+    seen = []
+    monkeypatch.setattr(distributed, "same", lambda g, obj: seen.append(obj) or {"packed": True, "source": "measured"})
+    assert eager.choose_layout(types.SimpleNamespace(rank=1)) is None and seen == [None] and not layout._chosen
 
 
 def test_a_budget_without_room_for_the_timing_keeps_the_plain_layout_untimed(avx2):
     """The timing's buffers (plain and packed) must fit the plan's room before the model loads;
     where they would not, nothing is allocated for it: the gemv's plain layout, and the record says
     why."""
-    c = layout.choose(avx2.ext, room_bytes=layout.probe_bytes())  # room for one form, not both
+    held = layout.probe_bytes(avx2.ext, layout.probe_matrices())
+    assert held >= 2 * layout.MIN_BYTES  # plain and packed
+    c = layout.choose(avx2.ext, room_bytes=held - 1)
     assert not avx2.calls and not c["packed"] and c["source"].startswith("not timed") and "budget" in c["source"]
     assert not avx2.file.exists()  # nothing cached: a later run with room times it
     model = random_model(from_name("tiny-gptj"), torch.bfloat16, 0)

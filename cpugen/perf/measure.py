@@ -26,7 +26,7 @@ from cpugen.model.weights import weight_bytes
 from cpugen.perf import flops
 from cpugen.perf.record import GiB, RunRecord, count
 from cpugen.progress import progress
-from cpugen.runtime import eager, layout, planner, stack
+from cpugen.runtime import eager, planner, stack
 from cpugen.runtime.engine import Engine, Prompts, compute_context
 from cpugen.runtime.sampling import argmax
 from cpugen.runtime.session import Session, log, open_session
@@ -245,7 +245,7 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
         extra={**plan_extra, "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
                "decode_matmul": eager.decode_matmul(s.model, s.backend, B),
                # the AVX2 level's measured layout choice and its figures (runtime/layout.py), or None
-               "layout_choice": layout.current() if s.backend == "eager" else None,
+               "layout_choice": s.layout_choice,
                # what ran the timed decode steps, counted as they ran
                "decode_blocks": stack.observed(s.model.decode_paths),
                "decode_stack_refused": getattr(s.model, "stack_refused", None),

@@ -11,7 +11,6 @@ count and torch version in ~/.cache/cpugen/roofline.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 
 from cpugen import knobs
+from cpugen.host import cachefile
 from cpugen.host.cpu import cpu_info
-from cpugen.host.memory import empty_huge, thp_mode
+from cpugen.host.memory import empty_huge
 
 def cache_file() -> Path:
     return knobs.current().cache / "roofline.json"
@@ -139,10 +139,7 @@ def measure_hw(threads: int, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def host_key(threads: int) -> str:
-    # "pages": which page size the bandwidth was read from (limits read before cpugen used huge
-    # pages came from 4 KiB pages, and are measured again)
-    return f"{cpu_info()['cpu']}|{threads}|{torch.__version__}|pages={'2M' if thp_mode() in ('always', 'madvise') else '4K'}"
+host_key = cachefile.host_key
 
 
 def measure(threads: int | None = None, repeats: int = 7, nbytes: int = 1 << 30, n: int = 4096,
@@ -175,10 +172,7 @@ def between(a: Roofline, b: Roofline) -> Roofline:
 
 
 def load_cached(threads: int) -> Roofline | None:
-    try:
-        d = json.loads(cache_file().read_text()).get(host_key(threads))
-    except (OSError, json.JSONDecodeError):
-        return None
+    d = cachefile.read(cache_file()).get(host_key(threads))
     if not d:
         return None
     d["read_spread"], d["tflops_spread"] = tuple(d["read_spread"]), tuple(d["tflops_spread"])
@@ -186,19 +180,7 @@ def load_cached(threads: int) -> Roofline | None:
 
 
 def save(r: Roofline):
-    cache = cache_file()
-    try:
-        data = json.loads(cache.read_text()) if cache.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        data = {}
-    data[host_key(r.threads)] = r.to_dict()
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(cache)
-    except OSError:
-        pass  # a read-only home: measure again next time
+    cachefile.put(cache_file(), host_key(r.threads), r.to_dict())  # a read-only home: measured again next time
 
 
 def get(threads: int, refresh: bool = False) -> Roofline:

@@ -68,25 +68,33 @@ def panels_wanted() -> bool:
     return avx2_packs_at_load()
 
 
+def _avx2_layout_ext():
+    """The AVX2 module where the AVX2 level's layout is this host's choice (the level in use, the
+    native kernels on, CPUGEN_LAYOUT=auto, the module built), else None."""
+    info, k = cpu_info(), knobs.current()
+    if k.layout != "auto" or not k.native or info["avx512"] or not info["avx2"]:
+        return None
+    return native.extension("avx2")
+
+
 def avx2_packs_at_load() -> bool:
-    """The AVX2 level's measured choice (layout.choose: cached once per host, else timed now)."""
-    ext = native.extension("avx2") if knobs.current().native and cpu_info()["avx2"] else None
+    """The AVX2 level's choice (layout.choose: this process's, the cached figures, or timed now)."""
+    ext = _avx2_layout_ext()
     return ext is not None and layout.choose(ext)["packed"]
 
 
-def choose_layout(group=None, log=lambda *a: None, room_bytes: int | None = None):
+def choose_layout(group=None, log=lambda *a: None, room_bytes: int | None = None) -> dict | None:
     """Before the weights load (the timing allocates its own, within `room_bytes` where given): at
-    the AVX2 level under CPUGEN_LAYOUT=auto, this host's layout choice, made once (rank 0's, in a
-    tensor-parallel run)."""
-    info = cpu_info()
-    if knobs.current().layout != "auto" or info["avx512"] or not info["avx2"] or not knobs.current().native:
-        return
-    ext = native.extension("avx2")
-    if ext is None:
-        return
-    mine = layout.choose(ext, log=log, room_bytes=room_bytes) if group is None or group.rank == 0 else None
-    if group is not None:
-        layout.adopt(distributed.same(group, mine))
+    the AVX2 level under CPUGEN_LAYOUT=auto, this host's layout choice, made once; in a
+    tensor-parallel run rank 0's, which every rank takes (each takes part in the broadcast, whatever
+    its own level). Returns it (None where the level has no such choice), for the record."""
+    ext = _avx2_layout_ext()
+    mine = layout.choose(ext, log=log, room_bytes=room_bytes) if ext is not None and (
+        group is None or group.rank == 0) else None
+    if group is None:
+        return mine
+    chosen = distributed.same(group, mine)
+    return layout.adopt(chosen, ext) if chosen is not None and ext is not None else None
 
 
 def available(build: bool = True) -> bool:

@@ -10,17 +10,17 @@ read at one row against the gemv's 65-73%, and led at every row count up to 16 (
 `CPUGEN_ISA=avx2 python kernels/bench_gemv.py --by-shape`, docs/performance.md).
 
 So under CPUGEN_LAYOUT=auto the AVX2 level times both on the same weights, far beyond the caches,
-at 1 and 4 rows of x in interleaved rounds, once per host (CPU, threads, torch, page size: the
-roofline's key) and caches the figures in layout.json beside the roofline's limits. The weights
-are packed at load where the packed kernel is the faster at both row counts; else they stay plain
-for the gemv and are packed for batches above AVX2_PACK_ABOVE, as before. The figures and the
-choice go into the run record (`layout_choice`). CPUGEN_LAYOUT=plain or packed skips the
-measurement.
+at 1 and 4 rows of x in interleaved rounds, once per host and build of the kernels (the roofline's
+host key: CPU, threads, torch, page size; and the AVX2 module's build key), before the model loads,
+and caches the figures in layout.json beside the roofline's limits. The weights are packed at load
+where the packed kernel was at least as fast at both row counts; else they stay plain for the gemv
+and are packed for batches above AVX2_PACK_ABOVE, as before. The figures and the choice go into the
+run record (`layout_choice`). CPUGEN_LAYOUT=plain or packed skips the timing.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -28,16 +28,15 @@ from pathlib import Path
 import torch
 
 from cpugen import knobs
-from cpugen.host.memory import empty_huge, reset_peak_rss
-from cpugen.perf import roofline
+from cpugen.host import cachefile
+from cpugen.host.memory import empty_huge, release_freed, reset_peak_rss
 
 ROWS = (1, 4)  # rows of x timed: batch-1 decode, and a small batch
 ROUNDS = 5
 MIN_BYTES = 256 << 20  # of bf16 weights timed, or twice the last-level caches where they are larger
 SHAPES = ((8192, 2048), (2048, 8192))  # (N, K): a wide and a long matrix, as an MLP's two
 
-_chosen: dict[str, dict] = {}  # this process's choices by host key: made (or adopted) once, kept
-_current: dict | None = None  # the last one, for the record
+_chosen: dict[str, dict] = {}  # this process's choices by key: timed (or taken from rank 0) once, kept
 
 
 def cache_file() -> Path:
@@ -62,17 +61,24 @@ def last_level_cache_bytes() -> int:
     return total
 
 
-def probe_bytes() -> int:
-    return max(MIN_BYTES, 2 * last_level_cache_bytes())
+def probe_matrices(nbytes: int | None = None) -> int:
+    """How many of SHAPES' matrices (alternating) the timing streams: `nbytes` of them (default
+    MIN_BYTES, or twice the last-level caches where that is more), at least two."""
+    nbytes = nbytes or max(MIN_BYTES, 2 * last_level_cache_bytes())
+    return max(2, -(-nbytes // (2 * SHAPES[0][0] * SHAPES[0][1])))
 
 
-def measure(ext, nbytes: int | None = None, rounds: int = ROUNDS) -> dict:
+def probe_bytes(ext, count: int) -> int:
+    """What the timing holds at once: `count` matrices plain and packed (with the packed form's
+    padding)."""
+    return sum(2 * (n * k + math.prod(ext.packed_shape(n, k))) for n, k in (SHAPES[i % 2] for i in range(count)))
+
+
+def measure(ext, count: int | None = None, rounds: int = ROUNDS) -> dict:
     """GB/s of weights streamed by `ext`'s gemv (plain weights) and packed kernel (the same
-    weights packed), at each of ROWS rows of x: medians of `rounds` interleaved rounds. Both forms
-    are held until it returns (`nbytes` each), before the model loads."""
-    nbytes = nbytes or probe_bytes()
-    per = 2 * SHAPES[0][0] * SHAPES[0][1]
-    count = max(2, -(-nbytes // per))
+    weights packed), at each of ROWS rows of x: medians of `rounds` interleaved rounds over `count`
+    matrices (probe_matrices()), held in both forms until it returns."""
+    count = count or probe_matrices()
     plain = [empty_huge(SHAPES[i % 2], torch.bfloat16).fill_(0.01 * (i + 1)) for i in range(count)]
     packed = []
     for w in plain:
@@ -86,7 +92,7 @@ def measure(ext, nbytes: int | None = None, rounds: int = ROUNDS) -> dict:
         runs[("packed", m)] = lambda m=m: [ext.linear_packed(xs[(m, w.shape[1])], p, w.shape[0], None)
                                           for w, p in zip(plain, packed)]
     got = {k: [] for k in runs}
-    total = count * per
+    total = sum(w.numel() * 2 for w in plain)
     with torch.inference_mode():
         for fn in runs.values():
             fn()  # warm: pages touched, code loaded
@@ -100,70 +106,71 @@ def measure(ext, nbytes: int | None = None, rounds: int = ROUNDS) -> dict:
                for kind in ("gemv", "packed")}}
 
 
+def valid(m) -> bool:
+    """Whether `m` holds figures like measure()'s for every row count timed (a cache entry from
+    another version, or a damaged one, is measured again)."""
+    rows = {str(r) for r in ROWS}
+    return (isinstance(m, dict) and all(isinstance(m.get(k), dict) and set(m[k]) == rows
+                                        and all(isinstance(v, (int, float)) for v in m[k].values())
+                                        for k in ("gemv_gbps", "packed_gbps")))
+
+
 def packs_at_load(m: dict) -> bool:
     """Whether figures like measure()'s say to pack at load: the packed kernel at least as fast at
     every row count timed (no figures: no)."""
-    return bool(m.get("gemv_gbps")) and all(m["packed_gbps"][r] >= m["gemv_gbps"][r] for r in m["gemv_gbps"])
+    return valid(m) and all(m["packed_gbps"][r] >= m["gemv_gbps"][r] for r in m["gemv_gbps"])
 
 
-def _key(threads: int) -> str:
-    return f"avx2|{roofline.host_key(threads)}"
+def key(ext, threads: int | None = None) -> str:
+    from cpugen.runtime import native
+
+    return f"avx2|{cachefile.host_key(threads or torch.get_num_threads())}|build={native.build_key('avx2')}"
 
 
 def choose(ext, threads: int | None = None, log=lambda *a: None, room_bytes: int | None = None) -> dict:
     """The AVX2 level's layout on this host: this process's earlier choice, the cached figures, or
     new ones measured now (and cached) where their buffers fit `room_bytes` (else the plain layout,
-    untimed). Returns the figures with `packed` (the choice) and `source` ("cached", "measured" or
-    why not), and keeps them for the record."""
-    global _current
-    key = _key(threads or torch.get_num_threads())
-    if key in _chosen:
-        _current = _chosen[key]
-        return _current
-    try:
-        data = json.loads(cache_file().read_text())
-    except (OSError, json.JSONDecodeError):
-        data = {}
-    m = data.get(key)
-    if isinstance(m, dict) and {"gemv_gbps", "packed_gbps"} <= set(m):
-        source = "cached"
-    elif room_bytes is not None and 2 * probe_bytes() > room_bytes:
-        why = (f"not timed: its {2 * probe_bytes() / 2**30:.2f} GiB would pass the memory budget's room of "
+    untimed for the rest of this process; a later one with room times it). Returns the figures with `packed` (the choice)
+    and `source` ("cached", "measured" or why not timed)."""
+    k = key(ext, threads)
+    if k in _chosen:
+        return _chosen[k]
+    m = cachefile.read(cache_file()).get(k)
+    if valid(m):
+        return adopt({**m, "packed": packs_at_load(m), "source": "cached"}, ext, threads)
+    count = probe_matrices()
+    held = probe_bytes(ext, count)
+    if room_bytes is not None and held > room_bytes:
+        why = (f"not timed: its {held / 2**30:.2f} GiB would pass the memory budget's room of "
                f"{max(room_bytes, 0) / 2**30:.2f} GiB")
         log(f"the AVX2 level keeps the plain layout for the gemv, {why}")
-        return adopt({"packed": False, "source": why}, threads)
-    else:
-        nbytes = probe_bytes()
-        log(f"timing the AVX2 gemv against the packed layout's kernel on {2 * nbytes / 2**30:.2f} GiB of their own "
-            "weights (plain and packed), freed before the model loads, to pick its layout (once per host, about a "
-            "second)")
-        m, source = measure(ext, nbytes), "measured"
-        reset_peak_rss()  # its buffers are gone: the run's peak is the model's, as the plan predicts
-        data[key] = m
-        try:
-            cache_file().parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file().with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(cache_file())
-        except OSError:
-            pass  # a read-only cache: measured again next time
-    return adopt({**m, "packed": packs_at_load(m), "source": source}, threads)
+        return adopt({"packed": False, "source": why}, ext, threads)
+    log(f"timing the AVX2 gemv against the packed layout's kernel on {held / 2**30:.2f} GiB of their own "
+        "weights (plain and packed), freed before the model loads, to pick its layout (once per host)")
+    t0 = time.perf_counter()
+    try:
+        m = measure(ext, count)
+    except (RuntimeError, MemoryError) as e:  # no memory for its buffers: the plain layout, untimed
+        why = f"not timed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        log(f"the AVX2 level keeps the plain layout for the gemv, {why}")
+        return adopt({"packed": False, "source": why}, ext, threads)
+    took = time.perf_counter() - t0
+    release_freed()
+    # its buffers are gone: the run's peak is the model's, as the plan predicts (where the kernel
+    # cannot start the peak afresh, the record says the timing's buffers are in it)
+    fresh = reset_peak_rss()
+    cachefile.put(cache_file(), k, m)
+    return adopt({**m, "packed": packs_at_load(m), "source": "measured", "timing_s": round(took, 2),
+                  **({} if fresh else {"peak_rss_includes_timing": True})}, ext, threads)
 
 
-def adopt(choice: dict, threads: int | None = None) -> dict:
-    """Takes `choice` (this process's, or rank 0's in a tensor-parallel run) as this process's."""
-    global _current
-    _current = _chosen[_key(threads or torch.get_num_threads())] = dict(choice)
-    return _current
-
-
-def current() -> dict | None:
-    """This process's choice (None where none was made: not the AVX2 level, or CPUGEN_LAYOUT set)."""
-    return _current
+def adopt(choice: dict, ext, threads: int | None = None) -> dict:
+    """Takes `choice` (this process's, or rank 0's in a tensor-parallel run) as this process's for
+    `ext` at `threads`."""
+    _chosen[key(ext, threads)] = dict(choice)
+    return _chosen[key(ext, threads)]
 
 
 def forget():
     """Drops this process's choices (a test changing the level, the knob or the cache)."""
-    global _current
     _chosen.clear()
-    _current = None

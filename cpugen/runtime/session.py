@@ -85,6 +85,7 @@ class Session:
     prepare_s: float = 0.0  # the backend's one-time work: native kernels loaded (or built), IPEX packing
     group: distributed.Group | None = None  # tensor parallel: this rank's place and collectives
     room_bytes: int | None = None  # the plan's budget less the runtime's overhead (None before a plan)
+    layout_choice: dict | None = None  # the AVX2 level's layout choice (runtime/layout.py), for the record
 
     @property
     def shard(self) -> Shard:
@@ -155,9 +156,11 @@ class Session:
             for name in native.missing_builds():  # compiled before the threads are pinned: the compiler gets every core
                 native.extension(name)
         place(self.threads, self.group)
-        if self.backend == "eager" and self.dtype == torch.bfloat16:
-            eager.choose_layout(self.group, log(self.quiet), self.room_bytes)  # it times its own weights: before the model's
+        tl = time.perf_counter()
+        if self.backend == "eager" and self.dtype == torch.bfloat16:  # it times its own weights: before the model's
+            self.layout_choice = eager.choose_layout(self.group, log(self.quiet), self.room_bytes)
         t1 = time.perf_counter()
+        t0 += t1 - tl  # the layout's timing is a cost once per host (its record says it), not the backend's per run
         self.model = load_model(self.cfg, self.checkpoint, self.dtype, self.seed,
                                 progress("weights" if self.checkpoint is None else "loading", self.quiet), self.shard)
         t2 = time.perf_counter()
