@@ -109,6 +109,14 @@ for line in sys.stdin:
 """
 
 
+# The pause before each timed request: an OpenMP runtime keeps its threads spinning for a while after
+# its last parallel region (Intel's, which IPEX brings, 200 ms by default: KMP_BLOCKTIME), and on a
+# host with as many cores as threads they would take the next engine's cores while it is timed.
+# Without it, cpugen's 32-row prefill right after HF + IPEX's request measured 30-110 ms against 24-34
+# in `cpugen bench` on the same host.
+QUIET_S = 0.3
+
+
 def level_env(engine: str) -> dict[str, str]:
     """The environment that caps `engine@level` at its level ({} for an engine without one): cpugen
     takes CPUGEN_ISA (which caps PyTorch and oneDNN in its process as well), HF and IPEX the
@@ -279,6 +287,7 @@ def main() -> int:
             for r in range(a.rounds):
                 before = read_now(a.threads)  # this round's bandwidth, read just before and just after it
                 for w in workers:  # interleaved: A, B, C, A, B, C, ...
+                    time.sleep(QUIET_S)  # the previous engine's threads stop spinning first
                     res[(w.engine, b)].append(w.ask(batch=b, prompt_len=a.prompt_len, gen_len=a.gen_len,
                                                     vocab=cfg.vocab_size, seed=r))
                 reads[b].append((before, read_now(a.threads)))
