@@ -109,11 +109,12 @@ for line in sys.stdin:
 """
 
 
-# The pause before each timed request: an OpenMP runtime keeps its threads spinning for a while after
-# its last parallel region (Intel's, which IPEX brings, 200 ms by default: KMP_BLOCKTIME), and on a
-# host with as many cores as threads they would take the next engine's cores while it is timed.
-# Without it, cpugen's 32-row prefill right after HF + IPEX's request measured 30-110 ms against 24-34
-# in `cpugen bench` on the same host.
+# The pause before each timed request: the previous request's threads (another process's) go idle
+# and the host settles before the next engine is timed. Without it, on 2 Zen 5 cores, the prefill
+# timed first in each request swung widely: cpugen's 32-row prefill took 0.03-0.14 s at avx512_bf16
+# and 0.07-0.53 s at avx2 over 6 rounds, against 0.03-0.03 and 0.07-0.09 with it (the same
+# command, cpugen alone at three levels), and at 24% of the vdpbf16ps limit in a run with HF + IPEX
+# (43-46% in the two runs with it).
 QUIET_S = 0.3
 
 
