@@ -326,11 +326,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void finish_sums(__m
 }
 
 // A micro-kernel call's prefetch of W, `ahead` bytes past each k pair row it reads (none where 0):
-// lines first, first + step, ... of the 4 there, with T1 hints (into L2) or non-temporal ones
+// lines first, first + step, ... of the 4 there, as non-temporal hints
 struct Prefetch {
   int64_t ahead;
   int first, step;
-  bool nta;
 };
 
 // always_inline: as a plain inline function, GCC 12 found it free of side effects (a prefetch
@@ -340,8 +339,7 @@ __attribute__((always_inline)) inline void prefetch_row(const uint16_t* r, const
   if (!f.ahead) return;
   const char* p = reinterpret_cast<const char*>(r) + f.ahead;
   if (p + 256 <= end)
-    for (int l = f.first; l < 4; l += f.step)
-      f.nta ? _mm_prefetch(p + 64 * l, _MM_HINT_NTA) : _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+    for (int l = f.first; l < 4; l += f.step) _mm_prefetch(p + 64 * l, _MM_HINT_NTA);
 }
 
 // Rows m0.. (MB of them) of x against k pairs [c0, c1) of one panel, into C's fp32 sums (row
@@ -487,17 +485,18 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
   // block of up to kRowBlock rows at a time against each panel, K in chunks so that the chunk of
   // W (64 KB) and the block's rows of x (kRowBlock KB) stay in L2 while the micro-kernel walks
   // the block; the sums wait in a tile the size of the block between chunks, and the last
-  // chunk's calls finish their rows (bias, activation, bf16) into the output. W is prefetched: 2 KB ahead
-  // in one pass; where several groups take turns on a chunk, the next chunk, one line of each k
-  // pair row for each of the first four groups, as non-temporal hints, so that memory streams
-  // all through the chunk's compute. On 2 Zen 5 cores, a 16384 x 2048 weight (64 MiB), in one
-  // process against the kernel with no prefetch at all (as it was built before prefetch_row was
-  // always_inline), medians of 5: 0.70 -> 0.82 TFLOP/s at 32 rows, 0.85 -> 0.90 at 64, 0.61 ->
-  // 0.63 at 16, 0.29 -> 0.34 at 6; the first group alone fetching the next chunk (all four
-  // lines, T1) ran as no prefetch did: 0.72 (a throwaway harness of this loop).
+  // chunk's calls finish their rows (bias, activation, bf16) into the output. Where groups take
+  // turns on a chunk, each of the first four prefetches one line of each k pair row of the next
+  // chunk, as non-temporal hints, so that memory streams all through the chunk's compute; one
+  // pass prefetches nothing (the hardware's prefetchers follow its single stream). Measured on 2
+  // Zen 5 cores, gptj-1b's four matrix shapes x 6 layers (0.6 GB) each once a pass as decode
+  // reads them, kernels in one process in shuffled order, medians of 5: against the kernel
+  // without any prefetch (as built before prefetch_row was always_inline), 16 rows 0.60 -> 0.68
+  // TFLOP/s, 32 rows 0.73 -> 0.82, 128 rows level (0.91-0.93); one pass prefetching 2 KB ahead
+  // (T1) read 5-10% slower at 1 and 4 rows (74 against 80-85 GB/s). The first group alone
+  // fetching the next chunk ran as no prefetch did (0.72 at 32 rows on a 64 MiB weight).
   const int64_t chunk = M <= kMicroRows ? K2 : kChunk;
-  const int64_t ahead = M <= kMicroRows ? kAhead : chunk * 2 * kPanel * 2;
-  const Prefetch one_pass{ahead, 0, 1, false};
+  const int64_t ahead = M <= kMicroRows ? 0 : chunk * 2 * kPanel * 2;
   const bool bf16 = kIsa == Isa::kAvx512Bf16;  // else AVX-512 F/BW: panel_micro_f32
   const PanelFn* micros = bf16 ? kPanelMicros : kPanelMicrosF32;
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
@@ -517,7 +516,7 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
             const Finish fin{op + (m1 + m0) * n + q * kPanel, n, bp ? bp + q * kPanel : nullptr, act};
             micros[std::min(kMicroRows, rows - m0) - 1](
                 xp + (m1 + m0) * K, K, panel, tile + m0 * kPanel, kPanel, cols, c0, std::min(K2, c0 + chunk), c0 > 0,
-                end, rows <= kMicroRows ? one_pass : Prefetch{g < 4 ? ahead : 0, static_cast<int>(g), groups, true},
+                end, Prefetch{g < 4 ? ahead : 0, static_cast<int>(g), groups},
                 last ? &fin : nullptr);
           }
         }
