@@ -292,9 +292,10 @@ __attribute__((target("avx512f"))) inline void store_sums(__m512 acc[][4], float
 
 // Where a micro-kernel call ends its panel's last chunk, it finishes its rows itself, as
 // finish_tile would from a tile: bias, activation and bf16 rounding from its registers straight into
-// the output, whose lines it fetched as it started (prefetch_out). At 32 rows on a 64 MiB weight
-// (2 Zen 5 cores, medians of 5 in one process): 0.83 TFLOP/s finishing each panel from a tile,
-// 0.81 finishing in the call without the fetch, 0.87 with it; 0.89 writing no output at all.
+// the output, whose lines it fetched as it started (prefetch_out). At 32 rows (2 Zen 5 cores,
+// medians of 6 in one process, alternating order and buffers): 0.85 -> 0.88 TFLOP/s on a 16384 x
+// 2048 weight against finishing each panel from the tile, 0.81 -> 0.83 on gptj-1b's lm_head
+// (50400 x 2048); the loop writing no output at all ran at 0.90.
 struct Finish {
   uint16_t* out;  // the call's first row at the panel's first output
   int64_t ldo;
