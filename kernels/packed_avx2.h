@@ -34,6 +34,7 @@ constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x: 64 KiB 
 // 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness that built both)
 constexpr int64_t kMicroRows = 5;
 constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (x widened per block)
+constexpr int64_t kShare = 4;  // groups of rows whose calls prefetch the next chunk of packed weights (micro)
 // floats between widened rows of x past K: at K a multiple of 1024 the rows' lines would fall in
 // the same sets of the L1 (4 KiB apart), a group's 5 rows and W's lines more than its 8 ways
 constexpr int64_t kPad = 16;
@@ -50,15 +51,20 @@ namespace {
 // pairs of a chunk of a panel (r: its first pair row, 128 bf16 a row), outputs [16 q, 16 q + 16),
 // into C's fp32 sums (row stride ldc, column 16 q on); onto C's sums when `more`. The panel's k
 // pair row is 256 bytes; this reads 64 of them (one cache line) per pair. `pre`, where not null, is
-// the next chunk's start: quarter q prefetches line q of each of its pair rows into L2, one a pair,
-// so that the four quarters of the first group of rows fetch the whole next chunk while the chunk in
-// L2 is multiplied. (The first version, one quarter fetching all of it in a burst and one row of x
-// taken a quarter at a time too, read gptj-1b's matrices at 54-58% of the bandwidth at one row; with
-// this and micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness.
-// kernels/bench_gemv.py measures the result.)
+// the next chunk's start: quarter q prefetches line q of the next chunk's pair rows that `mine`
+// names (pair_rows), so that the first kShare groups of rows (all, where there are fewer) together
+// fetch the whole next chunk while the chunk in L2 is multiplied, memory streaming through
+// all of their calls rather than in a burst in the first group's. (The first version, one quarter
+// fetching all of it in a burst and one row of x taken a quarter at a time too, read gptj-1b's
+// matrices at 54-58% of the bandwidth at one row; with the first group fetching the whole chunk and
+// micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness. Spread over four
+// groups against the first group alone, on gptj-1b's four matrix shapes x 2 layers, 2 Zen 3
+// threads, the ratio of each round's two TFLOP/s, median (quartiles) of 150 shuffled rounds: 1.09x
+// (1.00-1.14) at 32 rows of x, of 40: 1.22x (1.10-1.28) at 16 rows, 1.04x (0.98-1.08) at 128; the
+// T1 and NTA hints alike. kernels/bench_gemv.py measures the result.)
 template <int MB>
 CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t pairs, int q, float* C, int64_t ldc,
-                       bool more, const char* pre, const char* end) {
+                       bool more, const char* pre, const char* end, unsigned mine) {
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[MB][2];
   for (int m = 0; m < MB; ++m)
@@ -66,11 +72,12 @@ CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t p
       acc[m][j] = more ? _mm256_loadu_ps(C + m * ldc + 16 * q + 8 * j) : _mm256_setzero_ps();
   r += 32 * q;
   const float* xk = x;
-  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2) {
-    if (pre) {
-      const char* p = pre + k2 * 4 * kPanel + 64 * q;
-      if (p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
-    }
+  // line q of the next chunk's pair row k2; `mine` (none without `pre`) as one bit per k2 mod 4,
+  // so that the loop carries no more state than one pointer (with more, GCC spilled sums to the stack)
+  const char* p = pre ? pre + 64 * q : nullptr;
+  if (!pre) mine = 0;
+  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2, p += 4 * kPanel) {
+    if ((mine >> (k2 & 3)) & 1 && p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16));
     const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
@@ -160,8 +167,17 @@ CPUGEN_AVX2 void pack_chunk(const uint32_t* w, int64_t K2, int64_t o0, int64_t c
     for (int64_t j = 0; j < pairs; ++j) dst[j * kPanel + c] = 0;
 }
 
+// The pair rows (one bit for each k2 mod 4) whose lines group g of `share` (1-4) prefetches: each of
+// the four to one of the groups, in turn
+inline unsigned pair_rows(int64_t g, int64_t share) {
+  unsigned bits = 0;
+  for (int u = 0; u < 4; ++u)
+    if (u % share == g) bits |= 1u << u;
+  return bits;
+}
+
 using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, int, float*, int64_t, bool, const char*,
-                         const char*);
+                         const char*, unsigned);
 const MicroFn kMicros[kMicroRows] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>};
 
 // rows x cols of a tile's sums (row stride lds) + bias, activated, rounded into out (row stride ldo)
@@ -205,6 +221,7 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
   for (int64_t m1 = 0; m1 < M; m1 += block) {
     const int64_t rows = std::min(block, M - m1);
     const int64_t groups = (rows + kMicroRows - 1) / kMicroRows;  // of 4 or 5 rows, as even as they go
+    const int share = static_cast<int>(std::min(kShare, groups));  // groups that prefetch the next chunk
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { widen_rows(xp + m1 * K, K, xs, ldx, r0, r1); });
     at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
       const char* end = kPlain ? nullptr : reinterpret_cast<const char*>(wp + p1 * K * kPanel);  // of the thread's panels
@@ -233,7 +250,7 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
             const int64_t m0 = g * rows / groups, mb = (g + 1) * rows / groups - m0;
             for (int j = 0; j < quarters; ++j)
               kMicros[mb - 1](xs + m0 * ldx + 2 * c0, ldx, r, c1 - c0, j, tile.data() + m0 * kPanel, kPanel, c0 > 0,
-                              g == 0 ? next : nullptr, end);
+                              g < share ? next : nullptr, end, pair_rows(g, share));
           }
         }
         finish_tile(tile.data(), kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols);

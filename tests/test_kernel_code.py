@@ -12,8 +12,9 @@ import pytest
 from cpugen.host.cpu import cpu_info
 from cpugen.runtime import native
 
-pytestmark = pytest.mark.skipif(not cpu_info()["avx512"], reason="the packed kernel's AVX-512 module "
-                                "builds where the CPU has AVX-512")
+avx512 = pytest.mark.skipif(not cpu_info()["avx512"], reason="the packed kernel's AVX-512 module builds where "
+                            "the CPU has AVX-512")
+avx2 = pytest.mark.skipif(not cpu_info()["avx2"], reason="the AVX2 module builds where the CPU has AVX2 and FMA")
 
 
 def disassembly(path: str) -> dict[str, str]:
@@ -31,6 +32,30 @@ def disassembly(path: str) -> dict[str, str]:
     return funcs
 
 
+def instructions(code: str) -> list[tuple[int, str, str]]:
+    """A function's disassembly as (address, mnemonic, operands)."""
+    out = []
+    for line in code.splitlines():
+        m = re.match(r"\s*([0-9a-f]+):\s+(\S+)\s*(.*)", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return out
+
+
+def innermost_fma_loop(code: str) -> list[tuple[int, str, str]]:
+    """The instructions of the smallest loop (a backward jump's span) that holds an FMA."""
+    ins, loops = instructions(code), []
+    for addr, op, args in ins:
+        back = re.match(r"([0-9a-f]+) <", args) if op.startswith("j") else None
+        if back and int(back.group(1), 16) < addr:
+            body = [i for i in ins if int(back.group(1), 16) <= i[0] <= addr]
+            if any(i[1].startswith("vfmadd") for i in body):
+                loops.append(body)
+    assert loops, "no loop with an FMA"
+    return min(loops, key=len)
+
+
+@avx512
 @pytest.mark.parametrize("module", ["gemv_bf16", "decode_layer"])
 def test_packed_micro_kernels_carry_their_prefetches(module):
     """Every panel micro-kernel, at both AVX-512 levels and every row count, in the module and in the
@@ -44,3 +69,23 @@ def test_packed_micro_kernels_carry_their_prefetches(module):
     for name, code in micros.items():
         for hint in ("prefetchnta", "prefetcht0"):
             assert hint in code, f"{name} has no {hint}"
+
+
+@avx2
+@pytest.mark.parametrize("module", ["avx2", "decode_layer"])
+def test_avx2_micro_kernels_keep_their_sums_in_registers(module):
+    """The AVX2 packed kernel's micro-kernels (1-5 rows of x) in the module and in the decode stack:
+    each prefetches the next chunk (T1), and its loop over the k pairs stores no ymm register to the
+    stack. With one more value carried through that loop (a counter for the spread prefetch), GCC 12
+    spilled 4-8 of the sums to the stack every k pair, and gptj-1b's batch-32 decode step on 2 Zen 3
+    cores ran slower than before the spread instead of faster."""
+    ext = native.extension(module)
+    assert ext is not None, f"cpugen's {module} module did not build on this AVX2 CPU"
+    micros = {name: code for name, code in disassembly(ext.__file__).items()
+              if re.search(r"cpugen_packed_avx2::.*::micro<\d>\(", name)}
+    assert len(micros) == 5, sorted(micros)
+    for name, code in micros.items():
+        assert "prefetcht1" in code, f"{name} has no prefetcht1"
+        spills = [f"{op} {args}" for _, op, args in innermost_fma_loop(code)
+                  if op.startswith("vmov") and re.match(r"%ymm\d+,.*\(%rsp\)", args)]
+        assert not spills, f"{name} stores sums to the stack in its k pair loop: {spills}"
