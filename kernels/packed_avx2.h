@@ -50,11 +50,14 @@ namespace {
 // Rows [0, MB) of x (fp32, row stride ldx, from the chunk's first k pair on) against `pairs` k
 // pairs of a chunk of a panel (r: its first pair row, 128 bf16 a row), outputs [16 q, 16 q + 16),
 // into C's fp32 sums (row stride ldc, column 16 q on); onto C's sums when `more`. The panel's k
-// pair row is 256 bytes; this reads 64 of them (one cache line) per pair. `pre`, where not null, is
-// the next chunk's start: quarter q prefetches line q of the next chunk's pair rows that `mine`
-// names (pair_rows), so that the first kShare groups of rows (all, where there are fewer) together
-// fetch the whole next chunk while the chunk in L2 is multiplied, memory streaming through
-// all of their calls rather than in a burst in the first group's. (The first version, one quarter
+// pair row is 256 bytes; this reads 64 of them (one cache line) per pair. `pre`, where not null,
+// is the first line to prefetch (T1, up to `end`), at the k pairs whose k2 mod 4 `mine` names, the
+// address moving kStep bytes a pair. Packed weights (kStep = a pair row): `pre` is line q of the
+// next chunk's first pair row, and `mine` (pair_rows) gives each of the first kShare groups of rows
+// (all, where there are fewer) its pair rows, so that together they fetch the whole next chunk
+// while the chunk in L2 is multiplied, memory streaming through all of their calls rather than in a
+// burst in the first group's. Plain weights (kStep 16, `mine` 1: a line every 4 pairs): `pre` is
+// a row's segment of the next plain chunk (linear_raw). (The first version, one quarter
 // fetching all of it in a burst and one row of x taken a quarter at a time too, read gptj-1b's
 // matrices at 54-58% of the bandwidth at one row; with the first group fetching the whole chunk and
 // micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness. Spread over four
@@ -62,7 +65,7 @@ namespace {
 // threads, the ratio of each round's two TFLOP/s, median (quartiles) of 150 shuffled rounds: 1.09x
 // (1.00-1.14) at 32 rows of x, of 40: 1.22x (1.10-1.28) at 16 rows, 1.04x (0.98-1.08) at 128; the
 // T1 and NTA hints alike. kernels/bench_gemv.py measures the result.)
-template <int MB>
+template <int MB, int64_t kStep>
 CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t pairs, int q, float* C, int64_t ldc,
                        bool more, const char* pre, const char* end, unsigned mine) {
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -72,11 +75,11 @@ CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t p
       acc[m][j] = more ? _mm256_loadu_ps(C + m * ldc + 16 * q + 8 * j) : _mm256_setzero_ps();
   r += 32 * q;
   const float* xk = x;
-  // line q of the next chunk's pair row k2; `mine` (none without `pre`) as one bit per k2 mod 4,
-  // so that the loop carries no more state than one pointer (with more, GCC spilled sums to the stack)
-  const char* p = pre ? pre + 64 * q : nullptr;
+  // `mine` (none without `pre`) as one bit per k2 mod 4, so that the loop carries no more state
+  // than one pointer (with more, GCC spilled sums to the stack)
+  const char* p = pre;
   if (!pre) mine = 0;
-  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2, p += 4 * kPanel) {
+  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2, p += kStep) {
     if ((mine >> (k2 & 3)) & 1 && p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16));
@@ -178,7 +181,12 @@ inline unsigned pair_rows(int64_t g, int64_t share) {
 
 using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, int, float*, int64_t, bool, const char*,
                          const char*, unsigned);
-const MicroFn kMicros[kMicroRows] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>};
+constexpr int64_t kPairRow = 4 * kPanel;  // bytes of a packed k pair row
+const MicroFn kMicros[kMicroRows] = {micro<1, kPairRow>, micro<2, kPairRow>, micro<3, kPairRow>, micro<4, kPairRow>,
+                                     micro<5, kPairRow>};
+// on plain weights: a line every 4 k pairs of a plain row's next segment
+const MicroFn kMicrosPlain[kMicroRows] = {micro<1, 16>, micro<2, 16>, micro<3, 16>, micro<4, 16>, micro<5, 16>};
+constexpr int kParts = 4;  // calls on plain weights split in 4, each part prefetching one row of the next chunk
 
 // rows x cols of a tile's sums (row stride lds) + bias, activated, rounded into out (row stride ldo)
 CPUGEN_AVX2 void finish_tile(const float* s, int64_t lds, const uint16_t* bias, int64_t act, uint16_t* out,
@@ -246,11 +254,35 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
             micro_row(xs + 2 * c0, r, c1 - c0, tile.data(), c0 > 0, next, end);
             continue;
           }
+          // plain weights: the next chunk to pack (this panel's next, or the thread's next panel's
+          // first), whose rows the first `share` groups' calls prefetch, kParts rows a call
+          const int64_t nq = c1 < K2 ? q : q + 1, nc0 = c1 < K2 ? c1 : 0;
+          const int64_t nrows = kPlain && nq < p1 ? std::min(kPanel, n - nq * kPanel) : 0;
+          const int64_t nseg = (std::min(K2, nc0 + kChunk) - nc0) * 4;  // bytes of a row's segment
+          const char* plain = nrows ? reinterpret_cast<const char*>(wp) + (nq * kPanel * K2 + nc0) * 4 : nullptr;
+          const int64_t pairs = c1 - c0, part = (pairs + kParts - 1) / kParts;
           for (int64_t g = 0; g < groups; ++g) {
             const int64_t m0 = g * rows / groups, mb = (g + 1) * rows / groups - m0;
-            for (int j = 0; j < quarters; ++j)
-              kMicros[mb - 1](xs + m0 * ldx + 2 * c0, ldx, r, c1 - c0, j, tile.data() + m0 * kPanel, kPanel, c0 > 0,
-                              g < share ? next : nullptr, end, pair_rows(g, share));
+            const float* xg = xs + m0 * ldx + 2 * c0;
+            float* cg = tile.data() + m0 * kPanel;
+            for (int j = 0; j < quarters; ++j) {
+              if (!kPlain || g >= share) {
+                kMicros[mb - 1](xg, ldx, r, pairs, j, cg, kPanel, c0 > 0, g < share && next ? next + 64 * j : nullptr,
+                                end, pair_rows(g, share));
+                continue;
+              }
+              // On plain weights no hardware prefetcher follows the 64 short row segments of a chunk,
+              // and packing it from memory took a quarter of a 32-row pass on 2 Zen 3 cores (as much
+              // as the pack's work from L2 four times over). The prefetch is spread a line every 4
+              // k pairs: Zen 3 dropped most prefetches issued in bursts (8 or more at once), even
+              // with the chunk's compute to hide them.
+              for (int s = 0; s < kParts && s * part < pairs; ++s) {
+                const int64_t row = (g * quarters + j) * kParts + s;  // of the next chunk
+                const char* pre = row < nrows ? plain + row * K2 * 4 : nullptr;
+                kMicrosPlain[mb - 1](xg + 2 * s * part, ldx, r + s * part * 2 * kPanel, std::min(part, pairs - s * part),
+                                     j, cg, kPanel, c0 > 0 || s > 0, pre, pre ? pre + nseg : nullptr, 1);
+              }
+            }
           }
         }
         finish_tile(tile.data(), kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols);
