@@ -34,7 +34,7 @@ constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x: 64 KiB 
 // 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness that built both)
 constexpr int64_t kMicroRows = 5;
 constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (x widened per block)
-constexpr int64_t kShare = 4;  // groups of rows whose calls prefetch the next chunk of packed weights (micro)
+constexpr int64_t kShare = 4;  // the most groups of rows whose calls prefetch the next chunk (micro)
 // floats between widened rows of x past K: at K a multiple of 1024 the rows' lines would fall in
 // the same sets of the L1 (4 KiB apart), a group's 5 rows and W's lines more than its 8 ways
 constexpr int64_t kPad = 16;
@@ -52,12 +52,15 @@ namespace {
 // into C's fp32 sums (row stride ldc, column 16 q on); onto C's sums when `more`. The panel's k
 // pair row is 256 bytes; this reads 64 of them (one cache line) per pair. `pre`, where not null,
 // is the first line to prefetch (T1, up to `end`), at the k pairs whose k2 mod 4 `mine` names, the
-// address moving kStep bytes a pair. Packed weights (kStep = a pair row): `pre` is line q of the
-// next chunk's first pair row, and `mine` (pair_rows) gives each of the first kShare groups of rows
-// (all, where there are fewer) its pair rows, so that together they fetch the whole next chunk
-// while the chunk in L2 is multiplied, memory streaming through all of their calls rather than in a
-// burst in the first group's. Plain weights (kStep 16, `mine` 1: a line every 4 pairs): `pre` is
-// a row's segment of the next plain chunk (linear_raw). (The first version, one quarter
+// address moving kStep bytes a pair: one line every 64 / kStep pairs, in address order. Packed
+// weights: each call of the first 1, 2 or 4 groups of rows fetches its own sequential region of the
+// next chunk (a quarter, an eighth or a sixteenth of it: kStep 64, 32 or 16), so that together they
+// fetch the whole next chunk while the chunk in L2 is multiplied, memory streaming through all of
+// their calls rather than in a burst in the first group's (linear_raw). Plain weights (kStep 16): a
+// row's segment of the next plain chunk. (A version before had each quarter fetch its own line of
+// every pair row, 256 bytes apart: the sequential regions read gptj-1b's matrices 1.55x faster at
+// 2 and 4 rows of x, 1.33x at 8, 1.05-1.08x at 16 and 32, on 2 Zen 3 threads, the median ratio of
+// 12-16 shuffled rounds in one process; they took batch 2-8 past the AVX2 gemv. The first version, one quarter
 // fetching all of it in a burst and one row of x taken a quarter at a time too, read gptj-1b's
 // matrices at 54-58% of the bandwidth at one row; with the first group fetching the whole chunk and
 // micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness. Spread over four
@@ -170,22 +173,16 @@ CPUGEN_AVX2 void pack_chunk(const uint32_t* w, int64_t K2, int64_t o0, int64_t c
     for (int64_t j = 0; j < pairs; ++j) dst[j * kPanel + c] = 0;
 }
 
-// The pair rows (one bit for each k2 mod 4) whose lines group g of `share` (1-4) prefetches: each of
-// the four to one of the groups, in turn
-inline unsigned pair_rows(int64_t g, int64_t share) {
-  unsigned bits = 0;
-  for (int u = 0; u < 4; ++u)
-    if (u % share == g) bits |= 1u << u;
-  return bits;
-}
-
 using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, int, float*, int64_t, bool, const char*,
                          const char*, unsigned);
 constexpr int64_t kPairRow = 4 * kPanel;  // bytes of a packed k pair row
-const MicroFn kMicros[kMicroRows] = {micro<1, kPairRow>, micro<2, kPairRow>, micro<3, kPairRow>, micro<4, kPairRow>,
-                                     micro<5, kPairRow>};
+// by the groups that prefetch (1, 2, 4: a line every pair, 2 pairs, 4 pairs), then rows of x
+const MicroFn kMicros[3][kMicroRows] = {{micro<1, 64>, micro<2, 64>, micro<3, 64>, micro<4, 64>, micro<5, 64>},
+                                        {micro<1, 32>, micro<2, 32>, micro<3, 32>, micro<4, 32>, micro<5, 32>},
+                                        {micro<1, 16>, micro<2, 16>, micro<3, 16>, micro<4, 16>, micro<5, 16>}};
+constexpr unsigned kEvery[3] = {0xF, 0x5, 0x1};  // `mine`: the k2 mod 4 that prefetch
 // on plain weights: a line every 4 k pairs of a plain row's next segment
-const MicroFn kMicrosPlain[kMicroRows] = {micro<1, 16>, micro<2, 16>, micro<3, 16>, micro<4, 16>, micro<5, 16>};
+const MicroFn* const kMicrosPlain = kMicros[2];
 constexpr int kParts = 4;  // calls on plain weights split in 4, each part prefetching one row of the next chunk
 
 // rows x cols of a tile's sums (row stride lds) + bias, activated, rounded into out (row stride ldo)
@@ -229,7 +226,9 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
   for (int64_t m1 = 0; m1 < M; m1 += block) {
     const int64_t rows = std::min(block, M - m1);
     const int64_t groups = (rows + kMicroRows - 1) / kMicroRows;  // of 4 or 5 rows, as even as they go
-    const int share = static_cast<int>(std::min(kShare, groups));  // groups that prefetch the next chunk
+    // groups that prefetch the next chunk (1, 2 or 4: regions of a power of two), and their kMicros
+    const int level = groups >= 4 ? 2 : groups >= 2 ? 1 : 0, share = 1 << level;
+    static_assert(kShare == 4, "kMicros holds 1, 2 and 4 prefetching groups");
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { widen_rows(xp + m1 * K, K, xs, ldx, r0, r1); });
     at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
       const char* end = kPlain ? nullptr : reinterpret_cast<const char*>(wp + p1 * K * kPanel);  // of the thread's panels
@@ -267,8 +266,11 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
             float* cg = tile.data() + m0 * kPanel;
             for (int j = 0; j < quarters; ++j) {
               if (!kPlain || g >= share) {
-                kMicros[mb - 1](xg, ldx, r, pairs, j, cg, kPanel, c0 > 0, g < share && next ? next + 64 * j : nullptr,
-                                end, pair_rows(g, share));
+                // call j of group g: region 4 g + j of the next chunk's 4 share (of a partial panel's
+                // chunk, regions j < quarters only)
+                const int64_t region = pairs * kPairRow / (4 * share);
+                kMicros[level][mb - 1](xg, ldx, r, pairs, j, cg, kPanel, c0 > 0,
+                                       g < share && next ? next + (4 * g + j) * region : nullptr, end, kEvery[level]);
                 continue;
               }
               // On plain weights no hardware prefetcher follows the 64 short row segments of a chunk,

@@ -83,7 +83,7 @@ def test_avx2_micro_kernels_keep_their_sums_in_registers(module):
     assert ext is not None, f"cpugen's {module} module did not build on this AVX2 CPU"
     micros = {name: code for name, code in disassembly(ext.__file__).items()
               if re.search(r"cpugen_packed_avx2::.*::micro<\d, \d+l>\(", name)}
-    assert len(micros) == 10, sorted(micros)  # 5 row counts x (packed, plain weights)
+    assert len(micros) == 15, sorted(micros)  # 5 row counts x (a line every 1, 2, 4 k pairs)
     for name, code in micros.items():
         assert "prefetcht1" in code, f"{name} has no prefetcht1"
         spills = [f"{op} {args}" for _, op, args in innermost_fma_loop(code)
