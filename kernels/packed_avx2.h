@@ -60,7 +60,8 @@ namespace {
 // row's segment of the next plain chunk. (A version before had each quarter fetch its own line of
 // every pair row, 256 bytes apart: the sequential regions read gptj-1b's matrices 1.55x faster at
 // 2 and 4 rows of x, 1.33x at 8, 1.05-1.08x at 16 and 32, on 2 Zen 3 threads, the median ratio of
-// 12-16 shuffled rounds in one process; they took batch 2-8 past the AVX2 gemv. The first version, one quarter
+// 12-16 shuffled rounds in one process: level with the AVX2 gemv at 2 rows, ahead of it from 4
+// (docs/performance.md). The first version, one quarter
 // fetching all of it in a burst and one row of x taken a quarter at a time too, read gptj-1b's
 // matrices at 54-58% of the bandwidth at one row; with the first group fetching the whole chunk and
 // micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness. Spread over four
