@@ -74,9 +74,9 @@ def test_packed_micro_kernels_carry_their_prefetches(module):
 @avx2
 @pytest.mark.parametrize("module", ["avx2", "decode_layer"])
 def test_avx2_micro_kernels_keep_their_sums_in_registers(module):
-    """The AVX2 packed kernel's micro-kernels (1-5 rows of x, on packed and on plain weights) in the
-    module and in the decode stack: each prefetches the next chunk (T1), and its loop over the k pairs stores no ymm register to the
-    stack. With one more value carried through that loop (a counter for the spread prefetch), GCC 12
+    """The AVX2 packed kernel's micro-kernels (1-5 rows of x, each prefetching a line every 1, 2 or 4
+    k pairs) in the module and in the decode stack: each prefetches the next chunk (T1), and its loop
+    over the k pairs stores no ymm register to the stack. With one more value carried through that loop (a counter for the spread prefetch), GCC 12
     spilled 4-8 of the sums to the stack every k pair, and gptj-1b's batch-32 decode step on 2 Zen 3
     cores ran slower than before the spread instead of faster."""
     ext = native.extension(module)
