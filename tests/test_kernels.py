@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpugen import knobs
-from cpugen.runtime import eager, sampling, stack
+from cpugen.runtime import eager, layout, sampling, stack
 from cpugen.runtime import native
 from cpugen.model.config import from_name
 from cpugen.host.cpu import cpu_info
@@ -22,8 +22,10 @@ from kernels import check_gemv, reference  # noqa: E402
 @pytest.fixture
 def avx2_gemv_at_load(monkeypatch):
     """The AVX2 level's layout choice pinned to the gemv on plain weights (what a host where the
-    gemv streams faster measures: runtime/layout.py), for the tests of that route."""
+    gemv streams faster measures: runtime/layout.py), packed for decode batches above
+    layout.PACK_ABOVE, for the tests of that route."""
     monkeypatch.setattr(eager, "avx2_packs_at_load", lambda: False)
+    monkeypatch.setattr(eager, "avx2_pack_above", lambda: layout.PACK_ABOVE)
 
 
 def _decode(model, prompts, steps=4):
@@ -615,8 +617,8 @@ def test_decode_batches_up_to_32_on_plain_weights_at_the_avx2_level(batch):
 @needs_native
 def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypatch, avx2_gemv_at_load):
     """Without AVX-512 (here CPUGEN_ISA=avx2, so that every x86 CPU runs it) the weights stay plain
-    for decode up to AVX2_PACK_ABOVE sequences (the AVX2 gemv), and a larger batch repacks them once,
-    in place, into cpugen's layout (kernels/packed_avx2.h): no weight held twice, the decode stack
+    for decode up to the layout choice's batch (here PACK_ABOVE: the AVX2 gemv), and a larger batch
+    repacks them once, in place, into cpugen's layout (kernels/packed_avx2.h): no weight held twice, the decode stack
     rebuilt on the packed weights for any batch, its logits the Python blocks' exactly, and torch's
     ops' within bf16 rounding (the greedy tokens too, but for near-ties). Prefill (4 tokens a
     sequence) goes through the packed kernel as well."""
@@ -626,13 +628,13 @@ def test_large_decode_batches_without_avx512_repack_into_cpugens_layout(monkeypa
     knobs.reload()
     cfg = from_name("gptj-1b").with_layers(1)
     model = random_model(cfg, torch.bfloat16, 0)
-    batch = eager.AVX2_PACK_ABOVE + 5  # groups of 5 and 4 rows in the micro-kernel
+    batch = layout.PACK_ABOVE + 5  # groups of 5 and 4 rows in the micro-kernel
     prompts = Prompts(torch.randint(1000, (batch, 4), generator=torch.Generator().manual_seed(4)),
                       torch.ones(batch, 4, dtype=torch.bool))
     ref = _decode(model, prompts, 3)
     before = weight_bytes(model)
     assert eager.install(model) and eager.decode_matmul(model, "eager", 4) == "cpugen-gemv-avx2"
-    eager.for_batch(model, "eager", torch.bfloat16, eager.AVX2_PACK_ABOVE)
+    eager.for_batch(model, "eager", torch.bfloat16, layout.PACK_ABOVE)
     assert eager.decode_matmul(model, "eager") == "cpugen-gemv-avx2"  # at the threshold nothing moves
     eager.for_batch(model, "eager", torch.bfloat16, batch)
     assert eager.decode_matmul(model, "eager", batch) == "cpugen-packed"

@@ -41,17 +41,20 @@ def avx2(monkeypatch, tmp_path):
     return types.SimpleNamespace(ext=ext, calls=calls, file=tmp_path / "layout.json")
 
 
-def _figures(gemv: tuple[float, float], packed: tuple[float, float]) -> dict:
-    return {"bytes": 1 << 28, "rounds": 5, "gemv_gbps": dict(zip(("1", "4"), gemv)),
-            "packed_gbps": dict(zip(("1", "4"), packed))}
+ROWS = ("1", "2", "4")
+
+
+def _figures(gemv: tuple[float, ...], packed: tuple[float, ...]) -> dict:
+    return {"bytes": 1 << 28, "rounds": 5, "gemv_gbps": dict(zip(ROWS, gemv)),
+            "packed_gbps": dict(zip(ROWS, packed))}
 
 
 def test_the_choice_is_timed_once_per_host_then_read_from_the_cache(avx2):
     c = layout.choose(avx2.ext)
     assert c["source"] == "measured" and len(avx2.calls) == 1
     for kind in ("gemv_gbps", "packed_gbps"):
-        assert set(c[kind]) == {"1", "4"} and all(v > 0 for v in c[kind].values())
-    assert c["packed"] == all(c["packed_gbps"][r] >= c["gemv_gbps"][r] for r in ("1", "4"))
+        assert set(c[kind]) == set(ROWS) and all(v > 0 for v in c[kind].values())
+    assert c["packed"] == all(c["packed_gbps"][r] >= c["gemv_gbps"][r] for r in ROWS) == (c["pack_above"] == 0)
     saved = json.loads(avx2.file.read_text())
     host = cachefile.host_key(torch.get_num_threads())
     assert list(saved) == [f"avx2|{host}|build={native.build_key('avx2')}"]  # new kernels are timed again
@@ -65,7 +68,7 @@ def test_the_choice_is_timed_once_per_host_then_read_from_the_cache(avx2):
 def test_a_damaged_cache_entry_is_timed_again(avx2):
     avx2.file.write_text(json.dumps({layout.key(avx2.ext): {"gemv_gbps": {"1": 40.0}, "packed_gbps": {"1": 50.0}}}))
     c = layout.choose(avx2.ext)
-    assert c["source"] == "measured" and len(avx2.calls) == 1 and set(c["gemv_gbps"]) == {"1", "4"}
+    assert c["source"] == "measured" and len(avx2.calls) == 1 and set(c["gemv_gbps"]) == set(ROWS)
 
 
 def test_a_timing_that_fails_keeps_the_plain_layout(avx2, monkeypatch):
@@ -77,32 +80,45 @@ def test_a_timing_that_fails_keeps_the_plain_layout(avx2, monkeypatch):
     monkeypatch.setattr(layout, "measure", no_memory)
     said = []
     c = layout.choose(avx2.ext, log=said.append)
-    assert c == {"packed": False, "source": "not timed: DefaultCPUAllocator: not enough memory: you tried to "
-                                            "allocate 33554432 bytes."}
+    assert c == {"packed": False, "pack_above": layout.PACK_ABOVE,
+                 "source": "not timed: DefaultCPUAllocator: not enough memory: you tried to allocate 33554432 bytes."}
     assert len(said) == 2 and "\n" not in said[1] and not avx2.file.exists()
 
 
-@pytest.mark.parametrize("faster", ["packed", "gemv at one row", "gemv at four rows"])
-def test_the_backend_follows_the_figures(avx2, faster):
-    """Packed at load only where the packed kernel was at least as fast at both row counts; else
-    plain weights under the gemv, packed for decode batches above AVX2_PACK_ABOVE as before."""
-    figures = {"packed": _figures((30, 20), (45, 40)), "gemv at one row": _figures((45, 20), (40, 40)),
-               "gemv at four rows": _figures((30, 45), (45, 40))}[faster]
+# figures at 1, 2 and 4 rows (gemv, packed), and the largest batch they keep on the plain weights
+FIGURES = {"packed everywhere": (_figures((30, 25, 20), (45, 42, 40)), 0),
+           "gemv at one row": (_figures((45, 25, 20), (40, 42, 40)), 1),
+           "gemv up to two rows": (_figures((45, 45, 20), (40, 42, 40)), 2),
+           "gemv at four rows": (_figures((45, 25, 45), (40, 42, 40)), layout.PACK_ABOVE)}
+
+
+@pytest.mark.parametrize("case", FIGURES)
+def test_the_backend_follows_the_figures(avx2, case):
+    """Packed at load only where the packed kernel was at least as fast at every row count timed;
+    else plain weights under the gemv up to the largest row count where it was faster (where the
+    packed kernel led at 4 rows; else up to PACK_ABOVE), and a larger decode batch packs them."""
+    figures, keep = FIGURES[case]
     avx2.file.write_text(json.dumps({layout.key(avx2.ext): figures}))
     model = random_model(from_name("gptj-1b").with_layers(1), torch.bfloat16, 0)  # heads the decode stack takes
     assert eager.install(model) and not avx2.calls
     linears = [m for m in model.modules() if type(m) is Linear and m.weight is not model.wte.weight]  # not a tied lm_head
-    if faster == "packed":
+    if keep == 0:
         assert eager.decode_matmul(model, "eager", 1) == "cpugen-packed"
         assert all(m.panels is not None and m.weight is None for m in linears)
         assert model.decode_stack_rows == stack.ANY_BATCH
     else:
         assert eager.decode_matmul(model, "eager", 1) == "cpugen-gemv-avx2"
         assert all(m.panels is None and m.weight is not None for m in linears)
-        eager.for_batch(model, "eager", torch.bfloat16, eager.AVX2_PACK_ABOVE + 1)
-        assert eager.decode_matmul(model, "eager", eager.AVX2_PACK_ABOVE + 1) == "cpugen-packed"
+        eager.for_batch(model, "eager", torch.bfloat16, keep)  # at the choice's batch nothing moves
+        assert eager.decode_matmul(model, "eager", keep) == "cpugen-gemv-avx2"
+        assert all(m.panels is None and m.weight is not None for m in linears)
+        eager.for_batch(model, "eager", torch.bfloat16, keep + 1)
+        assert eager.decode_matmul(model, "eager", keep + 1) == "cpugen-packed"
+        assert all(m.panels is not None and m.weight is None for m in linears)
+        assert model.decode_stack is not None and model.decode_stack_rows == stack.ANY_BATCH
     chosen = layout.choose(avx2.ext)
-    assert chosen["packed"] == (faster == "packed") and chosen["source"] == "cached" and not avx2.calls
+    assert (chosen["packed"], chosen["pack_above"]) == (keep == 0, keep)
+    assert chosen["source"] == "cached" and not avx2.calls
 
 
 @pytest.mark.parametrize("value", ["plain", "packed"])

@@ -5,9 +5,10 @@
   which one kernel multiplies at every batch, prefill's included (docs/performance.md, "cpugen's
   packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
   layout, so the weights stay plain there; without AVX-512 they are packed at load where this
-  host's measured choice says kernels/packed_avx2.h streams faster than the AVX2 gemv (layout.py),
-  else for decode batches above AVX2_PACK_ABOVE (`for_batch`), and until then that kernel takes
-  matmuls of more rows (prefill) on the plain weights, packing as it goes;
+  host's measured choice says kernels/packed_avx2.h streams faster than the AVX2 gemv at every
+  batch (layout.py), else for decode batches above the choice's `pack_above` (`for_batch`), and
+  until then that kernel takes matmuls of more rows (prefill) on the plain weights, packing as it
+  goes;
 - Attention gets the fused decode step (rotary, cache write, attention over the cache);
 - Norm and a GLU MLP's product get kernels/norm.h and kernels/glu.h, which the decode stack runs
   too, so the Python blocks and the stack agree bit for bit;
@@ -58,7 +59,7 @@ def panels_wanted() -> bool:
     kernel takes vdpbf16ps with AVX512-BF16, fp32 FMA on the widened pairs without; with AMX,
     oneDNN's tile kernels are prefill's fastest path on the plain layout), and at the AVX2 level
     where this host's measured choice says so (layout.py; otherwise for_batch packs them for
-    large decode batches)."""
+    decode batches above its `pack_above`)."""
     k = knobs.current().layout
     if k != "auto":
         return k == "packed"
@@ -81,6 +82,13 @@ def avx2_packs_at_load() -> bool:
     """The AVX2 level's choice (layout.choose: this process's, the cached figures, or timed now)."""
     ext = _avx2_layout_ext()
     return ext is not None and layout.choose(ext)["packed"]
+
+
+def avx2_pack_above() -> int:
+    """At the AVX2 level, decode batches above this many sequences pack the plain weights: this
+    host's choice under CPUGEN_LAYOUT=auto (layout.choose), else layout.PACK_ABOVE."""
+    ext = _avx2_layout_ext()
+    return layout.choose(ext)["pack_above"] if ext is not None else layout.PACK_ABOVE
 
 
 def choose_layout(group=None, log=lambda *a: None, room_bytes: int | None = None) -> dict | None:
@@ -154,7 +162,7 @@ def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
     rows, docs/performance.md); the fused decode step, the norms, a GLU's product, and where every
     block has them, the decode stack at the AVX2 level (up to the gemv's 32 rows). With `pack` (by
     default where this host's measured choice says so, panels_wanted(), else only when for_batch
-    asks, for batches above AVX2_PACK_ABOVE), the weights go into cpugen's packed layout, which
+    asks, for batches above avx2_pack_above()), the weights go into cpugen's packed layout, which
     kernels/packed_avx2.h multiplies at every batch, prefill's included."""
     if cpu_info()["avx512"] or not cpu_info()["avx2"]:
         return False
@@ -227,22 +235,15 @@ def gemv_max_batch(model: Transformer | None = None) -> int:
     return m.kernel_rows if m is not None and getattr(m, "kernel", None) is not None else Linear.kernel_rows
 
 
-# Without AVX-512, decode batches above this many sequences repack the weights into cpugen's layout
-# (kernels/packed_avx2.h): gptj-1b, 4 layers, 2 Zen 3 threads, 2 interleaved pairs of runs, decode
-# at 32 sequences 196 / 164 tok/s packed against 157 / 150 through the gemv, at 16 level (153 / 135
-# against 156 / 147), at 4 the gemv ahead (56 / 56 against 64 / 67): docs/performance.md
-AVX2_PACK_ABOVE = 16
-
-
 def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
     """Readies the eager backend's matmuls for decode at `batch`: above gemv_max_batch() the plain
     weights are reordered into oneDNN's blocked layout (in place, layer by layer, one way: the gemv
     needs the plain layout, so a model once reordered stays so); without AVX-512, above
-    AVX2_PACK_ABOVE they are repacked into cpugen's layout instead, just as one way. Weights in
+    avx2_pack_above() they are repacked into cpugen's layout instead, just as one way. Weights in
     cpugen's packed layout serve every batch as they are."""
     if backend != "eager" or dtype != torch.bfloat16:
         return
-    if not cpu_info()["avx512"] and batch > AVX2_PACK_ABOVE and knobs.current().layout != "plain":
+    if not cpu_info()["avx512"] and knobs.current().layout != "plain" and batch > avx2_pack_above():
         block = model.blocks[0].mlp.w_in
         if getattr(block, "kernel", None) is not None and block.panels is None:
             stack.drop(model)  # it holds the plain weights: dropped first, or packing would keep both

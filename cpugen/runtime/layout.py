@@ -1,21 +1,25 @@
-"""Which layout the AVX2 level's weights take at load: measured once per host.
+"""Which layout the AVX2 level's weights take, by decode batch: measured once per host.
 
 At the AVX2 level (CPUs without AVX-512, or CPUGEN_ISA=avx2) two kernels can run decode's skinny
 matmuls: the gemv on the plain weights (kernels/gemv_avx2.h: four of W's rows a pass, four streams
 a thread) and cpugen's packed layout's kernel (kernels/packed_avx2.h: one stream a thread). Which
-streams the faster is the CPU's prefetchers' doing, not the instruction set's: on 2 Zen 3 cores the
-gemv led at 1 and 4 rows of x, and packing paid only for decode batches above 16
-(eager.AVX2_PACK_ABOVE); on 2 Zen 5 cores capped to AVX2 the packed kernel streamed 95-97% of the
-read at one row against the gemv's 65-73%, and led at every row count up to 16 (1.9x at 4 rows:
-`CPUGEN_ISA=avx2 python kernels/bench_gemv.py --by-shape`, docs/performance.md).
+streams the faster is the CPU's prefetchers' doing, not the instruction set's, and it changes with
+the rows of x: on 2 Zen 3 cores the gemv leads at one row (packed/gemv 0.84x) and the packed
+kernel from two (1.14x at 2 rows, 1.2x at 4, 1.3-1.6x at 6-16); on 2 Zen 5 cores capped to AVX2
+the packed kernel streamed 95-97% of the read at one row against the gemv's 65-73%, and led at
+every row count up to 16 (1.9x at 4 rows: `CPUGEN_ISA=avx2 python kernels/bench_gemv.py
+--by-shape`, docs/performance.md).
 
 So under CPUGEN_LAYOUT=auto the AVX2 level times both on the same weights, far beyond the caches,
-at 1 and 4 rows of x in interleaved rounds, once per host and build of the kernels (the roofline's
-host key: CPU, threads, torch, page size; and the AVX2 module's build key), before the model loads,
-and caches the figures in layout.json beside the roofline's limits. The weights are packed at load
-where the packed kernel was at least as fast at both row counts; else they stay plain for the gemv
-and are packed for batches above AVX2_PACK_ABOVE, as before. The figures and the choice go into the
-run record (`layout_choice`). CPUGEN_LAYOUT=plain or packed skips the timing.
+at 1, 2 and 4 rows of x in interleaved rounds, once per host and build of the kernels (the
+roofline's host key: CPU, threads, torch, page size; and the AVX2 module's build key), before the
+model loads, and caches the figures in layout.json beside the roofline's limits. From them comes
+`pack_above`, the largest decode batch that keeps the plain weights (pack_above()): 0 where the
+packed kernel was at least as fast at every row count timed (packed at load), the largest row
+count at which the gemv was faster where the packed kernel led at 4 rows (the weights stay plain
+for those batches and prefill, and a larger batch packs them once, in place: eager.for_batch),
+and PACK_ABOVE where the gemv led at 4 rows too. The figures and the choice go into the run record
+(`layout_choice`). CPUGEN_LAYOUT=plain or packed skips the timing.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ from cpugen import knobs
 from cpugen.host import cachefile
 from cpugen.host.memory import empty_huge, release_freed, reset_peak_rss
 
-ROWS = (1, 4)  # rows of x timed: batch-1 decode, and a small batch
+ROWS = (1, 2, 4)  # rows of x timed: batch-1 decode, and small batches
+# Where the gemv leads at 4 rows too (or nothing was timed), decode batches above this many
+# sequences pack the weights: gptj-1b, 4 layers, 2 Zen 3 threads, 2 interleaved pairs of runs,
+# decode at 32 sequences 196 / 164 tok/s packed against 157 / 150 through the gemv, at 16 level
+# (153 / 135 against 156 / 147): docs/performance.md
+PACK_ABOVE = 16
 ROUNDS = 5
 MIN_BYTES = 256 << 20  # of bf16 weights timed, or twice the last-level caches where they are larger
 SHAPES = ((8192, 2048), (2048, 8192))  # (N, K): a wide and a long matrix, as an MLP's two
@@ -115,10 +124,22 @@ def valid(m) -> bool:
                                         for k in ("gemv_gbps", "packed_gbps")))
 
 
-def packs_at_load(m: dict) -> bool:
-    """Whether figures like measure()'s say to pack at load: the packed kernel at least as fast at
-    every row count timed (no figures: no)."""
-    return valid(m) and all(m["packed_gbps"][r] >= m["gemv_gbps"][r] for r in m["gemv_gbps"])
+def pack_above(m: dict) -> int:
+    """The largest decode batch that keeps the plain weights, by figures like measure()'s: 0 (pack
+    at load) where the packed kernel was at least as fast at every row count timed; the largest
+    row count at which the gemv was faster where the packed kernel was at least as fast at the
+    largest; else (or without figures) PACK_ABOVE."""
+    if not valid(m):
+        return PACK_ABOVE
+    slower = [r for r in ROWS if m["packed_gbps"][str(r)] < m["gemv_gbps"][str(r)]]
+    return max(slower, default=0) if ROWS[-1] not in slower else PACK_ABOVE
+
+
+def decided(m: dict, **more) -> dict:
+    """A choice: `m` (figures, or none) with what follows from them: `pack_above` and `packed`
+    (at load)."""
+    n = pack_above(m)
+    return {**m, "packed": n == 0, "pack_above": n, **more}
 
 
 def key(ext, threads: int | None = None) -> str:
@@ -130,21 +151,22 @@ def key(ext, threads: int | None = None) -> str:
 def choose(ext, threads: int | None = None, log=lambda *a: None, room_bytes: int | None = None) -> dict:
     """The AVX2 level's layout on this host: this process's earlier choice, the cached figures, or
     new ones measured now (and cached) where their buffers fit `room_bytes` (else the plain layout,
-    untimed for the rest of this process; a later one with room times it). Returns the figures with `packed` (the choice)
-    and `source` ("cached", "measured" or why not timed)."""
+    untimed for the rest of this process; a later one with room times it). Returns the figures with
+    `pack_above` and `packed` (the choice: decided()) and `source` ("cached", "measured" or why not
+    timed)."""
     k = key(ext, threads)
     if k in _chosen:
         return _chosen[k]
     m = cachefile.read(cache_file()).get(k)
     if valid(m):
-        return adopt({**m, "packed": packs_at_load(m), "source": "cached"}, ext, threads)
+        return adopt(decided(m, source="cached"), ext, threads)
     count = probe_matrices()
     held = probe_bytes(ext, count)
     if room_bytes is not None and held > room_bytes:
         why = (f"not timed: its {held / 2**30:.2f} GiB would pass the memory budget's room of "
                f"{max(room_bytes, 0) / 2**30:.2f} GiB")
         log(f"the AVX2 level keeps the plain layout for the gemv, {why}")
-        return adopt({"packed": False, "source": why}, ext, threads)
+        return adopt(decided({}, source=why), ext, threads)
     log(f"timing the AVX2 gemv against the packed layout's kernel on {held / 2**30:.2f} GiB of their own "
         "weights (plain and packed), freed before the model loads, to pick its layout (once per host)")
     t0 = time.perf_counter()
@@ -153,15 +175,15 @@ def choose(ext, threads: int | None = None, log=lambda *a: None, room_bytes: int
     except (RuntimeError, MemoryError) as e:  # no memory for its buffers: the plain layout, untimed
         why = f"not timed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         log(f"the AVX2 level keeps the plain layout for the gemv, {why}")
-        return adopt({"packed": False, "source": why}, ext, threads)
+        return adopt(decided({}, source=why), ext, threads)
     took = time.perf_counter() - t0
     release_freed()
     # its buffers are gone: the run's peak is the model's, as the plan predicts (where the kernel
     # cannot start the peak afresh, the record says the timing's buffers are in it)
     fresh = reset_peak_rss()
     cachefile.put(cache_file(), k, m)
-    return adopt({**m, "packed": packs_at_load(m), "source": "measured", "timing_s": round(took, 2),
-                  **({} if fresh else {"peak_rss_includes_timing": True})}, ext, threads)
+    return adopt(decided(m, source="measured", timing_s=round(took, 2),
+                         **({} if fresh else {"peak_rss_includes_timing": True})), ext, threads)
 
 
 def adopt(choice: dict, ext, threads: int | None = None) -> dict:
