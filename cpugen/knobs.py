@@ -31,7 +31,7 @@ KNOBS = (
     Knob("CPUGEN_LAYOUT", "auto", ("auto", "plain", "packed"), True,
          "plain: keep the weights in their plain layout instead of cpugen's packed layout; packed: pack them at load "
          "wherever a packed kernel runs (auto: with AVX-512 and without AMX, and at the AVX2 level where a timing "
-         "once per host finds the packed kernel faster than the gemv)"),
+         "once per host finds the packed kernel faster than the gemv at every batch, else for the batches where it is)"),
     Knob("CPUGEN_REORDER", "1", ("1", "0"), True,
          "0: never reorder plain weights into oneDNN's blocked layout for decode batches above the gemv's rows"),
     Knob("CPUGEN_WIDEN", "auto", ("auto", "0"), True,
