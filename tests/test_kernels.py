@@ -307,6 +307,39 @@ def test_packing_replaces_the_weights_in_place():
     assert model.decode_stack is not None and weight_bytes(model) == weights + pad
 
 
+@pytest.mark.skipif(not cpu_info()["avx2"], reason="the AVX2 level's kernels need AVX2 and FMA")
+def test_a_smaller_batch_after_a_packed_one_unpacks_in_place(monkeypatch, avx2_gemv_at_load):
+    """At the AVX2 level, weights packed for a large decode batch go back to the plain layout for a
+    smaller one (the gemv's): one matrix held twice at most, never the model (the OS's count of
+    resident memory), and the weights exactly as loaded."""
+    from cpugen.host.memory import peak_rss_bytes, release_freed, reset_peak_rss, rss_bytes
+    from cpugen.model.weights import weight_bytes
+
+    monkeypatch.setenv("CPUGEN_ISA", "avx2")
+    knobs.reload()
+    cfg = from_name("gptj-1b").with_layers(4)
+    model = random_model(cfg, torch.bfloat16, 0)
+    assert eager.install(model) and eager.decode_matmul(model, "eager", 1) == "cpugen-gemv-avx2"
+    linears = [m for m in model.modules() if type(m) is Linear]
+    largest = max(m.weight.numel() * 2 for m in linears)
+    sums = [m.weight.view(torch.int16).sum(dtype=torch.int64).item() for m in linears]  # no second copy kept
+    eager.for_batch(model, "eager", torch.bfloat16, layout.PACK_ABOVE + 1)
+    assert all(m.weight is None for m in linears)
+    weights = weight_bytes(model)
+    release_freed()
+    before = rss_bytes()
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    eager.for_batch(model, "eager", torch.bfloat16, 1)
+    peak, after = peak_rss_bytes(), rss_bytes()
+    mib = {k: round(v / 2**20) for k, v in dict(before=before, peak=peak, after=after, largest=largest).items()}
+    assert peak - before < largest + 0.05 * weights, mib
+    assert abs(after - before) < 0.05 * weights, mib
+    assert eager.decode_matmul(model, "eager", 1) == "cpugen-gemv-avx2" and model.decode_stack is not None
+    assert [m.weight.view(torch.int16).sum(dtype=torch.int64).item() for m in linears] == sums
+    assert all(m.panels is None and m.weight.shape == (m.out_features, m.in_features) for m in linears)
+
+
 @pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="the decode stack needs AVX512-BF16")
 def test_decode_stack_holds_the_weights_without_copying_them():
     """The stack keeps references to the blocks' own tensors: building it allocates nothing the

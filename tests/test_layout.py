@@ -109,13 +109,21 @@ def test_the_backend_follows_the_figures(avx2, case):
     else:
         assert eager.decode_matmul(model, "eager", 1) == "cpugen-gemv-avx2"
         assert all(m.panels is None and m.weight is not None for m in linears)
+        loaded = [m.weight.clone() for m in linears]
         eager.for_batch(model, "eager", torch.bfloat16, keep)  # at the choice's batch nothing moves
         assert eager.decode_matmul(model, "eager", keep) == "cpugen-gemv-avx2"
         assert all(m.panels is None and m.weight is not None for m in linears)
+        plain_rows = model.decode_stack_rows
         eager.for_batch(model, "eager", torch.bfloat16, keep + 1)
         assert eager.decode_matmul(model, "eager", keep + 1) == "cpugen-packed"
         assert all(m.panels is not None and m.weight is None for m in linears)
         assert model.decode_stack is not None and model.decode_stack_rows == stack.ANY_BATCH
+        # a smaller batch after it runs what it would run alone: the plain weights, exactly as loaded
+        # (the lm_head's 50400 outputs fill 787 panels and half of one more)
+        eager.for_batch(model, "eager", torch.bfloat16, keep)
+        assert eager.decode_matmul(model, "eager", keep) == "cpugen-gemv-avx2"
+        assert all(m.panels is None and torch.equal(m.weight, w) for m, w in zip(linears, loaded))
+        assert model.decode_stack is not None and model.decode_stack_rows == plain_rows
     chosen = layout.choose(avx2.ext)
     assert (chosen["packed"], chosen["pack_above"]) == (keep == 0, keep)
     assert chosen["source"] == "cached" and not avx2.calls
@@ -129,6 +137,10 @@ def test_the_knob_decides_without_timing(avx2, monkeypatch, value):
     assert eager.choose_layout() is None
     assert eager.install(model) and not avx2.calls and not layout._chosen
     assert eager.decode_matmul(model, "eager", 1) == ("cpugen-packed" if value == "packed" else "cpugen-gemv-avx2")
+    linears = [m for m in model.modules() if type(m) is Linear and m.weight is not model.wte.weight]
+    for batch in (layout.PACK_ABOVE + 1, 1):  # and so they stay, whatever the batch
+        eager.for_batch(model, "eager", torch.bfloat16, batch)
+        assert all((m.panels is not None) == (value == "packed") for m in linears) and not avx2.calls
 
 
 def test_every_tensor_parallel_rank_takes_rank_0s_choice(avx2, monkeypatch):

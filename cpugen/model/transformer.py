@@ -64,6 +64,22 @@ class Linear(nn.Linear):
         self.weight = None
         self.panels, self.panel_kernel = p, ext.linear_packed
 
+    def from_panels(self):
+        """Puts the plain weight back from cpugen's layout (P[p, j, 2c + i] = W[64p + c, 2j + i]),
+        replacing the panels: one matrix is held twice for the moment of the copy, never the model."""
+        from cpugen.host.memory import empty_huge
+
+        n, k = self.out_features, self.in_features
+        full = n // 64
+        src = self.panels.view(torch.int32)  # (P, K/2, 64): a pair of bf16 a value
+        w = empty_huge((n, k), torch.bfloat16)
+        dst = w.view(torch.int32)  # (N, K/2)
+        dst[: full * 64].view(full, 64, k // 2).copy_(src[:full].transpose(1, 2))
+        if n > full * 64:  # the last panel's outputs, zeros past N
+            dst[full * 64:].copy_(src[full].t()[: n - full * 64])
+        self.panels = self.panel_kernel = None
+        self.weight = nn.Parameter(w, requires_grad=False)
+
     def forward(self, x, act: str | None = None):
         if self.panels is not None:
             y = self.panel_kernel(x.reshape(-1, x.shape[-1]), self.panels, self.out_features, self.bias,

@@ -153,6 +153,16 @@ def _pack(model: Transformer, ext, pack: bool | None):
         release_freed()
 
 
+def _unpack(model: Transformer):
+    """Puts every packed weight back into its plain layout, block by block, each block's freed
+    panels handed back to the OS before the next (_pack's inverse)."""
+    for part in [*model.blocks, model]:
+        for m in part.modules():
+            if type(m) is Linear and m.panels is not None:
+                m.from_panels()
+        release_freed()
+
+
 def install_avx2(model: Transformer, pack: bool | None = None) -> bool:
     """On CPUs with AVX2 but without AVX-512 (or CPUGEN_ISA=avx2): kernels/avx2.cpp's kernels, the
     same routes as install() at 8 lanes: matmuls of up to 16 rows (decode) through the AVX2 gemv,
@@ -238,18 +248,27 @@ def gemv_max_batch(model: Transformer | None = None) -> int:
 def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
     """Readies the eager backend's matmuls for decode at `batch`: above gemv_max_batch() the plain
     weights are reordered into oneDNN's blocked layout (in place, layer by layer, one way: the gemv
-    needs the plain layout, so a model once reordered stays so); without AVX-512, above
-    avx2_pack_above() they are repacked into cpugen's layout instead, just as one way. Weights in
-    cpugen's packed layout serve every batch as they are."""
+    needs the plain layout, so a model once reordered stays so). Without AVX-512, above
+    avx2_pack_above() they are repacked into cpugen's layout instead, in place, and a later batch
+    at or below it under the host's choice (CPUGEN_LAYOUT=auto) puts them back for the gemv, so
+    that every batch runs what it would run alone. Weights packed at load serve every batch as they
+    are."""
     if backend != "eager" or dtype != torch.bfloat16:
         return
-    if not cpu_info()["avx512"] and knobs.current().layout != "plain" and batch > avx2_pack_above():
-        block = model.blocks[0].mlp.w_in
-        if getattr(block, "kernel", None) is not None and block.panels is None:
+    if not cpu_info()["avx512"] and knobs.current().layout != "plain":
+        block, above = model.blocks[0].mlp.w_in, avx2_pack_above()
+        if getattr(block, "kernel", None) is None:
+            return
+        if batch > above and block.panels is None:
             stack.drop(model)  # it holds the plain weights: dropped first, or packing would keep both
             _pack(model, native.extension("avx2"), True)
-            if all(b.attn.decode_step is not None for b in model.blocks):
-                stack.install(model)
+        elif batch <= above and block.panels is not None and _avx2_layout_ext() is not None:
+            stack.drop(model)  # packed by a larger batch before (not at load): this batch's is the gemv
+            _unpack(model)
+        else:
+            return
+        if all(b.attn.decode_step is not None for b in model.blocks):
+            stack.install(model)
         return
     if batch <= gemv_max_batch(model):
         return
