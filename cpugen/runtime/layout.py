@@ -17,8 +17,8 @@ model loads, and caches the figures in layout.json beside the roofline's limits.
 `pack_above`, the largest decode batch that keeps the plain weights (pack_above()): 0 where the
 packed kernel was at least as fast at every row count timed (packed at load), the largest row
 count at which the gemv was faster where the packed kernel led at 4 rows (the weights stay plain
-for those batches and prefill, and a larger batch packs them once, in place: eager.for_batch),
-and PACK_ABOVE where the gemv led at 4 rows too. The figures and the choice go into the run record
+for those batches and their prefill; a larger batch packs them in place, and a smaller one after
+it puts them back: eager.for_batch), and PACK_ABOVE where the gemv led at 4 rows too. The figures and the choice go into the run record
 (`layout_choice`). CPUGEN_LAYOUT=plain or packed skips the timing.
 """
 
