@@ -304,10 +304,13 @@ def test_a_real_slowdown_of_one_figure_is_named_and_nothing_else(short_history):
     for x in flagged:
         # 1/2 - 1 = -50%, give or take the host's noise. The raw figure moves with the host's regime
         # (with a planted third, one run here read a decode -51.1% raw, another -18.4%); against the
-        # limits measured around the row (-37.5%, -29.5% in those runs) it is taken out.
+        # limits measured around the row (-37.5%, -29.5% in those runs) it is taken out. With the
+        # planted half, one run on a Zen 3 host whose reads swung 10-21 GB/s within minutes read
+        # the prefill -49.3% raw and -32.9% against its limits: the limits carry the regime's noise
+        # too, so the bound asks for a clear fall (beyond 25%), not the planted half exactly.
         raw, normalized = (float(c) for c in re.findall(r"\((-?\d+\.\d)%;", x)[:2])
         again = [float(c) for c in re.findall(r"measured again \(\d\): [\d.]+ \S+ \((-?\d+\.\d)%\)", x)]
-        assert raw < 0 and -70 < normalized < -35, x
+        assert raw < 0 and -70 < normalized < -25, x
         # the re-measures are raw too, so the host's regime moves them: their median must be worse
         # than the 10% floor (as "worse again" says) and no worse than the planted half with the
         # host's slow regime (about 1.5x) on top of it
