@@ -277,7 +277,7 @@ def cmd_roofline(args) -> int:
         print(f"bf16 matmul peak:      {r.bf16_tflops:.3f} TFLOP/s (min {r.tflops_spread[0]:.3f}, "
               f"max {r.tflops_spread[1]:.3f}): the route cpugen's bf16 matmuls take here")
         for level, tf in r.hw_tflops.items():
-            what = "vdpbf16ps" if level == "avx512_bf16" else "fp32 FMA"
+            what = {"avx512_bf16": "vdpbf16ps", "amx": "tdpbf16ps tile"}.get(level, "fp32 FMA")
             print(f"hardware, {level + ':':<12} {tf:.3f} TFLOP/s ({what} chains in registers on every thread; "
                   f"the matmul reaches {r.bf16_tflops / tf:.0%} of it)" if level == roofline.run_level() else
                   f"hardware, {level + ':':<12} {tf:.3f} TFLOP/s ({what} chains in registers on every thread)")

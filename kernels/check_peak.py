@@ -2,8 +2,9 @@
 """Checks kernels/peak.cpp, the roofline's register-only compute limits: at every ISA level this CPU
 has, each thread's chains end at the exact value their arithmetic gives (iters x y x lanes x chains:
 no instruction skipped, none folded away), a level the CPU lacks is refused, and the measured rate
-is at least what PyTorch's fp32 GEMM reaches on the same threads (a library cannot beat the
-hardware it runs on; 10% is left for the noise of a shared host).
+is at least what PyTorch's fp32 GEMM reaches on the same threads, and with AMX the tile limit at
+least what its bf16 GEMM (oneDNN's, on the tiles) reaches (a library cannot beat the hardware it runs
+on; 10% is left for the noise of a shared host).
 
     python kernels/check_peak.py      # exits non-zero on a mismatch, or where the kernel is unavailable
 Used by cpugen/perf/roofline.py (`python -m cpugen roofline`); tests/test_roofline.py runs this."""
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from cpugen.perf import roofline  # noqa: E402
 from cpugen.runtime.native import extension, why_not  # noqa: E402
 
-LANES = {"avx2": 8, "avx512": 16, "avx512_bf16": 16}
+LANES = roofline.LANES
 
 
 def check_sums(ext) -> list[str]:
@@ -44,8 +45,8 @@ def check_sums(ext) -> list[str]:
     return done
 
 
-def fp32_gemm_tflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_tflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
@@ -67,11 +68,13 @@ def check_rate(tries: int = 3) -> tuple[float, float]:
             time.sleep(1.0)
         hw = roofline.measure_hw(threads)
         fma = hw["avx512"] if "avx512" in hw else hw["avx2"]
-        mm = fp32_gemm_tflops()
-        if mm <= 1.1 * fma:
+        mm = gemm_tflops()
+        # with AMX, oneDNN's bf16 matmul runs on the tiles: it must stay under their limit too
+        amx, mm16 = (hw["amx"], gemm_tflops(4096, dtype=torch.bfloat16)) if "amx" in hw else (1.0, 0.0)
+        if mm <= 1.1 * fma and mm16 <= 1.1 * amx:
             return fma, mm
-        seen.append(f"{mm:.3f} against {fma:.3f}")
-    raise AssertionError(f"torch.mm fp32 beat the register-only FMA limit on {threads} threads by more than 10% in "
+        seen.append(f"{mm:.3f} against {fma:.3f}" + (f", bf16 {mm16:.3f} against AMX {amx:.3f}" if mm16 else ""))
+    raise AssertionError(f"torch.mm beat the register-only limit on {threads} threads by more than 10% in "
                          f"each of {tries} tries ({', '.join(seen)} TFLOP/s): the chains do not measure the hardware")
 
 

@@ -1,6 +1,7 @@
 // The hardware's compute limit at each x86 ISA level, measured register-only: on every ATen worker
 // thread, independent chains of one instruction (FMA on 8 or 16 fp32 lanes, or AVX512-BF16's
-// vdpbf16ps) with no memory traffic at all, so that nothing but the execution units sets the rate.
+// vdpbf16ps, or AMX's tdpbf16ps on tiles) with no memory traffic at all, so that nothing but the
+// execution units sets the rate.
 // Enough chains run side by side to cover the instruction's latency on every port (4 cycles x 2
 // pipes = 8 at least: 16 with AVX-512's 32 registers, 12 within AVX2's 16). Each chain computes acc = acc * x + y from acc = 0 with x = 1 and
 // y = 1 passed in at run time (so the compiler cannot fold them), which leaves acc = iters exactly:
@@ -11,6 +12,10 @@
 #include <torch/extension.h>
 
 #include <immintrin.h>
+
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <vector>
@@ -64,6 +69,62 @@ __attribute__((target("avx512f,avx512bf16"))) double dp_bf16(int64_t iters, floa
   return sum;
 }
 
+// AMX: tdpbf16ps C (16 x 16 fp32) += A (16 x 32 bf16) B (32 x 16 bf16, k pairs side by side),
+// 16 x 16 x 32 products and as many sums an instruction. Six accumulator tiles (tmm0-5) take the
+// same A (tmm6) and B (tmm7): six independent chains, enough to cover the instruction's latency on
+// the one tile unit a core has. A's rows hold x in their first element and zeros elsewhere, B holds
+// y everywhere, so each instruction adds x * y to every element of every chain: 256 elements a chain.
+constexpr int kChainsAmx = 6;
+
+struct TileConfig {  // ldtilecfg's 64-byte operand, palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_cpu() {  // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
+}
+
+bool amx_permitted() {  // Linux hands the tile state to a process that asks (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+uint16_t bf16_of(float v) {  // the upper half of v's fp32 bits (exact for the small values used here)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) double dp_amx(int64_t iters, float x, float y) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);  // per thread: the tile configuration is thread state
+  alignas(64) uint16_t a[16][32] = {}, b[16][32];
+  for (int r = 0; r < 16; ++r) {
+    a[r][0] = bf16_of(x);
+    for (int c = 0; c < 32; ++c) b[r][c] = bf16_of(y);
+  }
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5);
+  _tile_loadd(6, a, 64);
+  _tile_loadd(7, b, 64);
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbf16ps(0, 6, 7); _tile_dpbf16ps(1, 6, 7); _tile_dpbf16ps(2, 6, 7);
+    _tile_dpbf16ps(3, 6, 7); _tile_dpbf16ps(4, 6, 7); _tile_dpbf16ps(5, 6, 7);
+  }
+  alignas(64) float c[kChainsAmx][16][16];
+  _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64); _tile_stored(4, c[4], 64); _tile_stored(5, c[5], 64);
+  _tile_release();
+  double sum = 0;
+  for (auto& tile : c)
+    for (auto& row : tile)
+      for (float v : row) sum += v;
+  return sum;
+}
+
 }  // namespace
 
 // FLOP one instruction of `level` does: 8 lanes x 2 (AVX2 FMA), 16 x 2 (AVX-512 FMA), 16 x 4
@@ -72,6 +133,7 @@ int64_t flop_per_instruction(const std::string& level) {
   if (level == "avx2") return 16;
   if (level == "avx512") return 32;
   if (level == "avx512_bf16") return 64;
+  if (level == "amx") return 16 * 16 * 32 * 2;
   TORCH_CHECK(false, "cpugen peak: unknown level ", level);
 }
 
@@ -86,13 +148,17 @@ std::vector<double> run(const std::string& level, int64_t iters, int64_t threads
   TORCH_CHECK(level != "avx2" || avx2, "cpugen peak: this CPU lacks AVX2 and FMA");
   TORCH_CHECK(level != "avx512" || avx512, "cpugen peak: this CPU lacks AVX-512F");
   TORCH_CHECK(level != "avx512_bf16" || bf16, "cpugen peak: this CPU lacks AVX512-BF16");
+  TORCH_CHECK(level != "amx" || (amx_cpu() && amx_permitted()),
+              "cpugen peak: this CPU lacks AMX-BF16 (or the OS did not grant the tile state)");
   flop_per_instruction(level);  // checks the name
   std::vector<double> sums(threads, -1.0);
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float fx = static_cast<float>(x), fy = static_cast<float>(y);
-      sums[t] = level == "avx2" ? fma_avx2(iters, fx, fy) : level == "avx512" ? fma_avx512(iters, fx, fy)
-                                                                              : dp_bf16(iters, fx, fy);
+      sums[t] = level == "avx2"     ? fma_avx2(iters, fx, fy)
+                : level == "avx512" ? fma_avx512(iters, fx, fy)
+                : level == "amx"    ? dp_amx(iters, fx, fy)
+                                    : dp_bf16(iters, fx, fy);
     }
   });
   return sums;
@@ -101,5 +167,7 @@ std::vector<double> run(const std::string& level, int64_t iters, int64_t threads
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "register-only chains of one ISA level's instruction on every worker");
   m.def("flop_per_instruction", &flop_per_instruction);
-  m.def("chains", [](const std::string& level) { return level == "avx2" ? kChainsAvx2 : kChains; });
+  m.def("chains", [](const std::string& level) {
+    return level == "avx2" ? kChainsAvx2 : level == "amx" ? kChainsAmx : kChains;
+  });
 }

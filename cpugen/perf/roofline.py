@@ -91,20 +91,25 @@ def measure_matmul(repeats: int = 7, n: int = 4096) -> tuple[float, float, float
     return statistics.median(f), min(f), max(f)
 
 
-LEVELS = ("avx2", "avx512", "avx512_bf16")  # x86 levels with a register-only limit; AMX has none yet
+LEVELS = ("avx2", "avx512", "avx512_bf16", "amx")  # x86 levels with a register-only limit
+# what each level's chain adds to its checksum per instruction (x = y = 1): fp32 lanes of an FMA or
+# a vdpbf16ps, the 16 x 16 elements of an AMX accumulator tile
+LANES = {"avx2": 8, "avx512": 16, "avx512_bf16": 16, "amx": 256}
 PEAK_ITERS = 1 << 24  # rounds of 12-16 chains a thread: tens of ms; acc (<= 2^24) stays exact in fp32
+PEAK_ITERS_AMX = 1 << 20  # rounds of 6 tile chains (16 cycles an instruction): tens of ms likewise
 
 
 def levels() -> list[str]:
-    """The ISA levels this CPU has."""
+    """The ISA levels this CPU has (at most CPUGEN_ISA's)."""
     info = cpu_info()
     return [lv for lv, ok in (("avx2", info["avx2"]), ("avx512", info["avx512"]),
-                              ("avx512_bf16", info["avx512_bf16"])) if ok]
+                              ("avx512_bf16", info["avx512_bf16"]), ("amx", info["amx_bf16"])) if ok]
 
 
 def run_level() -> str | None:
-    """The level cpugen's bf16 matmuls run at here: vdpbf16ps (AVX512-BF16), AVX-512 fp32 FMA
-    (PyTorch's bf16 GEMM widens to fp32), or AVX2 fp32 FMA (widened GEMM); None off x86."""
+    """The level cpugen's bf16 matmuls run at here: AMX tiles (oneDNN's), vdpbf16ps (AVX512-BF16),
+    AVX-512 fp32 FMA (PyTorch's bf16 GEMM widens to fp32), or AVX2 fp32 FMA (widened GEMM); None
+    off x86."""
     have = levels()
     return have[-1] if have else None
 
@@ -123,16 +128,16 @@ def measure_hw(threads: int, repeats: int = 5) -> dict[str, float]:
     torch.set_num_threads(threads)
     try:
         for lv in levels():
-            lanes = ext.flop_per_instruction(lv) // (4 if lv == "avx512_bf16" else 2)
+            iters = PEAK_ITERS_AMX if lv == "amx" else PEAK_ITERS
             best = 0.0
             for _ in range(repeats + 1):  # the first warms the units up (AVX-512 frequency licence)
                 t0 = time.perf_counter()
-                sums = ext.run(lv, PEAK_ITERS, threads, 1.0, 1.0)
+                sums = ext.run(lv, iters, threads, 1.0, 1.0)
                 t = time.perf_counter() - t0
-                want = float(PEAK_ITERS * lanes * ext.chains(lv))
+                want = float(iters * LANES[lv] * ext.chains(lv))
                 if any(x != want for x in sums):
                     raise RuntimeError(f"kernels/peak.cpp {lv}: checksums {sums}, expected {want} on every thread")
-                best = max(best, threads * PEAK_ITERS * ext.chains(lv) * ext.flop_per_instruction(lv) / t / 1e12)
+                best = max(best, threads * iters * ext.chains(lv) * ext.flop_per_instruction(lv) / t / 1e12)
             out[lv] = best
     finally:
         torch.set_num_threads(prev)
