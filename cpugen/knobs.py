@@ -30,7 +30,8 @@ KNOBS = (
          "0: none of cpugen's native kernels (matmuls, attention, norms, GLU, argmax, the decode stack); torch's ops run"),
     Knob("CPUGEN_LAYOUT", "auto", ("auto", "plain", "packed"), True,
          "plain: keep the weights in their plain layout instead of cpugen's packed layout; packed: pack them at load "
-         "wherever a packed kernel runs (auto: with AVX-512 and without AMX, and at the AVX2 level where a timing "
+         "wherever a packed kernel runs (with AMX, cpugen's tile kernel: ahead of oneDNN at decode batches of 8-32, "
+         "behind it in prefill) (auto: with AVX-512 and without AMX, and at the AVX2 level where a timing "
          "once per host finds the packed kernel faster than the gemv at every batch, else for the batches where it is)"),
     Knob("CPUGEN_REORDER", "1", ("1", "0"), True,
          "0: never reorder plain weights into oneDNN's blocked layout for decode batches above the gemv's rows"),

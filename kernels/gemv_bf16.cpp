@@ -8,7 +8,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &cpugen_gemv::gemv, "y = act(x @ w.T + bias) for small M, bf16 in/out, fp32 accumulation", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("act") = 0);
-  m.def("packed_available", &cpugen_gemv::packed_available, "whether linear_packed runs here (AVX-512 F/BW; vdpbf16ps where the CPU has AVX512-BF16)");
+  m.def("packed_available", &cpugen_gemv::packed_available, "whether linear_packed runs here (AVX-512 F/BW; vdpbf16ps where the CPU has AVX512-BF16, AMX tiles where it has AMX-BF16)");
   m.def("packed_shape", &cpugen_packed::packed_shape, "shape of the packed form of an (n, k) weight", py::arg("n"),
         py::arg("k"));
   m.def("pack_into", &cpugen_packed::pack_into, "writes w (N, K) into p in cpugen's packed layout", py::arg("w"),
@@ -23,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("glu", [](const torch::Tensor& gu, int64_t act) { return cpugen_glu::glu(gu, act); }, "act(gate) * up over the halves [gate; up] of the last dim, bf16", py::arg("gu"),
         py::arg("act"));
   m.def("isa", &cpugen_gemv::isa, "the instruction set the kernel dispatched to");
+  m.def("packed_isa", &cpugen_gemv::packed_isa, "what linear_packed multiplies with: amx (tiles, K a multiple of 32) or isa()'s");
 }

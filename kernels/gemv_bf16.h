@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "packed_amx.h"
 #include "packed_layout.h"
 #include "vec_math.h"
 
@@ -249,6 +250,17 @@ Isa detect() {
 
 const Isa kIsa = detect();
 
+// Whether the packed layout is multiplied on AMX tiles (packed_amx.h): where the CPU has AMX-BF16,
+// the OS grants the tile state and CPUGEN_ISA is unset, auto or amx (a lower level runs as on a CPU
+// without AMX)
+bool detect_amx() {
+  const char* force = std::getenv("CPUGEN_ISA");
+  const std::string f = force ? force : "";
+  return kIsa == Isa::kAvx512Bf16 && (f.empty() || f == "auto" || f == "amx") && cpugen_amx::available();
+}
+
+const bool kAmx = detect_amx();
+
 // ---- cpugen's packed layout ---------------------------------------------------------------------
 // W (N, K) repacked once into panels of 64 outputs, each holding its outputs' k pairs side by side
 // (packed_layout.h, which packs it). This is the pair order vdpbf16ps multiplies, so one broadcast pair of x (4 bytes) serves 64
@@ -476,11 +488,21 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
 
 bool packed_available() { return kIsa != Isa::kNone; }
 
+// What linear_packed multiplies with: "amx" (tiles, where K is a multiple of 32), else isa()'s
+std::string packed_isa() { return kAmx ? "amx" : isa(); }
+
 // The packed kernel on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
 // weight, bias (n) or null, out (M, n), all bf16 and contiguous
 inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, int64_t n,
                               const uint16_t* bp, int64_t act, uint16_t* op) {
   if (M == 0) return;
+  if (kAmx && K % 32 == 0) {  // AMX tiles at every row count (packed_amx.h), the epilogue finish_tile's
+    std::vector<uint16_t> tiles((M + 15) / 16 * 16 * K);
+    cpugen_amx::linear_raw(xp, M, K, pp, n, bp, act, op, tiles.data(),
+                           [](const float* s, int64_t lds, const uint16_t* b, int64_t a, uint16_t* o, int64_t ldo,
+                              int64_t rows, int64_t cols) { finish_tile(s, lds, b, a, o, ldo, rows, cols, to_bf16_native); });
+    return;
+  }
   const int64_t K2 = K / 2, np = (n + kPanel - 1) / kPanel;
   // Up to kMicroRows rows: one pass over all of K per panel, the sums in registers. More rows: a
   // block of up to kRowBlock rows at a time against each panel, K in chunks so that the chunk of

@@ -101,7 +101,9 @@ uint16_t bf16_of(float v) {  // the upper half of v's fp32 bits (exact for the s
 __attribute__((target("amx-tile,amx-bf16"))) double dp_amx(int64_t iters, float x, float y) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  _tile_loadconfig(&cfg);  // per thread: the tile configuration is thread state
+  // ldtilecfg on the whole struct: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, and
+  // the stores of the rest were dropped as dead (a fault at ldtilecfg)
+  asm volatile("ldtilecfg %0" ::"m"(cfg));  // per thread: the tile configuration is thread state
   alignas(64) uint16_t a[16][32] = {}, b[16][32];
   for (int r = 0; r < 16; ++r) {
     a[r][0] = bf16_of(x);

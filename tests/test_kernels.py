@@ -54,6 +54,8 @@ def test_gemv_matches_reference_on_awkward_shapes():
     ext = native.extension()
     assert ext is not None, native.why_not()
     assert ext.isa() == ("avx512_bf16" if cpu_info()["avx512_bf16"] else "avx512")
+    # the packed layout on AMX tiles at the amx level, and nowhere below it (CPUGEN_ISA caps it)
+    assert ext.packed_isa() == ("amx" if cpu_info()["amx_bf16"] else ext.isa())
     results = check_gemv.check(ext, seed=3)  # raises past 2 bf16 ulps of the largest output
     assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.SHAPES)
 
@@ -303,7 +305,7 @@ def test_packing_replaces_the_weights_in_place():
     assert weight_bytes(model) == weights + pad
     assert all(m.weight is None for m in model.modules() if type(m) is Linear)
     eager.for_batch(model, "eager", torch.bfloat16, eager.gemv_max_batch(model) + 1)
-    assert eager.decode_matmul(model, "eager") == "cpugen-packed"
+    assert eager.decode_matmul(model, "eager") == ("cpugen-packed-amx" if cpu_info()["amx_bf16"] else "cpugen-packed")
     assert model.decode_stack is not None and weight_bytes(model) == weights + pad
 
 

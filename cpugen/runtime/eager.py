@@ -4,7 +4,9 @@
   AVX512-BF16 and without AMX, its weight repacked once into cpugen's packed layout (`panels`),
   which one kernel multiplies at every batch, prefill's included (docs/performance.md, "cpugen's
   packed layout"); with AMX, oneDNN's tile kernels are prefill's fastest path and read the plain
-  layout, so the weights stay plain there; without AVX-512 they are packed at load where this
+  layout, so the weights stay plain there (CPUGEN_LAYOUT=packed packs them for cpugen's own tile
+  kernel, kernels/packed_amx.h: ahead of oneDNN at decode batches of 8-32, behind it in prefill);
+  without AVX-512 they are packed at load where this
   host's measured choice says kernels/packed_avx2.h streams faster than the AVX2 gemv at every
   batch (layout.py), else for decode batches above the choice's `pack_above` (`for_batch`), and
   until then that kernel takes matmuls of more rows (prefill) on the plain weights, packing as it
@@ -55,9 +57,10 @@ def prepare(model: Transformer):
 
 def panels_wanted() -> bool:
     """Whether bf16 weights are repacked into cpugen's packed layout at load. CPUGEN_LAYOUT=plain:
-    never; packed: wherever a packed kernel runs. auto: on CPUs with AVX-512 and without AMX (its
-    kernel takes vdpbf16ps with AVX512-BF16, fp32 FMA on the widened pairs without; with AMX,
-    oneDNN's tile kernels are prefill's fastest path on the plain layout), and at the AVX2 level
+    never; packed: wherever a packed kernel runs (with AMX, kernels/packed_amx.h's tiles). auto: on
+    CPUs with AVX-512 and without AMX (its kernel takes vdpbf16ps with AVX512-BF16, fp32 FMA on the
+    widened pairs without; with AMX, oneDNN's tile kernels are prefill's fastest path on the plain
+    layout: docs/performance.md, "AMX"), and at the AVX2 level
     where this host's measured choice says so (layout.py; otherwise for_batch packs them for
     decode batches above its `pack_above`)."""
     k = knobs.current().layout
@@ -290,8 +293,9 @@ def decode_matmul(model: Transformer, backend: str, batch: int | None = None) ->
     if backend != "eager":
         return backend
     block = model.blocks[0].mlp.w_in
-    if getattr(block, "panels", None) is not None:
-        return "cpugen-packed"
+    if getattr(block, "panels", None) is not None:  # on AMX tiles where the kernel takes them (packed_amx.h)
+        amx = cpu_info()["amx_bf16"] and block.in_features % 32 == 0 and native.extension().packed_isa() == "amx"
+        return "cpugen-packed-amx" if amx else "cpugen-packed"
     if getattr(block, "onednn", None) is not None:
         return "onednn-packed"
     if getattr(block, "plain_kernel", None) is not None and batch is not None and batch > block.plain_above:
