@@ -3,7 +3,7 @@
 
     python scripts/bench_peers.py [--model gptj-1b] [--prompt-len 128] [--gen-len 32]
                                   [--batch-sizes 1,4,16,32] [--rounds 5] [--engines cpugen,hf,hf-ipex]
-                                  [--engines cpugen,cpugen-plain,...]
+                                  [--engines cpugen,cpugen-plain,cpugen-packed,...]
                                   [--isa avx2,avx512,avx512_bf16]
                                   [--ipex-python ~/.cache/cpugen/ipex-venv/bin/python] [--out FILE.md]
 
@@ -12,6 +12,8 @@ written once from the preset with random weights (so every engine computes with 
 - cpugen: this repository, backend auto (the eager path with cpugen's native kernels);
 - cpugen-plain: the same with CPUGEN_LAYOUT=plain, the weights left in their plain layout (an A/B of
   cpugen's packed layout);
+- cpugen-packed: the same with CPUGEN_LAYOUT=packed, the weights packed at load wherever a packed
+  kernel runs (with AMX, cpugen's tile kernel, where auto keeps oneDNN's);
 - hf: Hugging Face transformers, eager bf16, `generate` greedy with min_new_tokens = max_new_tokens;
 - hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment.
 Rounds are interleaved (A, B, C, A, B, C, ...) so a change of the machine's regime hits every engine
@@ -134,7 +136,7 @@ class Worker:
     def __init__(self, engine: str, python: str, ckpt: Path, threads: int):
         base = engine.partition("@")[0]
         env = {**os.environ, "CPUGEN_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONWARNINGS": "ignore", **({"CPUGEN_LAYOUT": "plain"} if base == "cpugen-plain" else {}),
+               "PYTHONWARNINGS": "ignore", **({"CPUGEN_LAYOUT": base[7:]} if base in ("cpugen-plain", "cpugen-packed") else {}),
                **level_env(engine)}
         self.engine = engine
         self.err = tempfile.TemporaryFile(mode="w+")  # the worker's stderr: its last line says why it died

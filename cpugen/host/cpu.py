@@ -67,10 +67,13 @@ def cpu_info() -> dict:
 # process: PyTorch's vectorized ops (ATen's kernels by CPU capability) and oneDNN's (torch's bf16
 # matmuls on plain weights, the reordered layout, prefill above cpugen's kernels). Both read their
 # variable once, at their first kernel: open_session sets them before any.
-LIBRARY_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-                "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
-                "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
-                "amx": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}}
+# IPEX's LLM path multiplies bf16 through libxsmm (bundled in IPEX), which takes its own variable:
+# without it, HF + IPEX "capped" at avx512_bf16 ran prefill at 1.5-2x the vdpbf16ps limit (on AMX).
+LIBRARY_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "LIBXSMM_TARGET": "hsw"},
+                "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "LIBXSMM_TARGET": "skx"},
+                "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                                "LIBXSMM_TARGET": "cpx"},
+                "amx": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "LIBXSMM_TARGET": "spr"}}
 
 
 def cap_libraries() -> dict[str, str | None]:
