@@ -348,11 +348,25 @@ struct Prefetch {
 // always_inline: as a plain inline function, GCC 12 found it free of side effects (a prefetch
 // changes no memory) and removed its calls before it could inline them into the micro-kernels'
 // AVX-512 targets, so the kernels ran without any prefetch (no prefetch in their disassembly)
+// The hint: non-temporal where measured on AMD (Zen 4/5); on Intel's cores a non-temporal line
+// does not stay for the other groups of rows that read the chunk after the first: T1 there took
+// the packed kernel on gptj-1b's shapes (2 Xeon AMX cores, CPUGEN_ISA capped, medians of 5 in one
+// process) from 0.09-0.10 to 0.19-0.22 TFLOP/s at 16 rows, 0.13 to 0.21-0.25 at 32 and 0.19-0.23 to
+// 0.22-0.30 at 128, both AVX-512 levels, the sums bit for bit the same; T0 ran 3-6% behind T1.
+const bool kPrefetchT1 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+}();
+
 __attribute__((always_inline)) inline void prefetch_row(const uint16_t* r, const Prefetch& f, const char* end) {
   if (!f.ahead) return;
   const char* p = reinterpret_cast<const char*>(r) + f.ahead;
-  if (p + 256 <= end)
-    for (int l = f.first; l < 4; l += f.step) _mm_prefetch(p + 64 * l, _MM_HINT_NTA);
+  if (p + 256 <= end) {
+    if (kPrefetchT1)
+      for (int l = f.first; l < 4; l += f.step) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+    else
+      for (int l = f.first; l < 4; l += f.step) _mm_prefetch(p + 64 * l, _MM_HINT_NTA);
+  }
 }
 
 // Rows m0.. (MB of them) of x against k pairs [c0, c1) of one panel, into C's fp32 sums (row
@@ -361,7 +375,7 @@ __attribute__((always_inline)) inline void prefetch_row(const uint16_t* r, const
 // into the output instead of storing the sums.
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols, int64_t c0,
+void panel_micro(const void* xv, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols, int64_t c0,
                  int64_t c1, bool more, const char* end, Prefetch ahead, const Finish* fin) {
   // One k pair at a time, even for one row: two pairs in flight (8 sums, 8 lines prefetched a
   // step) read gptj-1b's matrices at 87% of the fast regime's read against 91% for this loop
@@ -371,7 +385,7 @@ void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, 
   __m512 acc[MB][4];
   load_sums<MB>(acc, C, ldc, mask, more);
   prefetch_out<MB>(fin);
-  const int32_t* x2 = reinterpret_cast<const int32_t*>(x);  // x's k pairs
+  const int32_t* x2 = static_cast<const int32_t*>(xv);  // x's k pairs (bf16 rows, K apart)
   const int64_t K2 = K / 2;
   for (int64_t k2 = c0; k2 < c1; ++k2) {
     const uint16_t* r = panel + k2 * 2 * kPanel;
@@ -391,12 +405,14 @@ void panel_micro(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, 
 
 // panel_micro at AVX-512 F/BW without BF16 (Skylake-SP to Ice Lake): a 512-bit load of a panel's
 // k pair row is 16 outputs' pairs; a 16-bit shift gives their weights at the even k as fp32, a mask
-// those at the odd k (as packed_avx2.h does at 8 lanes), and the broadcast pair of x is widened the
-// same way, once for the 4 vectors of W. Two FMAs where vdpbf16ps takes one instruction, with fp32
-// products and sums (closer to the reference than vdpbf16ps, not bit-equal to it).
+// those at the odd k (as packed_avx2.h does at 8 lanes), and x is widened to fp32
+// once a call (widen_rows) and broadcast from memory by the FMAs themselves (level at 1-32 rows, 5-6%
+// faster at 128-512 on 2 Xeon cores, the sums bit for bit the same as widening each broadcast pair
+// in registers). Two FMAs where vdpbf16ps takes one instruction, with fp32 products and sums
+// (closer to the reference than vdpbf16ps, not bit-equal to it).
 template <int MB>
 __attribute__((target("avx512f,avx512bw")))
-void panel_micro_f32(const uint16_t* x, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols,
+void panel_micro_f32(const void* xv, int64_t K, const uint16_t* panel, float* C, int64_t ldc, int64_t cols,
                      int64_t c0, int64_t c1, bool more, const char* end, Prefetch ahead, const Finish* fin) {
   __mmask16 mask[4];
   panel_masks(cols, mask);
@@ -404,8 +420,7 @@ void panel_micro_f32(const uint16_t* x, int64_t K, const uint16_t* panel, float*
   __m512 acc[MB][4];
   load_sums<MB>(acc, C, ldc, mask, more);
   prefetch_out<MB>(fin);
-  const int32_t* x2 = reinterpret_cast<const int32_t*>(x);  // x's k pairs
-  const int64_t K2 = K / 2;
+  const float* x = static_cast<const float*>(xv);  // the rows widened to fp32 (widen_rows), K apart
   for (int64_t k2 = c0; k2 < c1; ++k2) {
     const uint16_t* r = panel + k2 * 2 * kPanel;
     prefetch_row(r, ahead, end);
@@ -415,10 +430,8 @@ void panel_micro_f32(const uint16_t* x, int64_t K, const uint16_t* panel, float*
       we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
     }
-    for (int m = 0; m < MB; ++m) {
-      const __m512i xb = _mm512_set1_epi32(x2[m * K2 + k2]);
-      const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xb, 16));
-      const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xb, odd));
+    for (int m = 0; m < MB; ++m) {  // x's pair broadcast from memory by the FMAs themselves
+      const __m512 xe = _mm512_set1_ps(x[m * K + 2 * k2]), xo = _mm512_set1_ps(x[m * K + 2 * k2 + 1]);
       for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(xo, wo[j], _mm512_fmadd_ps(xe, we[j], acc[m][j]));
     }
   }
@@ -428,7 +441,22 @@ void panel_micro_f32(const uint16_t* x, int64_t K, const uint16_t* panel, float*
     store_sums<MB>(acc, C, ldc, mask);
 }
 
-using PanelFn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, bool,
+// Values [i0, i1) of x (bf16) widened to fp32 into out, for panel_micro_f32 (once a call: widen_rows)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void widen_range(const uint16_t* x, int64_t i0, int64_t i1,
+                                                                             float* out) {
+  for (int64_t i = i0; i < i1; i += 16) {
+    const int64_t left = std::min<int64_t>(16, i1 - i);
+    const __mmask16 k = static_cast<__mmask16>((1u << left) - 1);
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x + i));
+    _mm512_mask_storeu_ps(out + i, k, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+  }
+}
+
+inline void widen_rows(const uint16_t* x, int64_t n, float* out) {
+  at::parallel_for(0, (n + 15) / 16, 4096, [&](int64_t b0, int64_t b1) { widen_range(x, 16 * b0, std::min(n, 16 * b1), out); });
+}
+
+using PanelFn = void (*)(const void*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t, bool,
                          const char*, Prefetch, const Finish*);
 const PanelFn kPanelMicros[kMicroRows] = {panel_micro<1>, panel_micro<2>, panel_micro<3>,
                                           panel_micro<4>, panel_micro<5>, panel_micro<6>};
@@ -520,8 +548,11 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
   // fetching the next chunk ran as no prefetch did (0.72 at 32 rows on a 64 MiB weight).
   const int64_t chunk = M <= kMicroRows ? K2 : kChunk;
   const int64_t ahead = M <= kMicroRows ? 0 : chunk * 2 * kPanel * 2;
-  const bool bf16 = kIsa == Isa::kAvx512Bf16;  // else AVX-512 F/BW: panel_micro_f32
+  const bool bf16 = kIsa == Isa::kAvx512Bf16;  // else AVX-512 F/BW: panel_micro_f32, on x widened once
   const PanelFn* micros = bf16 ? kPanelMicros : kPanelMicrosF32;
+  std::vector<float> xw(bf16 ? 0 : M * K);
+  if (!bf16) widen_rows(xp, M * K, xw.data());
+  const auto row = [&](int64_t m) -> const void* { return bf16 ? static_cast<const void*>(xp + m * K) : xw.data() + m * K; };
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     const char* end = reinterpret_cast<const char*>(pp + p1 * K * kPanel);
     // the sums between chunks (up to kMicroRows rows, one chunk: none, the call finishes them)
@@ -538,7 +569,7 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
           for (int64_t m0 = 0, g = 0; m0 < rows; m0 += kMicroRows, ++g) {
             const Finish fin{op + (m1 + m0) * n + q * kPanel, n, bp ? bp + q * kPanel : nullptr, act};
             micros[std::min(kMicroRows, rows - m0) - 1](
-                xp + (m1 + m0) * K, K, panel, tile + m0 * kPanel, kPanel, cols, c0, std::min(K2, c0 + chunk), c0 > 0,
+                row(m1 + m0), K, panel, tile + m0 * kPanel, kPanel, cols, c0, std::min(K2, c0 + chunk), c0 > 0,
                 end, Prefetch{g < 4 ? ahead : 0, static_cast<int>(g), groups},
                 last ? &fin : nullptr);
           }
