@@ -59,7 +59,8 @@ if engine.startswith("cpugen"):
     from cpugen.runtime.session import open_session
     s = open_session(ckpt, threads=threads, quiet=True).load()
     model = s.model
-    name = f"cpugen ({s.backend}, {'plain' if knobs.current().layout == 'plain' else 'packed where the CPU takes it'} layout)"
+    layout = {"plain": "plain", "packed": "packed at load"}.get(knobs.current().layout, "packed where the CPU takes it")
+    name = f"cpugen ({s.backend}, {layout} layout)"
     def work(B, P, G, tokens):
         s.ready_for(B)
         e = Engine(model, B, P + G, s.dtype, s.forward)
