@@ -83,7 +83,9 @@ def main():
         ws, packed, panels = ws * 8, packed and packed * 8, panels and panels * 8
     nbytes = sum(w.numel() * 2 for w in ws)
     print(f"{torch.get_num_threads()} threads, {nbytes / 1e9:.2f} GB of bf16 weights, native isa "
-          f"{ext.isa() if ext else 'unavailable'}; {'TFLOP/s' if a.tflops else 'GB/s of weights'}")
+          f"{ext.isa() if ext else 'unavailable'}"
+          + (f" (packed: {ext.packed_isa()})" if ext and hasattr(ext, "packed_isa") else "")
+          + f"; {'TFLOP/s' if a.tflops else 'GB/s of weights'}")
     names = ["F.linear", "oneDNN prepacked", "cpugen gemv", "cpugen packed"]
     if widen_wanted():  # no AVX-512: cpugen's route above the gemv's rows is the widened fp32 GEMM
         names.append("widened fp32 GEMM")

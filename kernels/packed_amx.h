@@ -14,14 +14,14 @@
 // kernel where it is not. Reference: kernels/reference.py; check: kernels/check_gemv.py.
 //
 // Measured on 2 Xeon cores with AMX (tiles' register-only limit 7.0 TFLOP/s, oneDNN's 2048^3 bf16
-// matmul 2.2-2.4), gptj-1b's four matrix shapes x 6 layers (0.6 GB), kernels in one process in
-// shuffled order, medians of 5: at 1-16 rows of x this kernel streams the weights at 25-27 GB/s,
-// oneDNN on its reordered weights at 21-24, cpugen's gemv on the plain ones at 29-30 up to 4 rows
-// and 11-19 at 8-16; from 32 rows oneDNN leads (M = 32: 0.58 against 0.64 TFLOP/s, 512: 1.34-1.44
-// against 1.80-1.92, 1024: 1.33-1.37 against 2.0-2.1). The tile loads set the pace: with W's loads
+// matmul 1.8-2.4), `kernels/bench_gemv.py` at the amx level (docs/performance.md, "AMX: cpugen's
+// tile kernel against oneDNN"): at 1-16 rows of x this kernel streams gptj-1b's weights at 26 GB/s,
+// oneDNN on its reordered weights at 21-22, cpugen's gemv on the plain ones at 27-29 up to 4 rows
+// and 11 at 16; 0.57 against oneDNN's 0.52 TFLOP/s at 32 rows, level at 128, behind from 512 (1.26
+// against 1.46-1.54, 1.28 against 1.59-1.93 at 1024). The tile loads set the pace: with W's loads
 // hoisted out of the loop (wrong sums, same instructions otherwise) 512 rows ran at 2.05, with
-// x's hoisted 2.11; chunks of 128-512 k, whole K, and rows taking a chunk in either order did not
-// move it (1.29-1.39).
+// x's hoisted 2.11; chunks of 128-512 k, whole K, rows taking a chunk in either order, and T0/T1
+// prefetches of the next chunk moved it by at most 5%.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
