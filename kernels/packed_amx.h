@@ -56,6 +56,11 @@ struct TileConfig {  // ldtilecfg's 64-byte operand, palette 1
   uint8_t rows[16] = {};
 };
 
+// Loads a tile configuration (per thread: it is thread state). On the whole struct: GCC 12's
+// _tile_loadconfig tells the compiler it reads 8 bytes, and the stores of the rest were dropped as
+// dead (a fault at ldtilecfg). Also kernels/peak.cpp's.
+__attribute__((target("amx-tile"))) inline void load_config(const TileConfig& c) { asm volatile("ldtilecfg %0" ::"m"(c)); }
+
 // Tiles for a block of r0 rows of x (and r1 more, 0: none): sums tmm0-1 (r0 rows) and tmm2-3 (r1
 // rows; for r1 = 0, tmm2-3 take r0 too: the single block's four tiles of sums), x tmm4 (r0), tmm5
 // (r1), W tmm6-7 (16 k pair rows of 16 outputs' pairs)
@@ -66,9 +71,7 @@ __attribute__((target("amx-tile"))) inline void configure(int r0, int r1) {
   c.rows[2] = c.rows[3] = static_cast<uint8_t>(r1 ? r1 : r0);
   c.rows[5] = static_cast<uint8_t>(r1 ? r1 : r0);
   c.rows[6] = c.rows[7] = 16;
-  // ldtilecfg on the whole struct: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, and
-  // the stores of the rest were dropped as dead (a fault at ldtilecfg)
-  asm volatile("ldtilecfg %0" ::"m"(c));
+  load_config(c);
 }
 
 // x as the tiles read it: rows in blocks of 16 (zeros past M), each block's k in tiles of 32, one

@@ -13,9 +13,7 @@
 
 #include <immintrin.h>
 
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "packed_amx.h"  // AMX's availability and tile configuration
 
 #include <cstring>
 #include <vector>
@@ -76,22 +74,6 @@ __attribute__((target("avx512f,avx512bf16"))) double dp_bf16(int64_t iters, floa
 // y everywhere, so each instruction adds x * y to every element of every chain: 256 elements a chain.
 constexpr int kChainsAmx = 6;
 
-struct TileConfig {  // ldtilecfg's 64-byte operand, palette 1
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_cpu() {  // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE
-  unsigned a, b, c, d;
-  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
-}
-
-bool amx_permitted() {  // Linux hands the tile state to a process that asks (ARCH_REQ_XCOMP_PERM, XTILEDATA)
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return ok;
-}
-
 uint16_t bf16_of(float v) {  // the upper half of v's fp32 bits (exact for the small values used here)
   uint32_t u;
   std::memcpy(&u, &v, 4);
@@ -99,11 +81,9 @@ uint16_t bf16_of(float v) {  // the upper half of v's fp32 bits (exact for the s
 }
 
 __attribute__((target("amx-tile,amx-bf16"))) double dp_amx(int64_t iters, float x, float y) {
-  TileConfig cfg;
+  cpugen_amx::TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  // ldtilecfg on the whole struct: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, and
-  // the stores of the rest were dropped as dead (a fault at ldtilecfg)
-  asm volatile("ldtilecfg %0" ::"m"(cfg));  // per thread: the tile configuration is thread state
+  cpugen_amx::load_config(cfg);
   alignas(64) uint16_t a[16][32] = {}, b[16][32];
   for (int r = 0; r < 16; ++r) {
     a[r][0] = bf16_of(x);
@@ -150,7 +130,7 @@ std::vector<double> run(const std::string& level, int64_t iters, int64_t threads
   TORCH_CHECK(level != "avx2" || avx2, "cpugen peak: this CPU lacks AVX2 and FMA");
   TORCH_CHECK(level != "avx512" || avx512, "cpugen peak: this CPU lacks AVX-512F");
   TORCH_CHECK(level != "avx512_bf16" || bf16, "cpugen peak: this CPU lacks AVX512-BF16");
-  TORCH_CHECK(level != "amx" || (amx_cpu() && amx_permitted()),
+  TORCH_CHECK(level != "amx" || cpugen_amx::available(),
               "cpugen peak: this CPU lacks AMX-BF16 (or the OS did not grant the tile state)");
   flop_per_instruction(level);  // checks the name
   std::vector<double> sums(threads, -1.0);
