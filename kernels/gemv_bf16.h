@@ -339,7 +339,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void finish_sums(__m
 }
 
 // A micro-kernel call's prefetch of W, `ahead` bytes past each k pair row it reads (none where 0):
-// lines first, first + step, ... of the 4 there, as non-temporal hints
+// lines first, first + step, ... of the 4 there, into L2 (T1)
 struct Prefetch {
   int64_t ahead;
   int first, step;
@@ -348,26 +348,30 @@ struct Prefetch {
 // always_inline: as a plain inline function, GCC 12 found it free of side effects (a prefetch
 // changes no memory) and removed its calls before it could inline them into the micro-kernels'
 // AVX-512 targets, so the kernels ran without any prefetch (no prefetch in their disassembly)
-// The hint: non-temporal where measured on AMD (Zen 4/5); on Intel's cores a non-temporal line
-// does not stay for the other groups of rows that read the chunk after the first: T1 there took
-// the packed kernel on gptj-1b's shapes (2 Xeon AMX cores, CPUGEN_ISA capped, medians of 5 in one
-// process) from 0.09-0.10 to 0.19-0.22 TFLOP/s at 16 rows, 0.13 to 0.21-0.25 at 32 and 0.19-0.23 to
-// 0.22-0.30 at 128, both AVX-512 levels, the sums bit for bit the same; T0 ran 3-6% behind T1.
-const bool kPrefetchT1 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
-}();
-
+// The hint: T1. Non-temporal hints, which this kernel took before, leave a line for the first
+// group of rows only on Intel's cores, so that every later group read the chunk from memory again
+// (T1 there: 0.09-0.10 -> 0.19-0.22 TFLOP/s at 16 rows, 0.13 -> 0.21-0.25 at 32, 0.19-0.23 ->
+// 0.22-0.30 at 128; 2 Xeon AMX cores, gptj-1b's shapes, both AVX-512 levels, medians of 5 in one
+// process; T0 3-6% behind T1); on Zen 4 they cost 16-32 rows the same way, less (T1: 1.26-1.39x
+// at 16 rows, 1.07-1.12x at 24-32, 0.99-1.03x at 8 and 64-512 at AVX512-BF16; 1.00-1.04x at
+// 16-128 rows at AVX-512 F, bound by its FMAs there; 2 Zen 4 cores, gptj-1b's shapes x 2 on one
+// shared set of packed weights, both builds in one process, shuffled rounds, medians of 9-11, the
+// sums bit for bit the same); on Zen 5 the hints ran alike (docs/performance.md).
 __attribute__((always_inline)) inline void prefetch_row(const uint16_t* r, const Prefetch& f, const char* end) {
   if (!f.ahead) return;
   const char* p = reinterpret_cast<const char*>(r) + f.ahead;
-  if (p + 256 <= end) {
-    if (kPrefetchT1)
-      for (int l = f.first; l < 4; l += f.step) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
-    else
-      for (int l = f.first; l < 4; l += f.step) _mm_prefetch(p + 64 * l, _MM_HINT_NTA);
-  }
+  if (p + 256 <= end)
+    for (int l = f.first; l < 4; l += f.step) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
 }
+
+// Whether one pass (up to kMicroRows rows) prefetches too: on Intel, where the hardware's
+// prefetchers alone left its single stream short (linear_packed_raw); on Zen 4 the same 8 KB-ahead
+// prefetch read 0.83-1.02x at 1-4 rows (the harness above), and on Zen 5 a 2 KB-ahead one 5-10%
+// slower
+const bool kOnePassPrefetch = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+}();
 
 // Rows m0.. (MB of them) of x against k pairs [c0, c1) of one panel, into C's fp32 sums (row
 // stride ldc; `cols` of the panel's 64 are real, the rest padding). Accumulates onto C when
@@ -538,7 +542,7 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
   // the block; the sums wait in a tile the size of the block between chunks, and the last
   // chunk's calls finish their rows (bias, activation, bf16) into the output. Where groups take
   // turns on a chunk, each of the first four prefetches one line of each k pair row of the next
-  // chunk, as non-temporal hints, so that memory streams all through the chunk's compute; one
+  // chunk (T1), so that memory streams all through the chunk's compute; one
   // pass prefetches nothing (the hardware's prefetchers follow its single stream). Measured on 2
   // Zen 5 cores, gptj-1b's four matrix shapes x 6 layers (0.6 GB) each once a pass as decode
   // reads them, kernels in one process in shuffled order, medians of 5: against the kernel
@@ -550,7 +554,7 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
   // On Intel one pass prefetches too, each k pair row 8 KB ahead (T1): the hardware's prefetchers
   // alone left the single stream at 21-24 GB/s where the gemv's four read 30; with it 29-30 at 1
   // row, 1.4x at 4-6 rows (2 Xeon AMX cores, both AVX-512 levels; 4 and 16 KB ahead alike)
-  const int64_t ahead = M <= kMicroRows ? (kPrefetchT1 ? 8192 : 0) : chunk * 2 * kPanel * 2;
+  const int64_t ahead = M <= kMicroRows ? (kOnePassPrefetch ? 8192 : 0) : chunk * 2 * kPanel * 2;
   const bool bf16 = kIsa == Isa::kAvx512Bf16;  // else AVX-512 F/BW: panel_micro_f32, on x widened once
   const PanelFn* micros = bf16 ? kPanelMicros : kPanelMicrosF32;
   std::vector<float> xw(bf16 ? 0 : M * K);

@@ -59,15 +59,15 @@ def innermost_fma_loop(code: str) -> list[tuple[int, str, str]]:
 @pytest.mark.parametrize("module", ["gemv_bf16", "decode_layer"])
 def test_packed_micro_kernels_carry_their_prefetches(module):
     """Every panel micro-kernel, at both AVX-512 levels and every row count, in the module and in the
-    decode stack that includes it: W's next chunk (non-temporal hints) and the output lines a
-    finishing call writes (T0)."""
+    decode stack that includes it: W's next chunk (T1) and the output lines a finishing call writes
+    (T0)."""
     ext = native.extension(module)
     assert ext is not None, f"cpugen's {module} module did not build on this AVX-512 CPU"
     micros = {name: code for name, code in disassembly(ext.__file__).items()
               if re.search(r"::panel_micro(_f32)?<\d>\(", name)}
     assert len(micros) == 12, sorted(micros)  # 6 row counts x 2 levels
     for name, code in micros.items():
-        for hint in ("prefetchnta", "prefetcht0"):
+        for hint in ("prefetcht1", "prefetcht0"):
             assert hint in code, f"{name} has no {hint}"
 
 
