@@ -15,7 +15,10 @@ written once from the preset with random weights (so every engine computes with 
 - cpugen-packed: the same with CPUGEN_LAYOUT=packed, the weights packed at load wherever a packed
   kernel runs (with AMX, cpugen's tile kernel, where auto keeps oneDNN's);
 - hf: Hugging Face transformers, eager bf16, `generate` greedy with min_new_tokens = max_new_tokens;
-- hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment.
+- hf-ipex: the same after `ipex.llm.optimize(dtype=bfloat16)`, in the IPEX environment. Where IPEX
+  has no bf16 weight prepack (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on AVX2 CPUs, or capped to
+  the avx2 level), `llm.optimize` asserts, and the engine is what that assertion tells the user to
+  run instead: `ipex.optimize(dtype=bfloat16, weights_prepack=False)` under autocast, so named.
 Rounds are interleaved (A, B, C, A, B, C, ...) so a change of the machine's regime hits every engine
 alike; each figure is the median over rounds with min-max beside it. The machine's limits are read
 before and after, and the bandwidth again before and after every round; a run whose before and after
@@ -80,8 +83,13 @@ else:
     name = f"hf eager (transformers {transformers.__version__})"
     if engine == "hf-ipex":
         import intel_extension_for_pytorch as ipex
-        model = ipex.llm.optimize(model, dtype=torch.bfloat16, inplace=True, deployment_mode=True)
-        name = f"hf + ipex {ipex.__version__} (transformers {transformers.__version__})"
+        import intel_extension_for_pytorch._C as ipex_core
+        if ipex_core.onednn_has_bf16_support():
+            model = ipex.llm.optimize(model, dtype=torch.bfloat16, inplace=True, deployment_mode=True)
+            name = f"hf + ipex {ipex.__version__} (transformers {transformers.__version__})"
+        else:  # below AVX-512 (or capped there): what IPEX's own assertion tells the user to do
+            model = ipex.optimize(model, dtype=torch.bfloat16, inplace=True, weights_prepack=False)
+            name = f"hf + ipex {ipex.__version__} optimize(weights_prepack=False) (transformers {transformers.__version__})"
     class Clock(transformers.LogitsProcessor):  # called once per generated token, right after its forward
         def __call__(self, input_ids, scores):
             self.t.append(time.perf_counter())
@@ -271,7 +279,7 @@ def main() -> int:
         engines = [f"{e}@{lv}" for lv in a.isa.split(",") for e in engines]
     bw0, tf0, hw0 = limits(a.threads)
     batches = [int(b) for b in a.batch_sizes.split(",")]
-    workers, failed = [], {}  # an engine that cannot run here (IPEX below AVX-512, say) is reported, not fatal
+    workers, failed = [], {}  # an engine that cannot run here (a peer that refuses this CPU, say) is reported, not fatal
     for e in engines:
         try:
             w = Worker(e, a.ipex_python if e.startswith("hf-ipex") else sys.executable, ckpt, a.threads)
