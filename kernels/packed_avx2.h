@@ -4,8 +4,8 @@
 // for any number of rows of x, bf16 in and out, fp32 accumulation. A 256-bit load of a panel's
 // k pair row is 8 outputs' pairs: a 16-bit shift gives their weights at the even k as fp32, a
 // mask those at the odd k, each multiplied with FMA by one of x's values broadcast (x widened to
-// fp32 once per block of rows). The micro-kernel holds 5 rows of x x 16 outputs in 10
-// registers: 20 FMAs a k pair for 2 loads and 4 shifts or masks of W and 10 broadcasts of x, an
+// fp32 once per block of rows). The micro-kernel holds 6 rows of x x 16 outputs in 12
+// registers: 24 FMAs a k pair for 2 loads and 2 shifts and 2 masks of W and 12 broadcasts of x, an
 // outer product as fp32 BLAS kernels run it, where the gemv (a dot product along k, one row of W
 // against its own vector of x) loads a vector of x beside every few FMAs.
 // Reference: kernels/reference.py's gemv on the unpacked weight; check: kernels/check_gemv.py
@@ -28,15 +28,16 @@ namespace cpugen_packed_avx2 {
 
 using cpugen_packed::kPanel;  // outputs per panel
 constexpr int64_t kChunk = 256;  // k pairs per pass over the rows of x: 64 KiB of a panel, kept in L2
-// rows of x per micro-kernel call: 5 x 2 accumulators of 8 lanes. 6 rows (12 accumulators, W's two
-// vectors, the broadcast and the mask: all 16 registers) had GCC keep 4 sums on the stack, and ran
-// gptj-1b's matrices at 52-60% of the FMA limit against 59-77% for 5 rows (32 and 2048 rows of x,
-// 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness that built both)
-constexpr int64_t kMicroRows = 5;
+// the most rows of x per micro-kernel call: 6 x 2 accumulators of 8 lanes, the 6-row loop in
+// assembly (micro). On Zen 3 (4-cycle FMAs, two a cycle) 12 independent sums keep both FMA pipes
+// busy where 10 do not. (In intrinsics GCC kept 4 of the 12 sums on the stack and ran gptj-1b's
+// matrices at 52-60% of the FMA limit against 59-77% for 5 rows: 32 and 2048 rows of x, 2 Zen 3
+// threads, 5 interleaved rounds of a throwaway harness that built both.)
+constexpr int64_t kMicroRows = 6;
 constexpr int64_t kRowBlock = 240;  // rows of x per pass over a panel (x widened per block)
 constexpr int64_t kShare = 4;  // the most groups of rows whose calls prefetch the next chunk (micro)
 // floats between widened rows of x past K: at K a multiple of 1024 the rows' lines would fall in
-// the same sets of the L1 (4 KiB apart), a group's 5 rows and W's lines more than its 8 ways
+// the same sets of the L1 (4 KiB apart), a group's 6 rows and W's lines more than its 8 ways
 constexpr int64_t kPad = 16;
 // rows of x above which linear_plain (this kernel on plain weights, packed as it goes) runs ahead of
 // the AVX2 gemv: gptj-1b's matrices, 2 Zen 3 threads, `python kernels/bench_gemv.py --tflops --rows
@@ -69,6 +70,27 @@ namespace {
 // threads, the ratio of each round's two TFLOP/s, median (quartiles) of 150 shuffled rounds: 1.09x
 // (1.00-1.14) at 32 rows of x, of 40: 1.22x (1.10-1.28) at 16 rows, 1.04x (0.98-1.08) at 128; the
 // T1 and NTA hints alike. kernels/bench_gemv.py measures the result.)
+alignas(32) constexpr uint32_t kOddMask[8] = {0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u,
+                                              0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u, 0xFFFF0000u};
+
+// One k pair of 6 rows x 16 outputs, the sums in 12 registers (c0, c1: row 0's 16 outputs, ...): W's
+// two vectors widened (even k, then odd k) into ymm12-13, x's values broadcast into ymm14-15 in
+// turn. In assembly because GCC 12, given these 16 live registers in intrinsics, stored every sum to
+// the stack each k pair. xa: rows 0-2 (ld bytes apart), xb: rows 3-5.
+#define CPUGEN_PAIR6_ROWS(off, a, b)                                                              \
+  "vbroadcastss " off "(%[xa]), %%ymm14\n\t"                                                     \
+  "vfmadd231ps %%ymm" a ", %%ymm14, %[c0]\n\tvfmadd231ps %%ymm" b ", %%ymm14, %[c1]\n\t"         \
+  "vbroadcastss " off "(%[xa],%[ld]), %%ymm15\n\t"                                               \
+  "vfmadd231ps %%ymm" a ", %%ymm15, %[c2]\n\tvfmadd231ps %%ymm" b ", %%ymm15, %[c3]\n\t"         \
+  "vbroadcastss " off "(%[xa],%[ld],2), %%ymm14\n\t"                                             \
+  "vfmadd231ps %%ymm" a ", %%ymm14, %[c4]\n\tvfmadd231ps %%ymm" b ", %%ymm14, %[c5]\n\t"         \
+  "vbroadcastss " off "(%[xb]), %%ymm15\n\t"                                                     \
+  "vfmadd231ps %%ymm" a ", %%ymm15, %[c6]\n\tvfmadd231ps %%ymm" b ", %%ymm15, %[c7]\n\t"         \
+  "vbroadcastss " off "(%[xb],%[ld]), %%ymm14\n\t"                                               \
+  "vfmadd231ps %%ymm" a ", %%ymm14, %[c8]\n\tvfmadd231ps %%ymm" b ", %%ymm14, %[c9]\n\t"         \
+  "vbroadcastss " off "(%[xb],%[ld],2), %%ymm15\n\t"                                             \
+  "vfmadd231ps %%ymm" a ", %%ymm15, %[c10]\n\tvfmadd231ps %%ymm" b ", %%ymm15, %[c11]\n\t"
+
 template <int MB, int64_t kStep>
 CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t pairs, int q, float* C, int64_t ldc,
                        bool more, const char* pre, const char* end, unsigned mine) {
@@ -83,28 +105,52 @@ CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t p
   // than one pointer (with more, GCC spilled sums to the stack)
   const char* p = pre;
   if (!pre) mine = 0;
-  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2, p += kStep) {
-    if ((mine >> (k2 & 3)) & 1 && p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
-    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
-    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16));
-    const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
-    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
-    for (int m = 0; m < MB; ++m) {
-      const __m256 b = _mm256_broadcast_ss(xk + m * ldx);
-      acc[m][0] = _mm256_fmadd_ps(b, e0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(b, e1, acc[m][1]);
+  if constexpr (MB == 6) {
+    const float* xb = x + 3 * ldx;
+    const int64_t ld = ldx * static_cast<int64_t>(sizeof(float));
+    // the sums as 12 values of their own: an array stays in memory across the assembly
+    __m256 c0 = acc[0][0], c1 = acc[0][1], c2 = acc[1][0], c3 = acc[1][1], c4 = acc[2][0], c5 = acc[2][1];
+    __m256 c6 = acc[3][0], c7 = acc[3][1], c8 = acc[4][0], c9 = acc[4][1], c10 = acc[5][0], c11 = acc[5][1];
+    for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2, xb += 2, p += kStep) {
+      if ((mine >> (k2 & 3)) & 1 && p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
+      asm("vmovdqu (%[r]), %%ymm12\n\tvmovdqu 32(%[r]), %%ymm13\n\t"
+          "vpslld $16, %%ymm12, %%ymm12\n\tvpslld $16, %%ymm13, %%ymm13\n\t"
+          CPUGEN_PAIR6_ROWS("", "12", "13")
+          "vmovdqa (%[mask]), %%ymm12\n\tvpand (%[r]), %%ymm12, %%ymm12\n\t"
+          "vmovdqa (%[mask]), %%ymm13\n\tvpand 32(%[r]), %%ymm13, %%ymm13\n\t"
+          CPUGEN_PAIR6_ROWS("4", "12", "13")
+          : [c0] "+x"(c0), [c1] "+x"(c1), [c2] "+x"(c2), [c3] "+x"(c3), [c4] "+x"(c4), [c5] "+x"(c5),
+            [c6] "+x"(c6), [c7] "+x"(c7), [c8] "+x"(c8), [c9] "+x"(c9), [c10] "+x"(c10), [c11] "+x"(c11)
+          : [r] "r"(r), [xa] "r"(xk), [xb] "r"(xb), [ld] "r"(ld), [mask] "r"(kOddMask)
+          : "xmm12", "xmm13", "xmm14", "xmm15", "memory");
     }
-    const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd));
-    const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd));
-    for (int m = 0; m < MB; ++m) {
-      const __m256 b = _mm256_broadcast_ss(xk + m * ldx + 1);
-      acc[m][0] = _mm256_fmadd_ps(b, o0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(b, o1, acc[m][1]);
+    acc[0][0] = c0, acc[0][1] = c1, acc[1][0] = c2, acc[1][1] = c3, acc[2][0] = c4, acc[2][1] = c5;
+    acc[3][0] = c6, acc[3][1] = c7, acc[4][0] = c8, acc[4][1] = c9, acc[5][0] = c10, acc[5][1] = c11;
+  } else {
+    for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2, p += kStep) {
+      if ((mine >> (k2 & 3)) & 1 && p + 64 <= end) _mm_prefetch(p, _MM_HINT_T1);
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16));
+      const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+      const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+      for (int m = 0; m < MB; ++m) {
+        const __m256 b = _mm256_broadcast_ss(xk + m * ldx);
+        acc[m][0] = _mm256_fmadd_ps(b, e0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(b, e1, acc[m][1]);
+      }
+      const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd));
+      const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd));
+      for (int m = 0; m < MB; ++m) {
+        const __m256 b = _mm256_broadcast_ss(xk + m * ldx + 1);
+        acc[m][0] = _mm256_fmadd_ps(b, o0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(b, o1, acc[m][1]);
+      }
     }
   }
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < 2; ++j) _mm256_storeu_ps(C + m * ldc + 16 * q + 8 * j, acc[m][j]);
 }
+#undef CPUGEN_PAIR6_ROWS
 
 // One row of x against `pairs` k pairs of a chunk of a whole panel (64 outputs, 8 sums of 8), into
 // C (onto it when `more`): at batch 1 a panel is one sequential stream, each line read once from
@@ -178,9 +224,10 @@ using MicroFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, int, f
                          const char*, unsigned);
 constexpr int64_t kPairRow = 4 * kPanel;  // bytes of a packed k pair row
 // by the groups that prefetch (1, 2, 4: a line every pair, 2 pairs, 4 pairs), then rows of x
-const MicroFn kMicros[3][kMicroRows] = {{micro<1, 64>, micro<2, 64>, micro<3, 64>, micro<4, 64>, micro<5, 64>},
-                                        {micro<1, 32>, micro<2, 32>, micro<3, 32>, micro<4, 32>, micro<5, 32>},
-                                        {micro<1, 16>, micro<2, 16>, micro<3, 16>, micro<4, 16>, micro<5, 16>}};
+const MicroFn kMicros[3][kMicroRows] = {
+    {micro<1, 64>, micro<2, 64>, micro<3, 64>, micro<4, 64>, micro<5, 64>, micro<6, 64>},
+    {micro<1, 32>, micro<2, 32>, micro<3, 32>, micro<4, 32>, micro<5, 32>, micro<6, 32>},
+    {micro<1, 16>, micro<2, 16>, micro<3, 16>, micro<4, 16>, micro<5, 16>, micro<6, 16>}};
 constexpr unsigned kEvery[3] = {0xF, 0x5, 0x1};  // `mine`: the k2 mod 4 that prefetch
 // on plain weights: a line every 4 k pairs of a plain row's next segment
 const MicroFn* const kMicrosPlain = kMicros[2];
@@ -210,7 +257,7 @@ CPUGEN_AVX2 void widen_rows(const uint16_t* x, int64_t K, float* xs, int64_t ldx
 // weight (kPlain: the plain (n, K) weight itself), bias (n) or null, out (M, n), all bf16 and
 // contiguous. Rows of x in blocks of up to kRowBlock (fewer where K is so wide that they would
 // take over kScratchBytes), widened to fp32 once per block; panels split across threads; each panel
-// in chunks of kChunk k pairs (64 KiB, in L2) that every group of up to 5 rows passes over, 16
+// in chunks of kChunk k pairs (64 KiB, in L2) that every group of up to 6 rows passes over, 16
 // outputs at a time (one row: all 64 at once, a single stream); the sums wait in a tile of the block
 // and are finished (bias, activation, bf16) into the output as each panel ends. kPlain: each chunk
 // is first packed from the plain weight into a buffer of the thread's (as BLAS packs its
@@ -226,7 +273,15 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
   float* xs = xf.get(std::min(M, block) * ldx);
   for (int64_t m1 = 0; m1 < M; m1 += block) {
     const int64_t rows = std::min(block, M - m1);
-    const int64_t groups = (rows + kMicroRows - 1) / kMicroRows;  // of 4 or 5 rows, as even as they go
+    // groups of rows: sixes, then the rest as one group (4 or 5 rows), or where 1-3 rows are left over,
+    // the last six and those as two (3-5 rows each): group g is rows [starts[g], starts[g + 1])
+    std::vector<int64_t> starts{0};
+    const int64_t sixes = rows / kMicroRows, rest = rows % kMicroRows;
+    for (int64_t g = 0; g < (rest == 0 || rest >= 4 || sixes == 0 ? sixes : sixes - 1); ++g)
+      starts.push_back(starts.back() + kMicroRows);
+    if (rows - starts.back() > kMicroRows) starts.push_back(starts.back() + (rows - starts.back() + 1) / 2);
+    if (rows > starts.back()) starts.push_back(rows);
+    const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
     // groups that prefetch the next chunk (1, 2 or 4: regions of a power of two), and their kMicros
     const int level = groups >= 4 ? 2 : groups >= 2 ? 1 : 0, share = 1 << level;
     static_assert(kShare == 4, "kMicros holds 1, 2 and 4 prefetching groups");
@@ -262,7 +317,7 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
           const char* plain = nrows ? reinterpret_cast<const char*>(wp) + (nq * kPanel * K2 + nc0) * 4 : nullptr;
           const int64_t pairs = c1 - c0, part = (pairs + kParts - 1) / kParts;
           for (int64_t g = 0; g < groups; ++g) {
-            const int64_t m0 = g * rows / groups, mb = (g + 1) * rows / groups - m0;
+            const int64_t m0 = starts[g], mb = starts[g + 1] - m0;
             const float* xg = xs + m0 * ldx + 2 * c0;
             float* cg = tile.data() + m0 * kPanel;
             for (int j = 0; j < quarters; ++j) {
