@@ -27,7 +27,7 @@ timeout 420 $py scripts/bench_peers.py --engines cpugen,hf --batch-sizes 1,4,16,
 section "decode by thread count (cpugen, gptj-1b, batch 1)"
 for t in ${PERF_THREADS:-4 8 $cores}; do
   timeout 120 $py -m cpugen run --model gptj-1b --prompt-len 128 --gen-len 32 --threads "$t" --json - \
-    | $py -c "import json,sys; d=json.load(sys.stdin); print(f\"threads {d['threads']}: {d['token_throughput']:.1f} tok/s, {d['decode_weight_gbps']:.1f} GB/s, decode {d['decode_efficiency']:.0%} of roofline, prefill {d['prefill_efficiency']:.0%} of peak\")"
+    | $py -c "import json,sys; d=json.load(sys.stdin); print(f\"threads {d['threads']}: {d['token_throughput']:.1f} tok/s, {d['decode_weight_gbps']:.1f} GB/s, decode {d.get('decode_efficiency_hw', d['decode_efficiency']):.0%} of roofline, prefill {d.get('prefill_efficiency_hw', d['prefill_efficiency']):.0%} of {d.get('hw_level', 'torch.mm')} peak\")"
 done
 section "threads pinned or not (cpugen, gptj-1b, batch 1, $cores threads, interleaved)"
 for r in 1 2; do for pin in 1 0; do

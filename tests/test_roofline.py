@@ -58,8 +58,12 @@ def test_run_says_when_it_beats_the_cached_limits(tmp_path):
     rec = json.loads(loud.stdout)  # stdout still holds only the record
     assert rec["decode_efficiency"] > 1.05 and rec["prefill_efficiency"] > 1.05
     note = [ln for ln in loud.stderr.splitlines() if "beat the cached limits" in ln]
-    assert len(note) == 1 and "decode" in note[0] and "prefill" in note[0]
-    assert "python -m cpugen roofline --refresh" in note[0]
+    assert len(note) == 1 and "python -m cpugen roofline --refresh" in note[0]
+    if rec.get("hw_level"):  # judged against the level's register-only limit (100 TFLOP/s here), not torch.mm's
+        assert rec["decode_efficiency_hw"] > 1.05 and rec["prefill_efficiency_hw"] < 1
+        assert "decode" in note[0] and "prefill" not in note[0] and "register-only limit" in note[0]
+    else:
+        assert "decode" in note[0] and "prefill" in note[0] and "torch.mm" in note[0]
 
 
 def test_register_only_limits_are_exact_chains_and_no_library_beats_them():
@@ -133,8 +137,40 @@ def test_run_reads_the_limits_right_before_and_after_it_and_says_when_it_beat_th
     from cpugen.perf.measure import stale_limits_note
     from cpugen.perf.record import RunRecord
 
-    beat = RunRecord.from_dict({**rec, "decode_efficiency": 1.03, "prefill_efficiency": 0.5})
+    figures = ("decode_efficiency_hw", "prefill_efficiency_hw") if rec.get("hw_level") else (
+        "decode_efficiency", "prefill_efficiency")  # what the views judge against
+    beat = RunRecord.from_dict({**rec, figures[0]: 1.03, figures[1]: 0.5})
     note = stale_limits_note(beat)
     assert "beat the limits read right before and after it" in note and "decode 103%" in note
     assert "prefill" not in note.split("(")[1].split(")")[0]
-    assert stale_limits_note(RunRecord.from_dict({**rec, "decode_efficiency": 0.99, "prefill_efficiency": 1.0})) is None
+    assert stale_limits_note(RunRecord.from_dict({**rec, figures[0]: 0.99, figures[1]: 1.0})) is None
+
+
+def test_views_judge_a_run_against_the_hardware_of_its_level_and_keep_torch_mm_in_the_record():
+    """A prefill faster than torch.mm's route (cpugen's own kernel on a CPU where PyTorch widens
+    bf16 to fp32) is not a figure above 100%: the table and the stderr note judge against the
+    level's register-only limit, and the line above the table names both peaks."""
+    from cpugen.perf.measure import stale_limits_note
+    from cpugen.perf.record import COLUMNS, RunRecord, limits_line, markdown, summary
+
+    base = dict(model="m", backend="eager", dtype="bfloat16", batch_size=8, prompt_len=32, gen_len=8, n_layer=2,
+                n_params=1, weight_bytes=1, kv_cache_bytes=1, prompt_time_s=0.3, prompt_flops=0.175e12,
+                prompt_flop_per_seq=1.0, decode_time_per_token_s=0.02, decode_time_median_s=0.02,
+                decode_time_min_s=0.02, decode_time_max_s=0.02, decode_steps=7, token_throughput=400.0,
+                token_flops=1.0, token_flop_per_seq=1.0, decode_weight_gbps=20.0, peak_rss_bytes=1, threads=2,
+                torch_version="t", cpu="c", roofline_read_gbps=39.6, roofline_bf16_tflops=0.162,
+                decode_efficiency=0.77, prefill_efficiency=1.08, limits_source="measured around this row")
+    hw = RunRecord.from_dict({**base, "hw_level": "avx2", "hw_tflops": 0.205, "prefill_efficiency_hw": 0.854,
+                              "decode_efficiency_hw": 0.768})
+    cells = markdown([hw]).splitlines()[2].split(" | ")
+    names = [c for c, _ in COLUMNS]
+    assert cells[names.index("Prefill vs peak")] == "85%" and cells[names.index("Decode vs roofline")] == "77%"
+    line = limits_line([hw])
+    assert "avx2 level's register-only limit, 0.205 TFLOP/s" in line and "torch.mm's bf16 rate 0.162" in line
+    assert "prefill at 108% of it" in line and line in summary(hw)
+    assert stale_limits_note(hw) is None  # 108% of torch.mm's rate is not a beaten limit
+    off_x86 = RunRecord.from_dict(base)  # no register-only limit: torch.mm's rate is the peak, and says so
+    assert markdown([off_x86]).splitlines()[2].split(" | ")[names.index("Prefill vs peak")] == "108%"
+    assert "no register-only limit" in limits_line([off_x86])
+    note = stale_limits_note(off_x86)
+    assert "prefill 108%" in note and "torch.mm's bf16 rate" in note

@@ -24,7 +24,7 @@ from cpugen.model.config import ModelConfig
 from cpugen.model.kv_cache import kv_cache_bytes
 from cpugen.model.weights import weight_bytes
 from cpugen.perf import flops
-from cpugen.perf.record import GiB, RunRecord, count
+from cpugen.perf.record import GiB, RunRecord, against_hw, count, decode_vs_limits, prefill_vs_limits
 from cpugen.progress import progress
 from cpugen.runtime import eager, planner, stack
 from cpugen.runtime.engine import Engine, Prompts, compute_context
@@ -118,15 +118,19 @@ STALE_LIMITS = 1.0  # no efficiency above 100% goes out without a word on which 
 
 
 def stale_limits_note(rec: RunRecord) -> str | None:
-    """A line for stderr when a run beat its limits. Cached ones: the machine is in a faster regime
-    than when `cpugen roofline` measured it (shared hosts swing), so its efficiencies overstate.
-    Ones read around the row: the machine moved during the row."""
-    over = [f"{name} {100 * eff:.0f}%" for name, eff in (("decode", rec.decode_efficiency),
-                                                        ("prefill", rec.prefill_efficiency))
+    """A line for stderr when a run beat the limits its views judge it against (record.py's
+    decode_vs_limits, prefill_vs_limits). Cached ones: the machine is in a faster regime than when
+    `cpugen roofline` measured it (shared hosts swing), so its efficiencies overstate. Ones read
+    around the row: the machine moved during the row. A register-only limit a run beat has been
+    measured again already (_roofline): a figure still above it says so."""
+    over = [f"{name} {100 * eff:.0f}%" for name, eff in (("decode", decode_vs_limits(rec)),
+                                                        ("prefill", prefill_vs_limits(rec)))
             if eff is not None and eff > STALE_LIMITS]
     if not over:
         return None
-    limits = f"{rec.roofline_read_gbps:.1f} GB/s, {rec.roofline_bf16_tflops:.3f} TFLOP/s"
+    peak = (f"{rec.extra['hw_tflops']:.3f} TFLOP/s, the {rec.extra['hw_level']} level's register-only limit"
+            if against_hw(rec) else f"{rec.roofline_bf16_tflops:.3f} TFLOP/s, torch.mm's bf16 rate")
+    limits = f"{rec.roofline_read_gbps:.1f} GB/s, {peak}"
     if str(rec.extra.get("limits_source", "")).startswith("measured"):
         return (f"cpugen: note: this run beat the limits read right before and after it ({', '.join(over)} of "
                 f"{limits}): the machine moved between regimes during the run; its efficiencies overstate")

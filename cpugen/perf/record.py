@@ -108,10 +108,50 @@ COLUMNS = [
     ("Token throughput", lambda r: _num(r.token_throughput, ".2f", " tok/s")),
     ("Token FLOPS", lambda r: _num(r.token_flops, ".3f", " TFLOPS", 1e12)),
     ("Decode weight GB/s", lambda r: _num(r.decode_weight_gbps, ".1f")),
-    ("Decode vs roofline", lambda r: _pct(r.decode_efficiency)),
-    ("Prefill vs peak", lambda r: _pct(r.prefill_efficiency)),
+    ("Decode vs roofline", lambda r: _pct(decode_vs_limits(r))),
+    ("Prefill vs peak", lambda r: _pct(prefill_vs_limits(r))),
     ("Peak RSS", lambda r: _num(r.peak_rss_bytes, ".2f", " GiB", GiB)),
 ]
+
+
+def against_hw(r: RunRecord) -> bool:
+    """Whether the record has the register-only limit of the level its matmuls ran at (x86): its
+    views then judge prefill and decode against that, not against torch.mm's rate."""
+    return r.extra.get("hw_tflops") is not None
+
+
+def decode_vs_limits(r: RunRecord) -> float | None:
+    """Decode's roofline (the read bandwidth, and the level's hardware limit where known) / the step."""
+    return r.extra.get("decode_efficiency_hw") if against_hw(r) else r.decode_efficiency
+
+
+def prefill_vs_limits(r: RunRecord) -> float | None:
+    """Prompt FLOPS / the level's hardware limit where known, else / torch.mm's bf16 rate."""
+    return r.extra.get("prefill_efficiency_hw") if against_hw(r) else r.prefill_efficiency
+
+
+def limits_line(rows: list[RunRecord]) -> str | None:
+    """What the efficiency columns are against: the peak (the level's register-only limit, or
+    torch.mm's rate where there is none) and where the read bandwidth came from; torch.mm's rate
+    stays in the record (roofline_bf16_tflops, prefill_efficiency) beside it."""
+    rows = [r for r in rows if r.ok and r.roofline_read_gbps]
+    if not rows:
+        return None
+
+    def span(xs, fmt):
+        lo, hi = min(xs), max(xs)
+        return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)}-{format(hi, fmt)}"
+
+    src = rows[0].extra.get("limits_source") or "cached (python -m cpugen roofline)"
+    read = (f"read {span([r.roofline_read_gbps for r in rows], '.1f')} GB/s, "
+            f"{'measured right before and after each row' if src.startswith('measured') else src}")
+    mm = f"torch.mm's bf16 rate {span([r.roofline_bf16_tflops for r in rows], '.3f')} TFLOP/s"
+    hw = [r for r in rows if against_hw(r)]
+    if hw:
+        return (f"- Limits: {read}; peak: the {hw[0].extra['hw_level']} level's register-only limit, "
+                f"{span([r.extra['hw_tflops'] for r in hw], '.3f')} TFLOP/s ({mm} is in the record: "
+                f"prefill at {span([100 * r.prefill_efficiency for r in hw], '.0f')}% of it)")
+    return f"- Limits: {read}; peak: {mm} (no register-only limit for this CPU)"
 
 
 def _num(x: float | None, fmt: str, unit: str = "", scale: float = 1) -> str:
@@ -174,9 +214,7 @@ def summary(r: RunRecord) -> str:
         f"- Decode step times: median {r.decode_time_median_s:.4f} s, min {r.decode_time_min_s:.4f} s, "
         f"max {r.decode_time_max_s:.4f} s over {r.decode_steps} steps" if r.decode_steps
         else "- Decode step times: none (one generated token: the prompt pass alone is timed)",
-    ] + ([f"- Limits of this machine at {r.threads} threads: {r.roofline_read_gbps:.1f} GB/s read, "
-          f"{r.roofline_bf16_tflops:.3f} TFLOP/s bf16 matmul (python -m cpugen roofline)"]
-         if r.roofline_read_gbps else []))
+    ] + [x for x in (limits_line([r]),) if x])
 
 
 def environment_line(r: RunRecord) -> str:
@@ -205,5 +243,6 @@ def sweep_markdown(records: list[RunRecord]) -> str:
                 f"- FLOPs for a token: {r.token_flop_per_seq / 1e12:.4g} TFLOPs; "
                 f"for a sequence's prompt: {r.prompt_flop_per_seq / 1e12:.4g} TFLOPs",
                 f"- Figures are medians over {max(x.repeats for x in rows)} repeats; " + environment_line(r),
+                *[x for x in (limits_line(rows),) if x],
                 "", markdown(rows, SWEEP_COLUMNS), ""]
     return "\n".join(out)
