@@ -233,6 +233,16 @@ constexpr unsigned kEvery[3] = {0xF, 0x5, 0x1};  // `mine`: the k2 mod 4 that pr
 const MicroFn* const kMicrosPlain = kMicros[2];
 constexpr int kParts = 4;  // calls on plain weights split in 4, each part prefetching one row of the next chunk
 
+// A buffer's first cache line boundary: a 32-byte load of a buffer that starts 16 bytes into a
+// line (what malloc gives) splits a line every other time. The chunk packed from plain weights had
+// every second load of the micro-kernel split that way: 0.93x the packed weights' rate from 128 rows
+// of x, against 0.97-0.99x from its start on a line (docs/performance.md).
+constexpr uintptr_t kLine = 64;
+template <class T>
+T* on_lines(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + kLine - 1) & ~(kLine - 1));
+}
+
 // rows x cols of a tile's sums (row stride lds) + bias, activated, rounded into out (row stride ldo)
 CPUGEN_AVX2 void finish_tile(const float* s, int64_t lds, const uint16_t* bias, int64_t act, uint16_t* out,
                              int64_t ldo, int64_t rows, int64_t cols) {
@@ -288,8 +298,11 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { widen_rows(xp + m1 * K, K, xs, ldx, r0, r1); });
     at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
       const char* end = kPlain ? nullptr : reinterpret_cast<const char*>(wp + p1 * K * kPanel);  // of the thread's panels
-      std::vector<float> tile(rows * kPanel);
-      std::vector<uint32_t> packed(kPlain ? kChunk * kPanel : 0);  // one chunk of a panel (kPlain)
+      // the sums, and on plain weights one chunk of a panel packed, each from the start of a cache line
+      std::vector<float> tile_store(rows * kPanel + kLine / sizeof(float));
+      std::vector<uint32_t> packed_store(kPlain ? kChunk * kPanel + kLine / sizeof(uint32_t) : 0);
+      float* const tile = on_lines(tile_store.data());
+      uint32_t* const packed = on_lines(packed_store.data());
       for (int64_t q = p0; q < p1; ++q) {
         const int64_t cols = std::min(kPanel, n - q * kPanel);
         const int quarters = static_cast<int>((cols + 15) / 16);
@@ -298,15 +311,15 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
           const uint16_t* r;  // the chunk's first pair row
           const char* next = nullptr;  // the next chunk's, to prefetch (packed weights)
           if (kPlain) {
-            pack_chunk(reinterpret_cast<const uint32_t*>(wp), K2, q * kPanel, cols, c0, c1 - c0, packed.data());
-            r = reinterpret_cast<const uint16_t*>(packed.data());
+            pack_chunk(reinterpret_cast<const uint32_t*>(wp), K2, q * kPanel, cols, c0, c1 - c0, packed);
+            r = reinterpret_cast<const uint16_t*>(packed);
           } else {
             const uint16_t* panel = wp + q * K * kPanel;
             r = panel + c0 * 2 * kPanel;
             next = reinterpret_cast<const char*>(panel + c1 * 2 * kPanel);
           }
           if (rows == 1) {
-            micro_row(xs + 2 * c0, r, c1 - c0, tile.data(), c0 > 0, next, end);
+            micro_row(xs + 2 * c0, r, c1 - c0, tile, c0 > 0, next, end);
             continue;
           }
           // plain weights: the next chunk to pack (this panel's next, or the thread's next panel's
@@ -319,7 +332,7 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
           for (int64_t g = 0; g < groups; ++g) {
             const int64_t m0 = starts[g], mb = starts[g + 1] - m0;
             const float* xg = xs + m0 * ldx + 2 * c0;
-            float* cg = tile.data() + m0 * kPanel;
+            float* cg = tile + m0 * kPanel;
             for (int j = 0; j < quarters; ++j) {
               if (!kPlain || g >= share) {
                 // call j of group g: region 4 g + j of the next chunk's 4 share (of a partial panel's
@@ -343,7 +356,7 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
             }
           }
         }
-        finish_tile(tile.data(), kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols);
+        finish_tile(tile, kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols);
       }
     });
   }
