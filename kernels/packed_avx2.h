@@ -235,8 +235,8 @@ constexpr int kParts = 4;  // calls on plain weights split in 4, each part prefe
 
 // A buffer's first cache line boundary: a 32-byte load of a buffer that starts 16 bytes into a
 // line (what malloc gives) splits a line every other time. The chunk packed from plain weights had
-// every second load of the micro-kernel split that way: 0.93x the packed weights' rate from 128 rows
-// of x, against 0.97-0.99x from its start on a line (docs/performance.md).
+// every second load of the micro-kernel split that way: 0.88-0.92x the packed weights' rate from 128 rows
+// of x, against 0.95-0.98x from the start of a line (2 Zen 3 threads, docs/performance.md).
 constexpr uintptr_t kLine = 64;
 template <class T>
 T* on_lines(T* p) {
