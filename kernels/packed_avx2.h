@@ -233,10 +233,10 @@ constexpr unsigned kEvery[3] = {0xF, 0x5, 0x1};  // `mine`: the k2 mod 4 that pr
 const MicroFn* const kMicrosPlain = kMicros[2];
 constexpr int kParts = 4;  // calls on plain weights split in 4, each part prefetching one row of the next chunk
 
-// A buffer's first cache line boundary: a 32-byte load of a buffer that starts 16 bytes into a
-// line (what malloc gives) splits a line every other time. The chunk packed from plain weights had
-// every second load of the micro-kernel split that way: 0.88-0.92x the packed weights' rate from 128 rows
-// of x, against 0.95-0.98x from the start of a line (2 Zen 3 threads, docs/performance.md).
+// A buffer's first cache line boundary. malloc leaves a buffer 16 bytes into a line as often as not,
+// and 32-byte loads from 16 or 48 bytes into a line split every second one: the chunk packed from
+// plain weights ran gptj-1b's matrices 1.01-1.11x faster from a line's start (two A/B runs on 2 Zen 3
+// threads, most at 1024 rows of x, where each block of rows allocates afresh: docs/performance.md).
 constexpr uintptr_t kLine = 64;
 template <class T>
 T* on_lines(T* p) {
