@@ -229,9 +229,13 @@ const MicroFn kMicros[3][kMicroRows] = {
     {micro<1, 32>, micro<2, 32>, micro<3, 32>, micro<4, 32>, micro<5, 32>, micro<6, 32>},
     {micro<1, 16>, micro<2, 16>, micro<3, 16>, micro<4, 16>, micro<5, 16>, micro<6, 16>}};
 constexpr unsigned kEvery[3] = {0xF, 0x5, 0x1};  // `mine`: the k2 mod 4 that prefetch
-// on plain weights: a line every 4 k pairs of a plain row's next segment
-const MicroFn* const kMicrosPlain = kMicros[2];
-constexpr int kParts = 4;  // calls on plain weights split in 4, each part prefetching one row of the next chunk
+// On plain weights each call of the prefetching groups is split in parts, each part prefetching
+// one row's segment of the next chunk: kParts at 4 such groups (a line every 4 k pairs), 8 at 2
+// (a line every 2), 16 at 1 (every pair), so that they fetch all 64 of its rows. (With 4 parts
+// at every count, 1 or 2 groups fetched only 16 or 32 of them, and the pack read the rest from
+// memory: all 64 ran 1.05-1.10x at 8-18 rows of x, gptj-1b's shapes on 2 Zen 3 threads, two A/B
+// runs; docs/performance.md.)
+constexpr int kParts = 4;
 
 // A buffer's first cache line boundary. malloc leaves a buffer 16 bytes into a line as often as not,
 // and 32-byte loads from 16 or 48 bytes into a line split every second one: the chunk packed from
@@ -323,12 +327,13 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
             continue;
           }
           // plain weights: the next chunk to pack (this panel's next, or the thread's next panel's
-          // first), whose rows the first `share` groups' calls prefetch, kParts rows a call
+          // first), whose rows the first `share` groups' calls prefetch, `parts` rows a call
           const int64_t nq = c1 < K2 ? q : q + 1, nc0 = c1 < K2 ? c1 : 0;
           const int64_t nrows = kPlain && nq < p1 ? std::min(kPanel, n - nq * kPanel) : 0;
           const int64_t nseg = (std::min(K2, nc0 + kChunk) - nc0) * 4;  // bytes of a row's segment
           const char* plain = nrows ? reinterpret_cast<const char*>(wp) + (nq * kPanel * K2 + nc0) * 4 : nullptr;
-          const int64_t pairs = c1 - c0, part = (pairs + kParts - 1) / kParts;
+          const int parts = kParts * kShare / share;  // share x quarters x parts: the chunk's 64 rows
+          const int64_t pairs = c1 - c0, part = (pairs + parts - 1) / parts;
           for (int64_t g = 0; g < groups; ++g) {
             const int64_t m0 = starts[g], mb = starts[g + 1] - m0;
             const float* xg = xs + m0 * ldx + 2 * c0;
@@ -344,14 +349,15 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
               }
               // On plain weights no hardware prefetcher follows the 64 short row segments of a chunk,
               // and packing it from memory took a quarter of a 32-row pass on 2 Zen 3 cores (as much
-              // as the pack's work from L2 four times over). The prefetch is spread a line every 4
-              // k pairs: Zen 3 dropped most prefetches issued in bursts (8 or more at once), even
+              // as the pack's work from L2 four times over). The prefetch is spread through the
+              // calls: Zen 3 dropped most prefetches issued in bursts (8 or more at once), even
               // with the chunk's compute to hide them.
-              for (int s = 0; s < kParts && s * part < pairs; ++s) {
-                const int64_t row = (g * quarters + j) * kParts + s;  // of the next chunk
+              for (int s = 0; s < parts && s * part < pairs; ++s) {
+                const int64_t row = (g * quarters + j) * parts + s;  // of the next chunk
                 const char* pre = row < nrows ? plain + row * K2 * 4 : nullptr;
-                kMicrosPlain[mb - 1](xg + 2 * s * part, ldx, r + s * part * 2 * kPanel, std::min(part, pairs - s * part),
-                                     j, cg, kPanel, c0 > 0 || s > 0, pre, pre ? pre + nseg : nullptr, 1);
+                kMicros[level][mb - 1](xg + 2 * s * part, ldx, r + s * part * 2 * kPanel,
+                                       std::min(part, pairs - s * part), j, cg, kPanel, c0 > 0 || s > 0, pre,
+                                       pre ? pre + nseg : nullptr, kEvery[level]);
               }
             }
           }
