@@ -21,14 +21,18 @@ SHAPES = [(1, 2048, 6144), (4, 2048, 8192), (16, 256, 96), (3, 100, 7), (1, 33, 
           (8, 4096, 1030), (2, 8192, 256)]
 
 
-# (M, K, N) for the packed layout: one row (K with an even and an odd count of pairs), the micro-
+# (M, K, N) for the packed layout: one row (K with an even and an odd count of pairs; the AVX2
+# kernel's panel read in 4 segments where the pairs divide by 4, as at K = 2048 and 1032, a last
+# panel of 6 outputs at 1032, in one stream where not, as at 66 and 2), two rows (in 4 segments,
+# steps of 8 pairs and a ragged last one at K = 1048 and 520; in the 6-row kernel's chunks at 130), the micro-
 # kernels' 6 rows and the ragged groups past them (AVX2: 8 and 32 rows end in two groups of 4),
 # prefill's hundreds of rows (past the 240-row block); N off the 64-wide panels (a last panel of 1-15 outputs: a quarter of the AVX2
 # kernel's); K over one 256-pair chunk (sums carried between chunks) and K with an odd count of pairs;
 # K so wide that the AVX2 kernel's widened block of x holds fewer rows (232 at K = 9000). The AMX
 # tiles take K a multiple of 32: one tile of x (1-16 rows) and blocks past it (a last block of one
 # row, an odd count of blocks), K off the 512 a pass takes, rows past a group of 256 (packed_amx.h)
-PACKED_SHAPES = [(1, 2048, 6144), (1, 2, 1), (1, 66, 100), (2, 130, 64), (6, 514, 129), (7, 1030, 200),
+PACKED_SHAPES = [(1, 2048, 6144), (1, 2, 1), (1, 66, 100), (1, 1032, 70), (2, 130, 64), (2, 1048, 200), (2, 520, 64),
+                 (6, 514, 129), (7, 1030, 200),
                  (16, 2048, 2048), (130, 600, 300), (300, 256, 70), (5, 1024, 72), (33, 520, 136), (250, 9000, 70),
                  (17, 64, 65), (48, 2080, 130), (520, 96, 200), (8, 520, 130), (32, 1030, 72)]
 

@@ -65,7 +65,8 @@ namespace {
 // (docs/performance.md). The first version, one quarter
 // fetching all of it in a burst and one row of x taken a quarter at a time too, read gptj-1b's
 // matrices at 54-58% of the bandwidth at one row; with the first group fetching the whole chunk and
-// micro_row, 89%: 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness. Spread over four
+// a one-row kernel, 89% (one row now reads a packed panel as micro_row's streams, without
+// prefetch): 2 Zen 3 threads, 5 interleaved rounds of a throwaway harness. Spread over four
 // groups against the first group alone, on gptj-1b's four matrix shapes x 2 layers, 2 Zen 3
 // threads, the ratio of each round's two TFLOP/s, median (quartiles) of 150 shuffled rounds: 1.09x
 // (1.00-1.14) at 32 rows of x, of 40: 1.22x (1.10-1.28) at 16 rows, 1.04x (0.98-1.08) at 128; the
@@ -152,30 +153,40 @@ CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t p
 }
 #undef CPUGEN_PAIR6_ROWS
 
-// One row of x against `pairs` k pairs of a chunk of a whole panel (64 outputs, 8 sums of 8), into
-// C (onto it when `more`): at batch 1 a panel is one sequential stream, each line read once from
-// memory, the next chunk's lines prefetched into L2 (4 a pair) as this one's are multiplied.
-CPUGEN_AVX2 void micro_row(const float* x, const uint16_t* r, int64_t pairs, float* C, bool more, const char* pre,
-                           const char* end) {
+// One row of x against `pairs` k pairs of each of S segments of a panel that start `apart` pairs
+// from each other (r: the first's first pair row; x from its first k pair on), all 64 outputs (8
+// sums of 8), a pair row of each segment in turn, into C (onto it when `more`). At one and two rows
+// a packed panel is bound by memory, not FMA: read as 4 sequential streams a thread it keeps more
+// lines in flight than as one (the gemv's four rows of W a pass do the same), the hardware
+// prefetchers following each. gptj-1b's shapes (384 MiB of them, 2 Zen 3 threads, the median of
+// 15-21 shuffled rounds' ratios to the AVX2 gemv on the same weights, docs/performance.md):
+// - one row, the panel as 4 streams: 1.06-1.13x the gemv, 1.20x the kernel before (one stream,
+//   the next chunk prefetched into L2); 2 streams 1.06x, 8: 0.96x; 2-8 streams of panels far
+//   apart 0.89-1.07x and noisier;
+// - two rows, the rows in turn on 8 pairs of each stream (8 KiB, in L1 for the second row):
+//   0.98-1.18x the gemv where the 6-row kernel's chunks ran 0.77-1.06x; at 3 and 4 rows those ran
+//   ahead (1.09-1.24x against 0.89-1.05x), and keep them.
+// S = 1: one row of a chunk packed from plain weights, or of a panel whose pairs S does not divide.
+template <int S>
+CPUGEN_AVX2 void micro_row(const float* x, const uint16_t* r, int64_t apart, int64_t pairs, float* C, bool more) {
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = more ? _mm256_loadu_ps(C + 8 * j) : _mm256_setzero_ps();
-  const float* xk = x;
-  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, xk += 2) {
-    if (pre) {
-      const char* p = pre + k2 * 4 * kPanel;
-      if (p + 256 <= end)
-        for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T1);
+  for (int64_t k2 = 0; k2 < pairs; ++k2, r += 2 * kPanel, x += 2)
+    for (int s = 0; s < S; ++s) {
+      const uint16_t* rs = r + s * apart * 2 * kPanel;
+      const __m256 be = _mm256_broadcast_ss(x + 2 * s * apart), bo = _mm256_broadcast_ss(x + 2 * s * apart + 1);
+      for (int j = 0; j < 8; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rs + 16 * j));
+        acc[j] = _mm256_fmadd_ps(be, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), acc[j]);
+        acc[j] = _mm256_fmadd_ps(bo, _mm256_castsi256_ps(_mm256_and_si256(v, odd)), acc[j]);
+      }
     }
-    const __m256 be = _mm256_broadcast_ss(xk), bo = _mm256_broadcast_ss(xk + 1);
-    for (int j = 0; j < 8; ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16 * j));
-      acc[j] = _mm256_fmadd_ps(be, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), acc[j]);
-      acc[j] = _mm256_fmadd_ps(bo, _mm256_castsi256_ps(_mm256_and_si256(v, odd)), acc[j]);
-    }
-  }
   for (int j = 0; j < 8; ++j) _mm256_storeu_ps(C + 8 * j, acc[j]);
 }
+constexpr int kRowStreams = 4;  // micro_row's segments of a packed panel at one and two rows
+constexpr int64_t kStreamRows = 2;  // the most rows of x that read packed panels as streams
+constexpr int64_t kRowStep = 8;  // k pairs of each stream a row takes in turn (two rows)
 
 // 8 rows of 8 32-bit values, transposed in registers
 CPUGEN_AVX2 inline void transpose8(__m256i r[8]) {
@@ -272,7 +283,8 @@ CPUGEN_AVX2 void widen_rows(const uint16_t* x, int64_t K, float* xs, int64_t ldx
 // contiguous. Rows of x in blocks of up to kRowBlock (fewer where K is so wide that they would
 // take over kScratchBytes), widened to fp32 once per block; panels split across threads; each panel
 // in chunks of kChunk k pairs (64 KiB, in L2) that every group of up to 6 rows passes over, 16
-// outputs at a time (one row: all 64 at once, a single stream); the sums wait in a tile of the block
+// outputs at a time (one row: all 64 at once; one or two rows of packed weights: the whole panel as
+// micro_row's kRowStreams streams); the sums wait in a tile of the block
 // and are finished (bias, activation, bf16) into the output as each panel ends. kPlain: each chunk
 // is first packed from the plain weight into a buffer of the thread's (as BLAS packs its
 // operands), so the weight is read once per block of rows and never held twice.
@@ -309,6 +321,16 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
       uint32_t* const packed = on_lines(packed_store.data());
       for (int64_t q = p0; q < p1; ++q) {
         const int64_t cols = std::min(kPanel, n - q * kPanel);
+        if (!kPlain && rows <= kStreamRows && K2 % kRowStreams == 0) {  // the panel as streams (micro_row)
+          const uint16_t* panel = wp + q * K * kPanel;
+          const int64_t seg = K2 / kRowStreams, step = rows == 1 ? seg : kRowStep;
+          for (int64_t c0 = 0; c0 < seg; c0 += step)
+            for (int64_t m = 0; m < rows; ++m)
+              micro_row<kRowStreams>(xs + m * ldx + 2 * c0, panel + c0 * 2 * kPanel, seg, std::min(step, seg - c0),
+                                     tile + m * kPanel, c0 > 0);
+          finish_tile(tile, kPanel, bp ? bp + q * kPanel : nullptr, act, op + m1 * n + q * kPanel, n, rows, cols);
+          continue;
+        }
         const int quarters = static_cast<int>((cols + 15) / 16);
         for (int64_t c0 = 0; c0 < K2; c0 += kChunk) {
           const int64_t c1 = std::min(K2, c0 + kChunk);
@@ -322,8 +344,8 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, in
             r = panel + c0 * 2 * kPanel;
             next = reinterpret_cast<const char*>(panel + c1 * 2 * kPanel);
           }
-          if (rows == 1) {
-            micro_row(xs + 2 * c0, r, c1 - c0, tile, c0 > 0, next, end);
+          if (rows == 1) {  // plain weights, or a packed panel whose pairs kRowStreams does not divide
+            micro_row<1>(xs + 2 * c0, r, 0, c1 - c0, tile, c0 > 0);
             continue;
           }
           // plain weights: the next chunk to pack (this panel's next, or the thread's next panel's

@@ -2,10 +2,11 @@
 
 At the AVX2 level (CPUs without AVX-512, or CPUGEN_ISA=avx2) two kernels can run decode's skinny
 matmuls: the gemv on the plain weights (kernels/gemv_avx2.h: four of W's rows a pass, four streams
-a thread) and cpugen's packed layout's kernel (kernels/packed_avx2.h: one stream a thread). Which
-streams the faster is the CPU's prefetchers' doing, not the instruction set's, and it changes with
-the rows of x: on 2 Zen 3 cores the gemv leads at one row (packed/gemv 0.84x) and the packed
-kernel from two (1.14x at 2 rows, 1.2x at 4, 1.3-1.6x at 6-16); on 2 Zen 5 cores capped to AVX2
+a thread) and cpugen's packed layout's kernel (kernels/packed_avx2.h: at one and two rows a panel
+read as four streams a thread). Which streams the faster is the CPU's prefetchers' doing, not the
+instruction set's, and it changes with the rows of x: on 2 Zen 3 cores the packed kernel read as
+one stream trailed the gemv at one row (0.84-0.93x) and was level at two; read as four streams it
+leads at one row (1.09-1.13x) and two (1.22x), and at 4 rows as before (1.2x); on 2 Zen 5 cores capped to AVX2
 the packed kernel streamed 95-97% of the read at one row against the gemv's 65-73%, and led at
 every row count up to 16 (1.9x at 4 rows: `CPUGEN_ISA=avx2 python kernels/bench_gemv.py
 --by-shape`, docs/performance.md).
