@@ -164,7 +164,7 @@ CPUGEN_AVX2 void micro(const float* x, int64_t ldx, const uint16_t* r, int64_t p
 //   the next chunk prefetched into L2); 2 streams 1.06x, 8: 0.96x; 2-8 streams of panels far
 //   apart 0.89-1.07x and noisier;
 // - two rows, the rows in turn on 8 pairs of each stream (8 KiB, in L1 for the second row):
-//   0.98-1.18x the gemv where the 6-row kernel's chunks ran 0.77-1.06x; at 3 and 4 rows those ran
+//   0.98-1.22x the gemv where the 6-row kernel's chunks ran 0.77-1.06x; at 3 and 4 rows those ran
 //   ahead (1.09-1.24x against 0.89-1.05x), and keep them.
 // S = 1: one row of a chunk packed from plain weights, or of a panel whose pairs S does not divide.
 template <int S>
