@@ -39,7 +39,7 @@ def main():
     a = ap.parse_args()
     cfg = from_name(a.model).with_layers(a.layers)
     if not eager.panels_wanted():
-        sys.exit("no packed decode stack here (it needs AVX512-BF16 without AMX)")
+        sys.exit("no packed decode stack here (it needs AVX2, or AVX-512 without AMX; CPUGEN_LAYOUT=packed packs anywhere)")
     # the plain weights' stack takes the gemv's few rows; above them only the packed layout is timed
     layouts = ("packed", "plain") if a.batch <= Linear.kernel_rows else ("packed",)
     B, P = a.batch, 16
@@ -51,12 +51,12 @@ def main():
         model = random_model(cfg, torch.bfloat16, 0)
         eager.install(model, pack=layout == "packed")
         if model.decode_stack is None:
-            sys.exit("no decode stack here (it needs AVX512-BF16)")
+            sys.exit(f"no decode stack here: {native.why_not('decode_layer') or 'CPUGEN_NATIVE=0'}")
         linears = list({id(m): m for m in model.modules() if type(m) is Linear}.values())
         mats = [(m, m.panels if m.panels is not None else m.weight) for m in linears]
         models[layout] = dict(model=model, stack=model.decode_stack, engine=Engine(model, B, max_len, torch.bfloat16),
                               mats=mats, xs={m.in_features: torch.randn(B, m.in_features).to(torch.bfloat16) for m in linears})
-    ext = native.extension()
+    ext = native.step_kernels()  # the level's gemv and packed kernel (gemv_bf16 with AVX-512, avx2 without)
     nbytes = sum(m.in_features * m.out_features * 2 for m, _ in models["packed"]["mats"])  # bf16, unpadded
     print(f"{cfg.name}, {cfg.n_layer} layers, batch {B}, {torch.get_num_threads()} threads, "
           f"{nbytes / 1e9:.2f} GB of matmul weights")
