@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpugen.runtime import eager, sampling  # noqa: E402
+from cpugen import knobs  # noqa: E402
+from cpugen.runtime import eager, sampling, stack  # noqa: E402
 from cpugen.runtime import native  # noqa: E402
 from cpugen.model.config import from_name  # noqa: E402
 from cpugen.runtime.engine import Engine, Prompts, compute_context  # noqa: E402
@@ -38,6 +39,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     a = ap.parse_args()
     cfg = from_name(a.model).with_layers(a.layers)
+    if not knobs.current().native:
+        sys.exit("CPUGEN_NATIVE=0 switches cpugen's kernels off: nothing here to time")
     if not eager.panels_wanted():
         sys.exit("no packed decode stack here (it needs AVX2, or AVX-512 without AMX; CPUGEN_LAYOUT=packed packs anywhere)")
     # the plain weights' stack takes the gemv's few rows; above them only the packed layout is timed
@@ -51,7 +54,9 @@ def main():
         model = random_model(cfg, torch.bfloat16, 0)
         eager.install(model, pack=layout == "packed")
         if model.decode_stack is None:
-            sys.exit(f"no decode stack here: {native.why_not('decode_layer') or 'CPUGEN_NATIVE=0'}")
+            sys.exit("no decode stack here: " + (native.why_not("decode_layer") or stack.refusal(cfg)
+                                                  or getattr(model, "stack_refused", None)
+                                                  or "the model's blocks are not all on cpugen's kernels"))
         linears = list({id(m): m for m in model.modules() if type(m) is Linear}.values())
         mats = [(m, m.panels if m.panels is not None else m.weight) for m in linears]
         models[layout] = dict(model=model, stack=model.decode_stack, engine=Engine(model, B, max_len, torch.bfloat16),

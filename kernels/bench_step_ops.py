@@ -33,9 +33,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=50400)
     ap.add_argument("--hidden", type=int, default=2048)
     a = ap.parse_args()
-    ext = native.extension()
+    ext = native.step_kernels()  # the level's argmax and norms (gemv_bf16 with AVX-512, avx2 without)
     if ext is None:
-        sys.exit(f"no native kernels here: {native.why_not()}")
+        sys.exit(f"no native kernels here: {native.why_not('avx2') or native.why_not() or 'CPUGEN_NATIVE=0'}")
     V, h = a.vocab, a.hidden
     w, b = torch.randn(h).bfloat16(), torch.randn(h).bfloat16()
     ops = {}

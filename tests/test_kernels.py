@@ -729,7 +729,7 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
         return
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py"),
                         "-k", "decode_with_and_without or every_avx2_kernel or gemv_matches or step_ops_check "
-                              "or decode_attention_matches or packed_layout_matches or packing_replaces"],
+                              "or decode_attention_matches or packed_layout_matches or packing_replaces or kernel_benches_run"],
                        capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     out = tmp_path / "r.json"
@@ -795,3 +795,24 @@ def test_build_with_a_broken_compiler_says_why_for_each_module_and_runs_without_
             env={**env, "CPUGEN_LIMITS": "cached"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "unavailable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_kernel_benches_run_at_this_level():
+    """The microbenchmarks beside the kernels run at the level in use (CPUGEN_ISA caps it:
+    test_every_level_in_a_fresh_process), each a short pass on small shapes: bench_step_ops.py
+    checks cpugen's argmax against torch.argmax on every call it times, bench_decode_layer.py runs
+    the decode stack, the Python blocks and the matmuls on packed and plain weights. (Both once
+    asked the AVX-512 module for their kernels, which is None on an AVX2-only CPU.)"""
+    import os
+    import subprocess
+
+    if native.step_kernels() is None:
+        pytest.skip(f"no native kernels on this CPU: {native.why_not('avx2')}")
+    env = {**os.environ, "CPUGEN_NATIVE": "1", "CPUGEN_LAYOUT": "packed"}  # the packed stack at every level
+    for script, args, want in (("bench_step_ops.py", ["--calls", "2", "--vocab", "1000", "--hidden", "256"],
+                                "| argmax 32 x 1000 |"),
+                               ("bench_decode_layer.py", ["--model", "gptj-1b", "--layers", "1", "--rounds", "1", "--steps", "2"],
+                                "matmuls plain")):
+        p = subprocess.run([sys.executable, str(ROOT / "kernels" / script), *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300, env=env)
+        assert p.returncode == 0 and want in p.stdout, f"{script}: {p.stdout[-2000:]}{p.stderr[-2000:]}"
