@@ -4,7 +4,8 @@ has, each thread's chains end at the exact value their arithmetic gives (iters x
 no instruction skipped, none folded away), a level the CPU lacks is refused, and the measured rate
 is at least what PyTorch's fp32 GEMM reaches on the same threads, and with AMX the tile limit at
 least what its bf16 GEMM (oneDNN's, on the tiles) reaches (a library cannot beat the hardware it runs
-on; 10% is left for the noise of a shared host).
+on; 10% is left for the noise of a shared host); and that its read of several streams a thread
+(the roofline's bandwidth beside torch's reductions) adds up every byte once.
 
     python kernels/check_peak.py      # exits non-zero on a mismatch, or where the kernel is unavailable
 Used by cpugen/perf/roofline.py (`python -m cpugen roofline`); tests/test_roofline.py runs this."""
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cpugen.perf import roofline  # noqa: E402
+from cpugen.host.cpu import cpu_info  # noqa: E402
 from cpugen.runtime.native import extension, why_not  # noqa: E402
 
 LANES = roofline.LANES
@@ -43,6 +45,24 @@ def check_sums(ext) -> list[str]:
         else:
             raise AssertionError(f"{level} ran on a CPU without it")
     return done
+
+
+def check_read(ext) -> int:
+    """The native read's sum of bytes against torch's, over lengths that leave a tail at every stream
+    and thread count (nothing read twice, nothing skipped); returns the cases checked."""
+    gen = torch.Generator().manual_seed(0)
+    cases = 0
+    for n in (0, 1, 63, 64, 4097, 1 << 20, (1 << 20) + 12345):
+        b = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+        want = int(b.sum(dtype=torch.int64))
+        for streams in (1, 3, *roofline.READ_STREAMS):
+            for threads in (1, 2, 3):
+                got = ext.read(b, streams, threads)
+                if got != want:
+                    raise AssertionError(f"read of {n} bytes, {streams} streams, {threads} threads: sum {got}, "
+                                         f"expected {want}")
+                cases += 1
+    return cases
 
 
 def gemm_tflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
@@ -83,5 +103,7 @@ if __name__ == "__main__":
     if ext is None:
         sys.exit(f"kernels/peak.cpp unavailable: {why_not('peak')}")
     print(f"checksums exact: {', '.join(check_sums(ext))}")
+    if cpu_info()["avx2"]:
+        print(f"read: the sum of the bytes exact in {check_read(ext)} cases")
     fma, mm = check_rate()
     print(f"fp32 FMA limit {fma:.3f} TFLOP/s; torch.mm fp32 {mm:.3f} ({mm / fma:.0%} of it)")

@@ -82,6 +82,27 @@ def test_register_only_limits_are_exact_chains_and_no_library_beats_them():
     assert mm <= 1.1 * fma
 
 
+def test_the_bandwidth_takes_the_native_read_whose_bytes_add_up():
+    """Where kernels/peak.cpp runs, the roofline's read bandwidth is the best of torch's reductions
+    and its read of several streams a thread, which adds up every byte of the buffer once (against
+    torch's sum of the same bytes, with tails at every stream and thread count)."""
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    from cpugen.runtime.native import extension
+    from kernels import check_peak
+
+    ext = extension("peak")
+    assert ext is not None
+    assert check_peak.check_read(ext) == 7 * (2 + len(roofline.READ_STREAMS)) * 3
+    x = torch.ones(1 << 20)
+    ops = roofline.readers(x)
+    assert len(ops) == 3 + len(roofline.READ_STREAMS)
+    assert [op() for op in ops[3:]] == [int(x.view(torch.uint8).sum(dtype=torch.int64))] * len(roofline.READ_STREAMS)
+
+
 def test_a_run_reports_efficiency_against_the_hardware_of_its_level(tmp_path):
     import json
 

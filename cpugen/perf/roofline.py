@@ -4,8 +4,9 @@ Decode at small batch is bound by streaming the weights (and, at long context an
 the KV cache) from memory; prefill and large-batch decode by bf16 matrix throughput. A step's
 roofline time is max(bytes moved / bandwidth, FLOPs / peak); efficiency = roofline / measured.
 
-Measured with plain torch: bandwidth as the best of a few reductions over a buffer far larger than
-the caches, peak as a large bf16 matmul; each the median of repeats. Cached per machine, thread
+Bandwidth as the best of a few reads of a buffer far larger than the caches (torch's reductions,
+and kernels/peak.cpp's read of several streams a thread where it runs), peak as a large bf16
+matmul; each the median of repeats; beside them the register-only compute limit of each ISA level. Cached per machine, thread
 count and torch version in ~/.cache/cpugen/roofline.json.
 """
 
@@ -58,13 +59,30 @@ def _timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def readers(x: torch.Tensor) -> list:
+    """Ways to read all of x (fp32, contiguous): torch's reductions (one stream a thread), and where
+    kernels/peak.cpp runs, its read of 4 and of 8 streams a thread, as cpugen's kernels read weights
+    (torch.sum's one stream read 0.85-0.87x as fast on 2 Zen 3 threads: docs/performance.md)."""
+    ops = [lambda: x.sum(), lambda: x.amax(), lambda: x.view(torch.bfloat16).amax()]
+    from cpugen.runtime import native
+
+    ext = native.extension("peak") if cpu_info()["avx2"] else None
+    if ext is not None:
+        b, threads = x.view(torch.uint8), torch.get_num_threads()
+        ops += [lambda s=s: ext.read(b, s, threads) for s in READ_STREAMS]
+    return ops
+
+
+READ_STREAMS = (4, 8)  # streams a thread of the native read
+
+
 def measure_bandwidth(repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, float, float]:
-    """Median, min, max GB/s of reading `nbytes` (far beyond any cache) with the best reduction,
+    """Median, min, max GB/s of reading `nbytes` (far beyond any cache) with the best of `readers`,
     from huge pages where the kernel gives them, as cpugen's weights and KV cache are."""
     x = empty_huge((nbytes // 4,), torch.float32)
     x.fill_(1.0)
     results = []
-    for op in (lambda: x.sum(), lambda: x.amax(), lambda: x.view(torch.bfloat16).amax()):
+    for op in readers(x):
         ts = _timed(op, repeats)
         results.append([nbytes / t / 1e9 for t in ts])
     best = max(results, key=statistics.median)
