@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# kernels/ is a directory of sources beside their checks, not a package (the top-level name
+# `kernels` is Hugging Face's, which transformers requires): its scripts import each other by file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpugen.runtime.native import extension  # noqa: E402
-from kernels import reference  # noqa: E402
+import reference  # noqa: E402
 
 # (B, nh, nkv, S, S_max, hd)
 SHAPES = [(1, 16, 16, 135, 200, 128), (3, 8, 2, 77, 77, 64), (2, 32, 8, 1, 10, 128), (4, 4, 1, 513, 600, 256)]

@@ -10,9 +10,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# kernels/ is a directory of sources beside their checks, not a package (the top-level name
+# `kernels` is Hugging Face's, which transformers requires): its scripts import each other by file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpugen.runtime.native import extension  # noqa: E402
-from kernels import reference  # noqa: E402
+import reference  # noqa: E402
 
 # (M, K, N): decode shapes, K not a multiple of 32, N not a
 # multiple of the 4-row block, M up to 16; one row of x takes its own path (128 along k, then 32, then

@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# kernels/ is a directory of sources beside their checks, not a package (the top-level name
+# `kernels` is Hugging Face's, which transformers requires): its scripts import each other by file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from cpugen.runtime.native import step_kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+import reference  # noqa: E402
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str):

@@ -6,6 +6,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# kernels/ holds the kernels' sources beside their reference and checks; it is not a package (the
+# top-level name `kernels` is Hugging Face's, which transformers requires and imports), so the tests
+# import its scripts by file name: `import check_gemv`, `import reference`
+KERNELS = ROOT / "kernels"
+if str(KERNELS) not in sys.path:
+    sys.path.insert(1, str(KERNELS))
 
 
 def cli(*args, timeout=300, env=None):

@@ -15,8 +15,8 @@ from cpugen.model.transformer import Linear
 from cpugen.model.weights import random_model
 from helpers import ROOT, cli
 
-sys.path.insert(0, str(ROOT))
-from kernels import check_gemv, reference  # noqa: E402
+import check_gemv  # noqa: E402  (kernels/, by file name: tests/helpers.py)
+import reference  # noqa: E402
 
 
 @pytest.fixture
@@ -67,8 +67,8 @@ def test_gemv_avx512f_path_matches_reference_too():
     import os
     import subprocess
 
-    code = ("import sys; sys.path.insert(0, '.'); from cpugen.runtime.native import extension; "
-            "from kernels import check_gemv; e = extension(); print(e.isa(), len(check_gemv.check(e, seed=4)))")
+    code = ("import sys; sys.path[:0] = ['.', 'kernels']; from cpugen.runtime.native import extension; "
+            "import check_gemv; e = extension(); print(e.isa(), len(check_gemv.check(e, seed=4)))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
                        env={**os.environ, "CPUGEN_ISA": "avx512"})
     assert p.returncode == 0, p.stderr
@@ -131,7 +131,7 @@ def test_argmax_answers_as_torch_does(dtype):
     """Greedy decoding's argmax (kernels/argmax.h) against torch.argmax: random rows, rows of
     ties (the first maximum wins), rows with NaN (the first NaN wins, as torch orders it above
     everything) or +inf, rows of -inf only, and row lengths off the 16-wide vectors."""
-    from kernels.check_step_ops import argmax_cases
+    from check_step_ops import argmax_cases
 
     ext = native.extension()
     cases = 0
@@ -453,7 +453,7 @@ def test_large_decode_batches_use_onednn_packed_weights_in_place(monkeypatch, av
 @pytest.mark.skipif(not cpu_info()["avx512_bf16"], reason="the native decode attention needs AVX512-BF16; "
                     "elsewhere PyTorch's SDPA runs (the model's default path, tested by test_parity)")
 def test_decode_attention_matches_reference():
-    from kernels import check_decode_attention
+    import check_decode_attention
 
     ext = native.extension("decode_attention")
     assert ext is not None, native.why_not("decode_attention")
@@ -471,7 +471,7 @@ def test_decode_attention_matches_reference():
 
 @needs_avx512
 def test_the_step_ops_check_passes_every_case():
-    from kernels import check_step_ops
+    import check_step_ops
 
     ext = native.extension()
     assert (check_step_ops.check_argmax(ext), check_step_ops.check_norm(ext), check_step_ops.check_glu(ext)) == (72, 6, 12)
@@ -541,7 +541,8 @@ def test_every_avx2_kernel_matches_its_reference():
     them as it goes), decode attention and the decode step (GQA, strided caches, partial
     and no rotary, exact cache writes), the norms, a GLU's product and the argmax (ties, NaN,
     infinities, row tails), each against kernels/reference.py or torch."""
-    from kernels import check_decode_attention, check_step_ops
+    import check_decode_attention
+    import check_step_ops
 
     ext = native.extension("avx2")
     assert ext is not None and ext.available() and ext.isa() == "avx2"

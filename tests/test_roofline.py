@@ -67,13 +67,9 @@ def test_run_says_when_it_beats_the_cached_limits(tmp_path):
 
 
 def test_register_only_limits_are_exact_chains_and_no_library_beats_them():
-    import sys
-
-    from helpers import ROOT
-
-    sys.path.insert(0, str(ROOT))
+    import helpers  # noqa: F401  (puts kernels/ on the path)
     from cpugen.runtime.native import extension
-    from kernels import check_peak
+    import check_peak  # kernels/, by file name (tests/helpers.py)
 
     ext = extension("peak")
     assert ext is not None  # every x86-64 CPU with AVX2 and FMA builds it
@@ -86,13 +82,9 @@ def test_the_bandwidth_takes_the_native_read_whose_bytes_add_up():
     """Where kernels/peak.cpp runs, the roofline's read bandwidth is the best of torch's reductions
     and its read of several streams a thread, which adds up every byte of the buffer once (against
     torch's sum of the same bytes, with tails at every stream and thread count)."""
-    import sys
-
-    from helpers import ROOT
-
-    sys.path.insert(0, str(ROOT))
+    import helpers  # noqa: F401  (puts kernels/ on the path)
     from cpugen.runtime.native import extension
-    from kernels import check_peak
+    import check_peak  # kernels/, by file name (tests/helpers.py)
 
     ext = extension("peak")
     assert ext is not None
