@@ -6,8 +6,8 @@ roofline time is max(bytes moved / bandwidth, FLOPs / peak); efficiency = roofli
 
 Bandwidth as the best of a few reads of a buffer far larger than the caches (torch's reductions,
 and kernels/peak.cpp's read of several streams a thread where it runs), peak as a large bf16
-matmul; each the median of repeats; beside them the register-only compute limit of each ISA level. Cached per machine, thread
-count and torch version in ~/.cache/cpugen/roofline.json.
+matmul, each the median of repeats; beside them the register-only compute limit of each ISA
+level. Cached per machine, thread count and torch version in ~/.cache/cpugen/roofline.json.
 """
 
 from __future__ import annotations
@@ -59,10 +59,13 @@ def _timed(fn, repeats: int) -> list[float]:
     return out
 
 
+READ_STREAMS = (4, 8)  # streams a thread of the native read
+
+
 def readers(x: torch.Tensor) -> list:
     """Ways to read all of x (fp32, contiguous): torch's reductions (one stream a thread), and where
     kernels/peak.cpp runs, its read of 4 and of 8 streams a thread, as cpugen's kernels read weights
-    (torch.sum's one stream read 0.85-0.87x as fast on 2 Zen 3 threads: docs/performance.md)."""
+    (torch.sum read 0.80-0.90x as fast as those on 2 Zen 3 threads: docs/performance.md)."""
     ops = [lambda: x.sum(), lambda: x.amax(), lambda: x.view(torch.bfloat16).amax()]
     from cpugen.runtime import native
 
@@ -71,9 +74,6 @@ def readers(x: torch.Tensor) -> list:
         b, threads = x.view(torch.uint8), torch.get_num_threads()
         ops += [lambda s=s: ext.read(b, s, threads) for s in READ_STREAMS]
     return ops
-
-
-READ_STREAMS = (4, 8)  # streams a thread of the native read
 
 
 def measure_bandwidth(repeats: int = 7, nbytes: int = 1 << 30) -> tuple[float, float, float]:
