@@ -23,5 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("glu", [](const torch::Tensor& gu, int64_t act) { return cpugen_glu::glu(gu, act); }, "act(gate) * up over the halves [gate; up] of the last dim, bf16", py::arg("gu"),
         py::arg("act"));
   m.def("isa", &cpugen_gemv::isa, "the instruction set the kernel dispatched to");
+  m.def("packed_multiply", &cpugen_gemv::packed_multiply,
+        "the instruction linear_packed multiplies with above 6 rows off the tiles: vdpbf16ps or fma (where this CPU runs vdpbf16ps behind its FMAs)");
   m.def("packed_isa", &cpugen_gemv::packed_isa, "what linear_packed multiplies with: amx (tiles, K a multiple of 32) or isa()'s");
 }

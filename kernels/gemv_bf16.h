@@ -21,10 +21,13 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "chains.h"
 #include "packed_amx.h"
 #include "packed_layout.h"
 #include "vec_math.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -260,6 +263,32 @@ bool detect_amx() {
 }
 
 const bool kAmx = detect_amx();
+
+// Which multiply-add the packed kernel takes where compute sets its pace (more than kMicroRows rows
+// of x) at AVX512-BF16: vdpbf16ps adds a k pair of 16 outputs in one instruction, fp32 FMA in two
+// (after a shift and a mask per 16 weights, shared by the rows: panel_micro_f32). AMD's Zen 4 and
+// Zen 5 issue vdpbf16ps as often as an FMA (twice the FLOPs); Intel's Xeons one every 2 cycles
+// against 2 FMAs a cycle (register-only on 2 Xeon AMX cores: 0.24 against 0.48 TFLOP/s), where the
+// FMA kernel multiplies gptj-1b's shapes at 0.27 TFLOP/s from 128 rows against vdpbf16ps' 0.20
+// (docs/performance.md). Measured once as the module loads, on the loading thread: the chains of
+// chains.h, the same k pairs each way, the best of 5; FMA where vdpbf16ps takes 1.25x its time.
+bool detect_fma_ahead() {
+  if (kIsa != Isa::kAvx512Bf16) return false;
+  const auto best = [](double (*chain)(int64_t, float, float), int64_t iters) {
+    double t = 1e30;
+    for (int r = 0; r < 6; ++r) {  // the first warms the units up
+      const auto t0 = std::chrono::steady_clock::now();
+      volatile double sum = chain(iters, 1.0f, 1.0f);
+      (void)sum;
+      if (r) t = std::min(t, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return t;
+  };
+  const double dp = best(cpugen_chains::dp_bf16, 1 << 12), fma = best(cpugen_chains::fma_avx512, 1 << 13);
+  return dp > 1.25 * fma;
+}
+
+const bool kFmaAhead = detect_fma_ahead();
 
 // ---- cpugen's packed layout ---------------------------------------------------------------------
 // W (N, K) repacked once into panels of 64 outputs, each holding its outputs' k pairs side by side
@@ -523,6 +552,12 @@ bool packed_available() { return kIsa != Isa::kNone; }
 // What linear_packed multiplies with: "amx" (tiles, where K is a multiple of 32), else isa()'s
 std::string packed_isa() { return kAmx ? "amx" : isa(); }
 
+// The instruction linear_packed multiplies with above kMicroRows rows (off the tiles): "vdpbf16ps",
+// or "fma" (AVX-512 F, or AVX512-BF16 where vdpbf16ps is behind it: kFmaAhead); "" without AVX-512
+std::string packed_multiply() {
+  return kIsa == Isa::kNone ? "" : kIsa == Isa::kAvx512Bf16 && !kFmaAhead ? "vdpbf16ps" : "fma";
+}
+
 // The packed kernel on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
 // weight, bias (n) or null, out (M, n), all bf16 and contiguous
 inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, int64_t n,
@@ -555,7 +590,9 @@ inline void linear_packed_raw(const uint16_t* xp, int64_t M, int64_t K, const ui
   // alone left the single stream at 21-24 GB/s where the gemv's four read 30; with it 29-30 at 1
   // row, 1.4x at 4-6 rows (2 Xeon AMX cores, both AVX-512 levels; 4 and 16 KB ahead alike)
   const int64_t ahead = M <= kMicroRows ? (kOnePassPrefetch ? 8192 : 0) : chunk * 2 * kPanel * 2;
-  const bool bf16 = kIsa == Isa::kAvx512Bf16;  // else AVX-512 F/BW: panel_micro_f32, on x widened once
+  // vdpbf16ps at AVX512-BF16 (above kMicroRows rows where it is not behind FMA: kFmaAhead), else
+  // AVX-512 F/BW: panel_micro_f32, on x widened once
+  const bool bf16 = kIsa == Isa::kAvx512Bf16 && !(kFmaAhead && M > kMicroRows);
   const PanelFn* micros = bf16 ? kPanelMicros : kPanelMicrosF32;
   std::vector<float> xw(bf16 ? 0 : M * K);
   if (!bf16) widen_rows(xp, M * K, xw.data());

@@ -14,6 +14,7 @@
 
 #include <immintrin.h>
 
+#include "chains.h"  // the AVX-512 chains
 #include "packed_amx.h"  // AMX's availability and tile configuration
 
 #include <cstring>
@@ -21,7 +22,7 @@
 
 namespace {
 
-constexpr int kChains = 16;  // AVX-512: 32 zmm registers hold them and the two operands
+using cpugen_chains::kChains;  // AVX-512 (chains.h)
 constexpr int kChainsAvx2 = 12;  // AVX2: 16 ymm registers; more chains would spill to memory
 
 __attribute__((target("avx2,fma"))) double fma_avx2(int64_t iters, float x, float y) {
@@ -36,35 +37,6 @@ __attribute__((target("avx2,fma"))) double fma_avx2(int64_t iters, float x, floa
     _mm256_storeu_ps(out, acc[c]);
     for (float v : out) sum += v;
   }
-  return sum;
-}
-
-__attribute__((target("avx512f"))) double fma_avx512(int64_t iters, float x, float y) {
-  __m512 acc[kChains];
-  const __m512 vx = _mm512_set1_ps(x), vy = _mm512_set1_ps(y);
-  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < iters; ++i)
-    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_fmadd_ps(acc[c], vx, vy);
-  double sum = 0;
-  for (int c = 0; c < kChains; ++c) sum += _mm512_reduce_add_ps(acc[c]);
-  return sum;
-}
-
-// vdpbf16ps: each fp32 lane adds a[2i] * b[2i] + a[2i+1] * b[2i+1]. With a = (x, 0) pairs and
-// b = (y, 0) pairs every lane adds x * y per instruction, so acc = iters exactly when x = y = 1.
-__attribute__((target("avx512f,avx512bf16"))) double dp_bf16(int64_t iters, float x, float y) {
-  __m512 acc[kChains];
-  uint32_t bx, by;  // the bf16 of x and of y (their fp32 bits' upper half; exact for 1.0) in each
-  std::memcpy(&bx, &x, 4);  // lane's low half, 0 in its high half
-  std::memcpy(&by, &y, 4);
-  const __m512i pair_x = _mm512_set1_epi32(static_cast<int>(bx >> 16));
-  const __m512i pair_y = _mm512_set1_epi32(static_cast<int>(by >> 16));
-  const __m512bh vx = reinterpret_cast<__m512bh>(pair_x), vy = reinterpret_cast<__m512bh>(pair_y);
-  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < iters; ++i)
-    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], vx, vy);
-  double sum = 0;
-  for (int c = 0; c < kChains; ++c) sum += _mm512_reduce_add_ps(acc[c]);
   return sum;
 }
 
@@ -184,9 +156,9 @@ std::vector<double> run(const std::string& level, int64_t iters, int64_t threads
     for (int64_t t = b; t < e; ++t) {
       const float fx = static_cast<float>(x), fy = static_cast<float>(y);
       sums[t] = level == "avx2"     ? fma_avx2(iters, fx, fy)
-                : level == "avx512" ? fma_avx512(iters, fx, fy)
+                : level == "avx512" ? cpugen_chains::fma_avx512(iters, fx, fy)
                 : level == "amx"    ? dp_amx(iters, fx, fy)
-                                    : dp_bf16(iters, fx, fy);
+                                    : cpugen_chains::dp_bf16(iters, fx, fy);
     }
   });
   return sums;

@@ -329,8 +329,8 @@ def main() -> int:
                                         f"{len(steady(reads[b]))} of {len(reads[b])} rounds steady" for b in batches)
              + ". 'vs round's read' is the median, over the steady rounds (their two readings within 15%), of "
              "each round's weight GB/s against the mean of its readings ('-' where none was steady); "
-             "'vs HW' sets prefill's and a decode step's FLOP/s against the register-only limit of the "
-             "engine's ISA level (" + ", ".join(f"{lv} {v:.3f}" for lv, v in sorted(hw.items())) + " TFLOP/s); the "
+             "'vs HW' sets prefill's and a decode step's FLOP/s against the hardware limit of the engine's "
+             "ISA level, the fastest register-only limit of the levels up to it (" + ", ".join(f"{lv} {v:.3f}" for lv, v in sorted(hw.items())) + " TFLOP/s); the "
              "other ratios use the mean of the limits read before and after the whole run.",
              "",
              "| batch | engine | tokens/s | prompt time (s) | decode step (ms) | weight GB/s | vs read BW | "
@@ -350,7 +350,7 @@ def main() -> int:
             ideal = max((weight_bytes + kv) / (bw * 1e9), b * flops.token_flops(cfg, c) / (tf * 1e12))
             pf = [b * flops.prompt_flops(cfg, a.prompt_len) / x["prompt_time_s"] / (tf * 1e12) for x in rows]
             at = e[e.index("@"):] if "@" in e else ""  # against the peer at the same level
-            lim = hw.get(at[1:] if at else roofline.run_level(), 0.0) * 1e12  # the level's FLOP/s
+            lim = (roofline.level_limit(hw, at[1:] if at else roofline.run_level())[1] or 0.0) * 1e12  # the level's FLOP/s
             pf_hw = [b * flops.prompt_flops(cfg, a.prompt_len) / x["prompt_time_s"] / lim for x in rows] if lim else []
             dc_hw = b * flops.token_flops(cfg, c) / statistics.median(steps) / lim if lim else None
             rel = lambda other: f"{med[e] / med[other + at]:.2f}x" if other + at in med else "-"  # noqa: E731

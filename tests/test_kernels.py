@@ -13,6 +13,7 @@ from cpugen.host.cpu import cpu_info
 from cpugen.runtime.engine import Engine, Prompts, compute_context
 from cpugen.model.transformer import Linear
 from cpugen.model.weights import random_model
+from cpugen.perf import roofline
 from helpers import ROOT, cli
 
 import check_gemv  # noqa: E402  (kernels/, by file name: tests/helpers.py)
@@ -56,6 +57,11 @@ def test_gemv_matches_reference_on_awkward_shapes():
     assert ext.isa() == ("avx512_bf16" if cpu_info()["avx512_bf16"] else "avx512")
     # the packed layout on AMX tiles at the amx level, and nowhere below it (CPUGEN_ISA caps it)
     assert ext.packed_isa() == ("amx" if cpu_info()["amx_bf16"] else ext.isa())
+    # above 6 rows off the tiles: vdpbf16ps, or FMA where this CPU runs vdpbf16ps at under 1/1.25 of
+    # FMA's rate as the register-only limits measure them (Intel's Xeons: 0.5; Zen 4 and 5: 2)
+    hw = roofline.measure_hw(1)
+    fma = not cpu_info()["avx512_bf16"] or hw["avx512"] > 1.25 * hw["avx512_bf16"]
+    assert ext.packed_multiply() == ("fma" if fma else "vdpbf16ps"), hw
     results = check_gemv.check(ext, seed=3)  # raises past 2 bf16 ulps of the largest output
     assert len(results) == (2 + len(reference.ACTIVATIONS) - 1) * len(check_gemv.SHAPES)
 
@@ -753,6 +759,8 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
     if level == "avx2":  # nothing of oneDNN's runs here, and nothing above AVX2 would
         assert all("AVX-512" not in ln for ln in onednn), onednn
     assert rec["decode_blocks"] == "native-stack"
+    # the packed kernel's instruction is recorded where the weights are packed, and only there
+    assert (rec["packed_multiply"] is None) == (not rec["decode_matmul"].startswith("cpugen-packed")), rec
     if level == "avx2":  # the layout this run timed (runtime/layout.py), kept for the next, and the matmuls it gives
         choice = rec["layout_choice"]
         assert choice["source"] == "measured" and choice["timing_s"] > 0, choice

@@ -125,12 +125,28 @@ def test_a_cached_hardware_limit_that_a_run_beats_is_measured_again(tmp_path):
             "--quiet", env=env)
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
-    measured = roofline.measure_hw(torch.get_num_threads())[rec["hw_level"]]  # this process's own reading
+    # this process's own reading
+    measured = roofline.level_limit(roofline.measure_hw(torch.get_num_threads()), rec["hw_level"])[1]
     assert 0.5 * measured < rec["hw_tflops"] < 2 * measured
     assert rec["prefill_efficiency_hw"] < 1 and rec["decode_efficiency_hw"] < 1
     cached = json.loads((tmp_path / "cache" / "roofline.json").read_text())
-    assert all(v["hw_tflops"][rec["hw_level"]] == rec["hw_tflops"]
+    assert all(roofline.level_limit(v["hw_tflops"], rec["hw_level"])[1] == rec["hw_tflops"]
                for v in cached.values() if v["threads"] == rec["threads"])
+
+
+def test_a_levels_limit_is_the_fastest_instruction_it_has():
+    """Intel's Xeons issue vdpbf16ps at half AVX-512 FMA's rate: the avx512_bf16 level's limit is
+    then FMA's, as cpugen's packed kernel multiplies with FMA there; a level never takes the limit
+    of one above it."""
+    intel = {"avx2": 0.26, "avx512": 0.48, "avx512_bf16": 0.24, "amx": 7.2}
+    zen5 = {"avx2": 0.27, "avx512": 0.54, "avx512_bf16": 1.085}
+    assert roofline.level_limit(intel, "avx512_bf16") == ("avx512", 0.48)
+    assert roofline.level_limit(intel, "amx") == ("amx", 7.2)
+    assert roofline.level_limit(intel, "avx2") == ("avx2", 0.26)
+    assert roofline.level_limit(zen5, "avx512_bf16") == ("avx512_bf16", 1.085)
+    assert roofline.level_limit(zen5, "avx512") == ("avx512", 0.54)
+    assert roofline.level_limit(zen5, "amx") == ("avx512_bf16", 1.085)  # a cap above the CPU: what it has
+    assert roofline.level_limit({}, "avx2") == (None, None) and roofline.level_limit(zen5, None) == (None, None)
 
 
 def test_run_reads_the_limits_right_before_and_after_it_and_says_when_it_beat_them():

@@ -89,19 +89,20 @@ def _roofline(cfg, B, P, G, itemsize, threads, step, prompt_flops, limits=None) 
                prefill_efficiency=prompt_flops / (roof.bf16_tflops * 1e12))
     # against the hardware: the register-only limit of the ISA level the matmuls ran at
     level = roofline.run_level()
-    hw = roofline.hw_limits(threads).get(level) if level else None
+    by, hw = roofline.level_limit(roofline.hw_limits(threads), level)
     if hw:
-        extra = _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, hw)
+        extra = _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, by, hw)
         if max(extra["prefill_efficiency_hw"], extra["decode_efficiency_hw"] or 0) > 1:  # a cached limit read low
-            hw = roofline.hw_limits(threads, beaten=True).get(level) or hw
-            extra = _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, hw)
+            by, hw = roofline.level_limit(roofline.hw_limits(threads, beaten=True), level)
+            extra = _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, by, hw)
         out["extra"] = extra
     return out
 
 
-def _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, hw) -> dict:
+def _against_hw(cfg, roof, B, P, G, itemsize, step, prompt_flops, level, by, hw) -> dict:
     ideal_hw = decode_roofline_s(cfg, replace(roof, bf16_tflops=hw), B, P, G, itemsize)
-    return {"hw_level": level, "hw_tflops": hw, "prefill_efficiency_hw": prompt_flops / (hw * 1e12),
+    # hw_limit_by: the level whose instruction gives the limit (roofline.level_limit)
+    return {"hw_level": level, "hw_limit_by": by, "hw_tflops": hw, "prefill_efficiency_hw": prompt_flops / (hw * 1e12),
             "decode_efficiency_hw": ideal_hw / step if step and ideal_hw else None}
 
 
@@ -248,6 +249,8 @@ def make_record(s: Session, p: planner.Plan, prompt_len: int, gen_len: int, timi
         token_throughput_max=B / min(step_means) if step else None, **roof,
         extra={**plan_extra, "repeat_prompt_time_s": prompt_times, "repeat_decode_time_per_token_s": step_means,
                "decode_matmul": eager.decode_matmul(s.model, s.backend, B),
+               # the packed kernel's instruction above 6 rows (prefill's), where the weights are packed
+               "packed_multiply": eager.packed_multiply(s.model) if s.backend == "eager" else None,
                # the AVX2 level's measured layout choice and its figures (runtime/layout.py), or None
                "layout_choice": s.layout_choice,
                # what ran the timed decode steps, counted as they ran

@@ -148,7 +148,9 @@ def limits_line(rows: list[RunRecord]) -> str | None:
     mm = f"torch.mm's bf16 rate {span([r.roofline_bf16_tflops for r in rows], '.3f')} TFLOP/s"
     hw = [r for r in rows if against_hw(r)]
     if hw:
-        return (f"- Limits: {read}; peak: the {hw[0].extra['hw_level']} level's register-only limit, "
+        by = hw[0].extra.get("hw_limit_by") or hw[0].extra["hw_level"]
+        how = "" if by == hw[0].extra["hw_level"] else f" ({by}'s instruction, the faster one here)"
+        return (f"- Limits: {read}; peak: the {hw[0].extra['hw_level']} level's register-only limit{how}, "
                 f"{span([r.extra['hw_tflops'] for r in hw], '.3f')} TFLOP/s ({mm} is in the record: "
                 f"prefill at {span([100 * r.prefill_efficiency for r in hw], '.0f')}% of it)")
     return f"- Limits: {read}; peak: {mm} (no register-only limit for this CPU)"

@@ -124,6 +124,21 @@ def levels() -> list[str]:
                               ("avx512_bf16", info["avx512_bf16"]), ("amx", info["amx_bf16"])) if ok]
 
 
+def level_limit(hw: dict[str, float], level: str | None) -> tuple[str | None, float | None]:
+    """A level's hardware limit: the fastest register-only limit among the levels up to it (its
+    instructions are all there), with the level whose instruction gives it. On Intel's Xeons
+    vdpbf16ps issues at half AVX-512 FMA's rate (0.24 against 0.48 TFLOP/s on 2 cores), and cpugen's
+    packed kernel multiplies with FMA there (gemv_bf16.h, kFmaAhead): the avx512_bf16 level's limit
+    is then FMA's. On Zen 4 and Zen 5 vdpbf16ps' own."""
+    if level not in LEVELS:
+        return None, None
+    have = [(v, lv) for lv, v in hw.items() if lv in LEVELS[:LEVELS.index(level) + 1] and v]
+    if not have:
+        return None, None
+    v, lv = max(have)
+    return lv, v
+
+
 def run_level() -> str | None:
     """The level cpugen's bf16 matmuls run at here: AMX tiles (oneDNN's), vdpbf16ps (AVX512-BF16),
     AVX-512 fp32 FMA (PyTorch's bf16 GEMM widens to fp32), or AVX2 fp32 FMA (widened GEMM); None

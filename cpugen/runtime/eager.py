@@ -288,6 +288,20 @@ def for_batch(model: Transformer, backend: str, dtype: torch.dtype, batch: int):
         release_freed()
 
 
+def packed_multiply(model: Transformer) -> str | None:
+    """The instruction cpugen's packed kernel multiplies with above 6 rows (prefill, decode batches
+    above 6), where the weights are packed at an AVX-512 level: "amx" (tiles), "vdpbf16ps", or
+    "fma" (AVX-512 F; and at AVX512-BF16 on CPUs that run vdpbf16ps behind their FMAs: gemv_bf16.h,
+    kFmaAhead); "fma" at the AVX2 level; None where the weights are plain."""
+    block = model.blocks[0].mlp.w_in
+    if getattr(block, "panels", None) is None:
+        return None
+    if not cpu_info()["avx512"]:
+        return "fma"
+    ext = native.extension()
+    return "amx" if block.in_features % 32 == 0 and ext.packed_isa() == "amx" else ext.packed_multiply()
+
+
 def decode_matmul(model: Transformer, backend: str, batch: int | None = None) -> str:
     """What ran decode's matmuls (at `batch` sequences, where given), for the record."""
     if backend != "eager":
