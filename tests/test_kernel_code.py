@@ -69,6 +69,14 @@ def test_packed_micro_kernels_carry_their_prefetches(module):
     for name, code in micros.items():
         for hint in ("prefetcht1", "prefetcht0"):
             assert hint in code, f"{name} has no {hint}"
+    # prefill's 12-row kernel (kWideRows rows and more, both levels' FMA path): its assembly loop
+    # prefetches W's next chunk and keeps its 24 sums in registers (GCC's 6-row loop spills 3 a k pair)
+    (half,) = [code for name, code in disassembly(ext.__file__).items() if "::half_micro12(" in name]
+    loop = innermost_fma_loop(half)
+    assert any(op == "prefetcht1" for _, op, _ in loop), "half_micro12 prefetches nothing in its loop"
+    assert sum(op == "vfmadd231ps" for _, op, _ in loop) == 48, "half_micro12's loop: 12 rows x 2 vectors x 2 k"
+    spills = [f"{op} {args}" for _, op, args in loop if re.search(r"\(%rsp\)", args)]
+    assert not spills, f"half_micro12 touches the stack in its k pair loop: {spills}"
 
 
 @avx2
