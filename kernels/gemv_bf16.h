@@ -480,9 +480,9 @@ void panel_micro_f32(const void* xv, int64_t K, const uint16_t* panel, float* C,
 // compiler does not allocate so: its 6 x 64 loop above keeps 8 widened weights live beside 24 sums,
 // spills 3 sums a k pair and widens once per 6 rows where this widens once per 12. The same sums in
 // the same order as panel_micro_f32 (bit for bit); on 2 Xeon AMX cores, gptj-1b's shapes, shuffled
-// rounds, medians of 5-7: 1.04-1.07x at 128 rows and 1.04-1.08x at 512 at both AVX-512 levels,
-// 0.93-1.00x at 16-64 rows (half-panel passes stride through W where fewer rows leave memory the
-// pace), so it serves from kWideRows rows. zmm0-23: sums (row m: 2m, 2m + 1); zmm24/25: even
+// rounds, medians of 5-7: 1.07-1.09x at 64-1024 rows at avx512, 1.05-1.08x at 128-512 at
+// avx512_bf16, but 0.92-0.98x at 16-32 rows (half-panel passes stride through W where fewer rows
+// leave memory the pace), so it serves from kWideRows rows. zmm0-23: sums (row m: 2m, 2m + 1); zmm24/25: even
 // weights, zmm26/27: odd weights; zmm28/29: x's pair; zmm30: the odd mask.
 constexpr int64_t kWideRows = 64;
 
