@@ -1,5 +1,6 @@
 """Native kernels against their torch references (kernels/reference.py), and the model's use of them."""
 
+import re
 import sys
 
 import pytest
@@ -770,6 +771,29 @@ def test_every_level_in_a_fresh_process(level, tmp_path):
         assert rec["decode_matmul"] == ("cpugen-packed" if choice["packed"] else "cpugen-gemv-avx2")
     else:
         assert rec["layout_choice"] is None and not (tmp_path / "cache" / "layout.json").exists()
+
+
+def test_bench_ab_builds_a_commit_beside_this_tree():
+    """kernels/bench_ab.py (the packed kernel of a commit against this tree's, side by side in one
+    process) takes HEAD's kernels/ from git, builds them beside this tree's, times both, and finds
+    their outputs the same bit for bit where the sources are (a clean checkout, as CI's); a commit
+    git does not know is a one-line error. At this CPU's own level only: one build of the module."""
+    import subprocess
+
+    if native.step_kernels() is None or not native.step_kernels().packed_available():
+        pytest.skip(f"no packed kernel on this CPU: {native.why_not('avx2')}")
+    script = str(ROOT / "kernels" / "bench_ab.py")
+    p = subprocess.run([sys.executable, script, "--base", "no-such-commit"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "pass a commit of this repository" in p.stderr, p.stderr
+    # 70 rows: prefill's 12-row kernel where the FMA path runs; K = 256 and 1024
+    p = subprocess.run([sys.executable, script, "--base", "HEAD", "--rows", "8,70", "--rounds", "1", "--layers", "1",
+                        "--hidden", "256"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    table = [ln for ln in p.stdout.splitlines() if ln.startswith(("| 8 |", "| 70 |"))]
+    assert len(table) == 2 and all(float(c) > 0 for ln in table for c in re.findall(r"(\d+\.\d+) \(", ln)), p.stdout
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kernels"], cwd=ROOT).returncode == 0:
+        assert all(ln.endswith("| yes |") for ln in table), p.stdout
 
 
 def test_every_kernel_module_compiles_and_imports_here_even_where_it_cannot_run():
