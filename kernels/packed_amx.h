@@ -5,23 +5,28 @@
 // with no copy and no second layout. tdpbf16ps then adds a (rows x 32 of k) tile of x times that
 // tile into 16 outputs' fp32 sums for up to 16 rows of x at once.
 //
-// Tiles: tmm0-3 the sums, tmm4-5 x, tmm6-7 W. x is first copied into tiles (tile_x). Up to 16 rows
-// of x (decode): one tile of x against the panel's four tiles of W, the sums of all 64 outputs in
-// tmm0-3, the panel read once front to back. More rows: 2 x 2 tiles of sums (32 rows x 32 outputs)
-// over a chunk of k at a time, the sums carried between chunks in a per-thread buffer.
-// The sums leave through that buffer and the AVX-512 epilogue (finish_tile: bias, activation,
-// bf16 rounding). K must be a multiple of 32 (every tile full in k): the caller takes the vdpbf16ps
-// kernel where it is not. Reference: kernels/reference.py; check: kernels/check_gemv.py.
+// Tiles: tmm0-3 the sums, tmm4 x, tmm6-7 W. x is first copied into tiles (tile_x). Each block of
+// 16 rows of x (zeros past M) takes a whole panel: one tile of x against the panel's four tiles of
+// W, the sums of all 64 outputs in tmm0-3 from the first k to the last, the panel read front to
+// back (from memory by the first block, with a prefetch ahead; from L2 by the rest). Rows go in
+// groups whose tiles of x (1 MB) stay in L2 while the thread's panels take them in turn, where a
+// group holds at least 128 rows (K up to 2048); with wider K all rows take each panel.
+// The sums leave through a per-thread buffer and the AVX-512 epilogue (finish_tile: bias,
+// activation, bf16 rounding). K must be a multiple of 32 (every tile full in k): the caller takes
+// the vdpbf16ps kernel where it is not. Reference: kernels/reference.py; check: kernels/check_gemv.py.
 //
 // Measured on 2 Xeon cores with AMX (tiles' register-only limit 7.0 TFLOP/s, oneDNN's 2048^3 bf16
 // matmul 1.8-2.4), `kernels/bench_gemv.py` at the amx level (docs/performance.md, "AMX: cpugen's
 // tile kernel against oneDNN"): at 1-16 rows of x this kernel streams gptj-1b's weights at 26 GB/s,
 // oneDNN on its reordered weights at 21-22, cpugen's gemv on the plain ones at 27-29 up to 4 rows
-// and 11 at 16; 0.57 against oneDNN's 0.52 TFLOP/s at 32 rows, level at 128, behind from 512 (1.26
-// against 1.46-1.54, 1.28 against 1.59-1.93 at 1024). The tile loads set the pace: with W's loads
-// hoisted out of the loop (wrong sums, same instructions otherwise) 512 rows ran at 2.05, with
-// x's hoisted 2.11; chunks of 128-512 k, whole K, rows taking a chunk in either order, and T0/T1
-// prefetches of the next chunk moved it by at most 5%.
+// and 11 at 16; at 32 rows 0.64 against oneDNN's 0.45-0.54 TFLOP/s, level at 128, behind from 512
+// (1.40-1.44 against 1.58-1.86 at 512-1024, 1.32 against 1.61-1.66 at 2048). Against the 2 x 2
+// tiles of sums over 512-k chunks this replaced (`CPUGEN_ISA=amx python kernels/bench_ab.py
+// --base <commit> --rows 17,32,...`): 1.24-1.27x at 17-32 rows, 1.05-1.09x at 64-512, level at
+// 1024-2048; the groups of rows then 1.05-1.19x at 1024-4096 (groups of 512 KB or 2 MB of x, or
+// of 64 rows at K 8192: 0.91-0.97x). The tile loads set the pace
+// at large row counts: with W's loads hoisted out of the loop (wrong sums, same instructions
+// otherwise) 512 rows ran at 2.05, with x's hoisted 2.11.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -118,40 +123,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void panel_1x4(const uint16_
   _tile_stored(2, S + 32, 256); _tile_stored(3, S + 48, 256);
 }
 
-// Two blocks of 16 rows (x tiles X0, X1; X1 null: one block) against half h of one panel (its
-// outputs 32 h ..) over k [k0, k1): sums in S (rows 256 bytes apart, the half's columns), added
-// onto where `more`
-__attribute__((target("amx-tile,amx-bf16"))) inline void half_2x2(const uint16_t* X0, const uint16_t* X1,
-                                                                  const uint16_t* panel, int h, int64_t k0,
-                                                                  int64_t k1, float* S, bool more) {
-  float* s = S + 32 * h;
-  if (more) {
-    _tile_loadd(0, s, 256); _tile_loadd(1, s + 16, 256);
-    if (X1) { _tile_loadd(2, s + 16 * 64, 256); _tile_loadd(3, s + 16 * 64 + 16, 256); }
-  } else {
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  }
-  for (int64_t k = k0; k < k1; k += 32) {
-    const uint16_t* w = panel + k * kPanel + 64 * h;
-    _tile_loadd(6, w, 256);
-    _tile_loadd(4, X0 + 16 * k, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, w + 32, 256);
-    _tile_dpbf16ps(1, 4, 7);
-    if (X1) {
-      _tile_loadd(5, X1 + 16 * k, 64);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, s, 256); _tile_stored(1, s + 16, 256);
-  if (X1) { _tile_stored(2, s + 16 * 64, 256); _tile_stored(3, s + 16 * 64 + 16, 256); }
-}
-
 __attribute__((target("amx-tile"))) inline void release() { _tile_release(); }
-
-constexpr int64_t kChunkK = 512;  // k a pass over the rows takes of a panel's half: 32 KB of W
-constexpr int64_t kGroupRows = 256;  // rows of x a panel's chunk takes in turn
 
 // act(x W^T + bias) on raw pointers, checked by the caller: x (M, K), p packed from an (n, K)
 // weight, bias (n) or null, out (M, n), all bf16 and contiguous; K % 32 == 0; X: scratch for
@@ -163,31 +135,24 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, in
   if (M == 0) return;
   tile_x(xp, M, K, X);
   const int64_t np = (n + kPanel - 1) / kPanel, blocks = (M + 15) / 16;
+  // rows in groups whose x (G blocks of 16 rows x K) stays in L2 (1 MB) while the thread's panels
+  // take it in turn, where such a group has at least 128 rows; otherwise all rows at once
+  int64_t G = (int64_t(1) << 20) / (32 * K);
+  if (G < 8) G = blocks;
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> sums(blocks * 16 * kPanel);
+    std::vector<float> sums(std::min(G, blocks) * 16 * kPanel);
     float* S = sums.data();
     configure(M <= 16 ? static_cast<int>(M) : 16, 0);
-    for (int64_t q = p0; q < p1; ++q) {
-      const uint16_t* panel = pp + q * K * kPanel;
-      if (M <= 16) {
-        panel_1x4(X, K, panel, S);
-      } else {
-        // rows in groups of kGroupRows whose x (kGroupRows x kChunkK, 256 KB) stays in L2 while the
-        // panel's chunk takes them; a chunk of k of a half panel (32 KB) stays in L1 while every
-        // block of the group's rows takes it
-        for (int64_t g = 0; g < blocks; g += kGroupRows / 16) {
-          const int64_t g1 = std::min(blocks, g + kGroupRows / 16);
-          for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
-            const int64_t k1 = std::min(K, k0 + kChunkK);
-            for (int h = 0; h < 2; ++h)
-              for (int64_t b = g; b < g1; b += 2)
-                half_2x2(X + b * 16 * K, b + 1 < g1 ? X + (b + 1) * 16 * K : nullptr, panel, h, k0, k1,
-                         S + b * 16 * kPanel, k0 > 0);
-          }
-        }
+    for (int64_t g0 = 0; g0 < blocks; g0 += G) {
+      const int64_t g1 = std::min(blocks, g0 + G), rows = std::min(M, g1 * 16) - g0 * 16;
+      for (int64_t q = p0; q < p1; ++q) {
+        const uint16_t* panel = pp + q * K * kPanel;
+        // every block of 16 rows against the whole panel in turn, the sums in tiles throughout; the
+        // blocks after the first read the panel (128 bytes a k: 256 KB-1 MB) from L2
+        for (int64_t b = g0; b < g1; ++b) panel_1x4(X + b * 16 * K, K, panel, S + (b - g0) * 16 * kPanel);
+        const int64_t cols = std::min(kPanel, n - q * kPanel);
+        finish(S, kPanel, bp ? bp + q * kPanel : nullptr, act, op + g0 * 16 * n + q * kPanel, n, rows, cols);
       }
-      const int64_t cols = std::min(kPanel, n - q * kPanel);
-      finish(S, kPanel, bp ? bp + q * kPanel : nullptr, act, op + q * kPanel, n, M, cols);
     }
     release();
   });
