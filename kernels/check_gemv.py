@@ -34,12 +34,13 @@ SHAPES = [(1, 2048, 6144), (4, 2048, 8192), (16, 256, 96), (3, 100, 7), (1, 33, 
 # K so wide that the AVX2 kernel's widened block of x holds fewer rows (232 at K = 9000). The AMX
 # tiles take K a multiple of 32: one tile of x (1-16 rows) and blocks past it (a last block of one
 # row, an odd count of blocks), groups of rows whose x fills 1 MB (128 at K 4096: 300 rows end in
-# a group of 44) and K too wide for a group of 128 (all rows at once) (packed_amx.h)
+# a group of 44), K past one 4096-k chunk (sums carried between chunks, a ragged last chunk of
+# 64), at 3 and 40 rows (packed_amx.h)
 PACKED_SHAPES = [(1, 2048, 6144), (1, 2, 1), (1, 66, 100), (1, 1032, 70), (2, 130, 64), (2, 1048, 200), (2, 520, 64),
                  (6, 514, 129), (7, 1030, 200),
                  (16, 2048, 2048), (130, 600, 300), (300, 256, 70), (5, 1024, 72), (33, 520, 136), (250, 9000, 70),
                  (17, 64, 65), (48, 2080, 130), (520, 96, 200), (8, 520, 130), (32, 1030, 72),
-                 (300, 4096, 70)]
+                 (300, 4096, 70), (40, 4160, 70), (3, 8256, 70)]
 
 
 def _cases(shapes, seed):

@@ -9,8 +9,9 @@
 // 16 rows of x (zeros past M) takes a whole panel: one tile of x against the panel's four tiles of
 // W, the sums of all 64 outputs in tmm0-3 from the first k to the last, the panel read front to
 // back (from memory by the first block, with a prefetch ahead; from L2 by the rest). Rows go in
-// groups whose tiles of x (1 MB) stay in L2 while the thread's panels take them in turn, where a
-// group holds at least 128 rows (K up to 2048); with wider K all rows take each panel.
+// groups whose tiles of x (1 MB) stay in L2 while the thread's panels take them in turn: 128 rows
+// of a 4096-k chunk of each panel where K is wider (the sums carried between chunks), more rows
+// of the whole K where it is narrower.
 // The sums leave through a per-thread buffer and the AVX-512 epilogue (finish_tile: bias,
 // activation, bf16 rounding). K must be a multiple of 32 (every tile full in k): the caller takes
 // the vdpbf16ps kernel where it is not. Reference: kernels/reference.py; check: kernels/check_gemv.py.
@@ -24,9 +25,12 @@
 // tiles of sums over 512-k chunks this replaced (`CPUGEN_ISA=amx python kernels/bench_ab.py
 // --base <commit> --rows 17,32,...`): 1.24-1.27x at 17-32 rows, 1.05-1.09x at 64-512, level at
 // 1024-2048; the groups of rows then 1.05-1.19x at 1024-4096 (groups of 512 KB or 2 MB of x, or
-// of 64 rows at K 8192: 0.91-0.97x). The tile loads set the pace
-// at large row counts: with W's loads hoisted out of the loop (wrong sums, same instructions
-// otherwise) 512 rows ran at 2.05, with x's hoisted 2.11.
+// of 64 rows at K 8192: 0.91-0.97x), and the chunks of k 1.16x at 4096 rows, 0.95-0.97x at 512-1024
+// (where the whole K of all rows did better on gptj-1b's K 8192 matrix), 1.31x at 256 and 1024 rows
+// on the 175B model's matrices (`--hidden 12288 --layers 1`: K 12288 and 49152, whose panels
+// of the whole K fill 1.5-6 MB, more than L2). The tile loads set the pace at large row counts:
+// with W's loads hoisted out of the loop (wrong sums, same instructions otherwise) 512 rows ran at
+// 2.05, with x's hoisted 2.11.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -99,12 +103,18 @@ inline void tile_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* T) {
   });
 }
 
-// Up to 16 rows of x (configured) against one whole panel: the x tiles X (K/32 of them), the sums
-// S (rows, 64) fp32 with rows 256 bytes apart. The panel is read once, front to back.
-__attribute__((target("amx-tile,amx-bf16"))) inline void panel_1x4(const uint16_t* X, int64_t K,
-                                                                   const uint16_t* panel, float* S) {
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int64_t k = 0; k < K; k += 32) {
+// Up to 16 rows of x (configured) against k [k0, k1) of one panel: the x tiles X (a block's K/32
+// of them), the sums S (rows, 64) fp32 with rows 256 bytes apart, added onto where `more`. The
+// panel's k are read once, front to back.
+__attribute__((target("amx-tile,amx-bf16"))) inline void panel_1x4(const uint16_t* X, int64_t k0, int64_t k1,
+                                                                   const uint16_t* panel, float* S, bool more) {
+  if (more) {
+    _tile_loadd(0, S, 256); _tile_loadd(1, S + 16, 256);
+    _tile_loadd(2, S + 32, 256); _tile_loadd(3, S + 48, 256);
+  } else {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  }
+  for (int64_t k = k0; k < k1; k += 32) {
     const uint16_t* w = panel + k * kPanel;  // k pair row k / 2: 16 rows of 256 bytes from here
     // the 4 KB two k blocks ahead, into L1: gptj-1b's matrices at 1, 4 and 16 rows read 24.9-25.6 ->
     // 26.6-27.4 GB/s with it (2 Xeon AMX cores, medians of 5; 4 KB ahead 26.2-26.3, 16 KB NTA 12)
@@ -135,10 +145,11 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, in
   if (M == 0) return;
   tile_x(xp, M, K, X);
   const int64_t np = (n + kPanel - 1) / kPanel, blocks = (M + 15) / 16;
-  // rows in groups whose x (G blocks of 16 rows x K) stays in L2 (1 MB) while the thread's panels
-  // take it in turn, where such a group has at least 128 rows; otherwise all rows at once
-  int64_t G = (int64_t(1) << 20) / (32 * K);
-  if (G < 8) G = blocks;
+  // rows in groups whose x (G blocks of 16 rows x a chunk of at most 4096 k) stays in L2 (1 MB)
+  // while the thread's panels take it in turn: 128 rows of a 4096-k chunk where K is wider (the
+  // sums carried in S between chunks; a chunk of a panel is 512 KB), more rows where K is narrower
+  const int64_t Kc = std::min<int64_t>(K, 4096);
+  const int64_t G = std::max<int64_t>(1, (int64_t(1) << 20) / (32 * Kc));
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> sums(std::min(G, blocks) * 16 * kPanel);
     float* S = sums.data();
@@ -147,9 +158,11 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, in
       const int64_t g1 = std::min(blocks, g0 + G), rows = std::min(M, g1 * 16) - g0 * 16;
       for (int64_t q = p0; q < p1; ++q) {
         const uint16_t* panel = pp + q * K * kPanel;
-        // every block of 16 rows against the whole panel in turn, the sums in tiles throughout; the
-        // blocks after the first read the panel (128 bytes a k: 256 KB-1 MB) from L2
-        for (int64_t b = g0; b < g1; ++b) panel_1x4(X + b * 16 * K, K, panel, S + (b - g0) * 16 * kPanel);
+        // every block of 16 rows against the panel's chunk in turn, the sums in tiles throughout
+        // the chunk; the blocks after the first read the chunk (128 bytes a k: up to 512 KB) from L2
+        for (int64_t k0 = 0; k0 < K; k0 += Kc)
+          for (int64_t b = g0; b < g1; ++b)
+            panel_1x4(X + b * 16 * K, k0, std::min(K, k0 + Kc), panel, S + (b - g0) * 16 * kPanel, k0 > 0);
         const int64_t cols = std::min(kPanel, n - q * kPanel);
         finish(S, kPanel, bp ? bp + q * kPanel : nullptr, act, op + g0 * 16 * n + q * kPanel, n, rows, cols);
       }
