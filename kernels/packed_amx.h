@@ -18,10 +18,10 @@
 //
 // Measured on 2 Xeon cores with AMX (tiles' register-only limit 7.0 TFLOP/s, oneDNN's 2048^3 bf16
 // matmul 1.8-2.4), `kernels/bench_gemv.py` at the amx level (docs/performance.md, "AMX: cpugen's
-// tile kernel against oneDNN"): at 1-16 rows of x this kernel streams gptj-1b's weights at 26 GB/s,
-// oneDNN on its reordered weights at 21-22, cpugen's gemv on the plain ones at 27-29 up to 4 rows
-// and 11 at 16; at 32 rows 0.64 against oneDNN's 0.45-0.54 TFLOP/s, level at 128, behind from 512
-// (1.40-1.44 against 1.58-1.86 at 512-1024, 1.32 against 1.61-1.66 at 2048). Against the 2 x 2
+// tile kernel against oneDNN"): at 1-16 rows of x this kernel streams gptj-1b's weights at 26-27
+// GB/s, oneDNN on its reordered weights at 21, cpugen's gemv on the plain ones at 28-30 up to 4
+// rows and 11 at 16; at 32 rows 0.66 against oneDNN's 0.52-0.54 TFLOP/s, level at 128, behind from
+// 512 (1.34-1.35 against 1.43-1.84 at 512-4096: 0.73-0.81x). Against the 2 x 2
 // tiles of sums over 512-k chunks this replaced (`CPUGEN_ISA=amx python kernels/bench_ab.py
 // --base <commit> --rows 17,32,...`): 1.24-1.27x at 17-32 rows, 1.05-1.09x at 64-512, level at
 // 1024-2048; the groups of rows then 1.05-1.19x at 1024-4096 (groups of 512 KB or 2 MB of x, or
