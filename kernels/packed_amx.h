@@ -70,16 +70,14 @@ struct TileConfig {  // ldtilecfg's 64-byte operand, palette 1
 // dead (a fault at ldtilecfg). Also kernels/peak.cpp's.
 __attribute__((target("amx-tile"))) inline void load_config(const TileConfig& c) { asm volatile("ldtilecfg %0" ::"m"(c)); }
 
-// Tiles for a block of r0 rows of x (and r1 more, 0: none): sums tmm0-1 (r0 rows) and tmm2-3 (r1
-// rows; for r1 = 0, tmm2-3 take r0 too: the single block's four tiles of sums), x tmm4 (r0), tmm5
-// (r1), W tmm6-7 (16 k pair rows of 16 outputs' pairs)
-__attribute__((target("amx-tile"))) inline void configure(int r0, int r1) {
+// Tiles for blocks of `rows` rows of x (16, or M where M < 16): the sums tmm0-3 and x tmm4 that
+// many rows, W tmm6-7 16 k pair rows of 16 outputs' pairs; tmm5 unused
+__attribute__((target("amx-tile"))) inline void configure(int rows) {
   TileConfig c;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64;
-  c.rows[0] = c.rows[1] = c.rows[4] = static_cast<uint8_t>(r0);
-  c.rows[2] = c.rows[3] = static_cast<uint8_t>(r1 ? r1 : r0);
-  c.rows[5] = static_cast<uint8_t>(r1 ? r1 : r0);
-  c.rows[6] = c.rows[7] = 16;
+  for (int t : {0, 1, 2, 3, 4, 6, 7}) {
+    c.colsb[t] = 64;
+    c.rows[t] = static_cast<uint8_t>(t < 6 ? rows : 16);
+  }
   load_config(c);
 }
 
@@ -153,7 +151,7 @@ void linear_raw(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* pp, in
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> sums(std::min(G, blocks) * 16 * kPanel);
     float* S = sums.data();
-    configure(M <= 16 ? static_cast<int>(M) : 16, 0);
+    configure(M <= 16 ? static_cast<int>(M) : 16);
     for (int64_t g0 = 0; g0 < blocks; g0 += G) {
       const int64_t g1 = std::min(blocks, g0 + G), rows = std::min(M, g1 * 16) - g0 * 16;
       for (int64_t q = p0; q < p1; ++q) {
